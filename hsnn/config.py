@@ -1,0 +1,172 @@
+"""Model configuration: plain pydantic models, saved as JSON beside the weights.
+
+Presets are values of these models, not subclasses, so a new size is one dict away.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are an error: a typo in a config must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class FeatureSchema(StrictModel):
+    """What the data looks like: shared by the towers, the I2IF features and every data source.
+
+    Sparse ids are positive integers; 0 means "missing" / padding. Unbounded id spaces are
+    hashed into `buckets` rows, so raw ids of any size can be fed directly.
+    """
+
+    user_dense_dim: int = Field(4, ge=0)
+    user_sparse: dict[str, int] = Field(default_factory=lambda: {"segment": 64, "age_bucket": 16})
+    item_dense_dim: int = Field(4, ge=0)
+    item_sparse: dict[str, int] = Field(
+        default_factory=lambda: {"item_id": 50_000, "advertiser": 5_000, "campaign": 20_000, "category": 512}
+    )
+    history_attributes: list[str] = Field(default_factory=lambda: ["item_id", "advertiser", "category"])
+    interaction_attributes: list[str] = Field(default_factory=lambda: ["advertiser", "category"])
+    history_length: int = Field(32, ge=1)
+    recency_scale: float = Field(24.0, gt=0, description="I2IF recency weight is exp(-age / recency_scale).")
+    tasks: list[str] = Field(default_factory=lambda: ["click", "conversion"])
+
+    @model_validator(mode="after")
+    def _attributes_exist(self) -> FeatureSchema:
+        for name in self.history_attributes + self.interaction_attributes:
+            if name not in self.item_sparse:
+                raise ValueError(f"attribute {name!r} is not an item sparse feature {sorted(self.item_sparse)}")
+        missing = set(self.interaction_attributes) - set(self.history_attributes)
+        if missing:
+            raise ValueError(f"interaction attributes {sorted(missing)} must also be history attributes")
+        if not self.tasks:
+            raise ValueError("at least one task is needed")
+        return self
+
+
+class TowerConfig(StrictModel):
+    """One tower: embedding bags + MLP (implicit interactions) + attentional FM (explicit pairs)."""
+
+    num_embed: int = Field(1, ge=1)
+    dim: int = Field(32, ge=1)
+    sparse_dim: int = Field(16, ge=1, description="Width of each sparse feature's embedding bag.")
+    hidden: list[int] = Field(default_factory=lambda: [64])
+    use_afm: bool = True
+    afm_attention_dim: int = Field(16, ge=1)
+
+
+class MoNNConfig(StrictModel):
+    """A Modular Neural Network. `dot_product=True` is the Two Tower model (no interaction tower)."""
+
+    name: str = "monn_small"
+    user: TowerConfig
+    item: TowerConfig
+    interaction: TowerConfig | None = None
+    dot_product: bool = False
+    overarch_layers: int = Field(1, ge=0)
+    overarch_hidden: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _two_tower_shape(self) -> MoNNConfig:
+        if self.dot_product:
+            if self.interaction is not None:
+                raise ValueError("a dot-product (Two Tower) model has no interaction tower")
+            if self.user.num_embed * self.user.dim != self.item.num_embed * self.item.dim:
+                raise ValueError("Two Tower needs user and item embeddings of the same total size")
+        return self
+
+
+def _tower(num_embed: int, dim: int, hidden: list[int], sparse_dim: int = 16) -> TowerConfig:
+    return TowerConfig(num_embed=num_embed, dim=dim, hidden=hidden, sparse_dim=sparse_dim)
+
+
+# Shapes follow the HSNN paper's Table 5 (num_embed x dim per tower); MLP widths are ours,
+# sized so the suite and the benchmarks run on a 2-core CPU.
+PRESETS: dict[str, MoNNConfig] = {
+    "two_tower": MoNNConfig(
+        name="two_tower", user=_tower(1, 40, [64]), item=_tower(1, 40, [64]), dot_product=True
+    ),
+    "monn_small": MoNNConfig(
+        name="monn_small",
+        user=_tower(8, 40, [128]),
+        item=_tower(1, 40, [64]),
+        interaction=_tower(1, 40, [32], sparse_dim=8),
+        overarch_layers=1,
+        overarch_hidden=64,
+    ),
+    "monn_medium": MoNNConfig(
+        name="monn_medium",
+        user=_tower(10, 48, [256]),
+        item=_tower(4, 48, [128]),
+        interaction=_tower(1, 48, [64], sparse_dim=8),
+        overarch_layers=2,
+        overarch_hidden=128,
+    ),
+    "monn_large": MoNNConfig(
+        name="monn_large",
+        user=_tower(30, 48, [256, 256]),
+        item=_tower(8, 48, [128]),
+        interaction=_tower(1, 48, [64], sparse_dim=8),
+        overarch_layers=3,
+        overarch_hidden=256,
+    ),
+}
+
+
+def preset(name: str) -> MoNNConfig:
+    """A fresh copy of a named preset (callers may mutate it)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown MoNN preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name].model_copy(deep=True)
+
+
+class LTIConfig(StrictModel):
+    """Learning To Index for one level. Every training aid has its own switch for ablations."""
+
+    num_nodes: int = Field(16, ge=2)
+    alpha_max: float = Field(20.0, gt=0)
+    alpha_min: float = Field(0.5, ge=0, description="Floor of the schedule so step 0 is not uniform.")
+    use_temperature_schedule: bool = True
+    schedule_steps: int = Field(2000, ge=1, description="T in alpha_max * (t / T)^p.")
+    schedule_power: float = Field(2.0, gt=0, description="p in alpha_max * (t / T)^p.")
+    use_flops_regularizer: bool = True
+    flops_weight: float = Field(0.1, ge=0)
+    flops_pool_batches: int = Field(8, ge=1, description="M: soft assignments pooled over the last M batches.")
+    use_dead_code_reseed: bool = True
+    usage_ema_decay: float = Field(0.95, gt=0, lt=1)
+    dead_threshold: float = Field(0.1, ge=0, description="Dead when EMA usage < threshold / num_nodes.")
+    reseed_every: int = Field(50, ge=1, description="Check for dead codes every this many steps.")
+    use_kmeans_init: bool = False
+
+
+class HSNNConfig(StrictModel):
+    """HSNN: one LTI level + one MoNN per index level (coarsest first), then the item-level MoNN."""
+
+    features: FeatureSchema = Field(default_factory=FeatureSchema)
+    levels: list[LTIConfig] = Field(default_factory=lambda: [LTIConfig(num_nodes=16), LTIConfig(num_nodes=8)])
+    level_models: list[MoNNConfig] = Field(
+        default_factory=lambda: [preset("monn_large"), preset("monn_medium")],
+        description="One MoNN per index level, coarsest (largest) first.",
+    )
+    item_model: MoNNConfig = Field(default_factory=lambda: preset("monn_small"))
+    task_weights: list[float] | None = Field(None, description="Weight per task; default all 1.")
+    use_index_warmup: bool = True
+    index_warmup_steps: int = Field(500, ge=1, description="Linear warm-up of the index-loss weight.")
+    reconstruction_weight: float = Field(1.0, ge=0)
+    interaction_aux_weight: float = Field(0.1, ge=0, description="MSE of level interaction towers to the item one.")
+    distillation_weight: float = Field(0.0, ge=0, description="Log loss on soft labels, when a batch has them.")
+    use_joint_index: bool = Field(
+        True, description="False stops index/level gradients reaching the item tower (separate index learning)."
+    )
+
+    @model_validator(mode="after")
+    def _one_model_per_level(self) -> HSNNConfig:
+        if len(self.levels) != len(self.level_models):
+            raise ValueError(f"{len(self.levels)} index levels but {len(self.level_models)} level models")
+        if not self.levels:
+            raise ValueError("HSNN needs at least one index level")
+        if self.task_weights is not None and len(self.task_weights) != len(self.features.tasks):
+            raise ValueError("task_weights needs one weight per task")
+        return self

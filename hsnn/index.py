@@ -1,0 +1,143 @@
+"""The in-memory hierarchical index that serving walks: nodes per level, children, items per leaf.
+
+Nodes at level l are the distinct hard path prefixes (k_1..k_l) of the live items, kept in
+key order, so the children of a node (and the items of a leaf) are one contiguous range:
+each level stores CSR offsets into the next. Everything a query needs that does not depend
+on the user (item tower outputs, node projections, representative items) is precomputed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hsnn.features import ItemBatch
+from hsnn.model import HSNN
+from hsnn.progress import progress_bar
+
+
+@dataclass
+class IndexLevel:
+    keys: Tensor  # (M,) encoded path prefix, sorted
+    embedding: Tensor  # (M, dim) hard node embedding (sum of codes along the prefix)
+    projected: Tensor  # (M, num_embed, dim) the level MoNN's item-side input, precomputed
+    representative: Tensor  # (M,) item row closest to the node embedding among the node's items
+    child_offsets: Tensor  # (M + 1,) CSR into the next level's nodes, or into `leaf_items` at the last level
+    sizes: Tensor  # (M,) items under the node
+
+
+@dataclass
+class HierarchicalIndex:
+    item_ids: Tensor  # (N,) raw ad ids
+    items: ItemBatch  # features of the N items
+    item_embeddings: Tensor  # (N, num_embed, dim) item-level MoNN item tower output
+    paths: Tensor  # (N, levels) hard codes
+    item_nodes: Tensor  # (N, levels) node row of each item at each level
+    levels: list[IndexLevel]
+    leaf_items: Tensor  # (N,) item rows grouped by leaf, in leaf order
+    live: Tensor  # (N,) False once an item expired
+    codebook_sizes: list[int]
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def expire(self, item_ids: Tensor) -> int:
+        """Mark items as expired (serving skips them); returns how many were live."""
+        hit = torch.isin(self.item_ids, item_ids) & self.live
+        self.live &= ~hit
+        return int(hit.sum())
+
+
+def expand_ranges(offsets: Tensor, parents: Tensor) -> tuple[Tensor, Tensor]:
+    """All rows in offsets[p]:offsets[p+1] for each p in parents, and how many each p gave."""
+    starts, counts = offsets[parents], offsets[parents + 1] - offsets[parents]
+    total = int(counts.sum())
+    first_of_range = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return torch.repeat_interleave(starts, counts) + torch.arange(total) - first_of_range, counts
+
+
+def _closest_per_group(group: Tensor, distance: Tensor, num_groups: int) -> Tensor:
+    """For each group, the row with the smallest distance (lowest row on ties)."""
+    best = torch.full((num_groups,), float("inf")).scatter_reduce(0, group, distance, "amin")
+    rows = torch.arange(len(group))
+    is_best = distance == best[group]
+    return torch.full((num_groups,), len(group)).scatter_reduce(0, group[is_best], rows[is_best], "amin")
+
+
+@torch.no_grad()
+def encode_catalog(model: HSNN, items: ItemBatch, batch_size: int = 8192, progress: bool = False) -> Tensor:
+    """Item tower over the whole catalogue in batches: (N, num_embed, dim)."""
+    model.eval()
+    chunks = []
+    starts = range(0, len(items), batch_size)
+    for start in progress_bar(starts, "item tower", enabled=progress):
+        rows = torch.arange(start, min(start + batch_size, len(items)))
+        chunks.append(model.item_model.encode_items(items.select(rows)))
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def build_index(
+    model: HSNN,
+    item_ids: Tensor,
+    items: ItemBatch,
+    paths: Tensor | None = None,
+    batch_size: int = 8192,
+    progress: bool = False,
+) -> HierarchicalIndex:
+    """Assign every live item to its hard path and lay the hierarchy out for serving.
+
+    `paths` overrides the learned assignment (used by the other index builders in the
+    benchmark: an existing hierarchy, k-means, EM), keeping the same serving code.
+    """
+    if len(item_ids) == 0:
+        raise ValueError("cannot build an index over an empty catalogue")
+    item_embeddings = encode_catalog(model, items, batch_size, progress)
+    vectors = item_embeddings.flatten(1)
+    if paths is None:
+        paths = torch.cat([model.index.assign(chunk) for chunk in vectors.split(batch_size)])
+    codebook_sizes = [level.num_nodes for level in model.index.levels]
+    item_nodes = torch.empty_like(paths)
+    levels: list[IndexLevel] = []
+    keys = torch.zeros(len(item_ids), dtype=torch.long)
+    cumulative = torch.zeros_like(vectors)
+    for level_idx, size in enumerate(codebook_sizes):
+        keys = keys * size + paths[:, level_idx]
+        node_keys, inverse = torch.unique(keys, return_inverse=True)
+        item_nodes[:, level_idx] = inverse
+        cumulative = cumulative + model.index.levels[level_idx].codebook[paths[:, level_idx]]
+        distance = ((vectors - cumulative) ** 2).sum(dim=1)
+        representative = _closest_per_group(inverse, distance, len(node_keys))
+        embedding = cumulative[representative]
+        levels.append(
+            IndexLevel(
+                keys=node_keys,
+                embedding=embedding,
+                projected=model.level_models[level_idx].project_nodes(embedding),
+                representative=representative,
+                child_offsets=torch.empty(0, dtype=torch.long),
+                sizes=torch.bincount(inverse, minlength=len(node_keys)),
+            )
+        )
+    for level_idx in range(len(levels) - 1):
+        upper, lower = levels[level_idx], levels[level_idx + 1]
+        parent_keys = lower.keys // codebook_sizes[level_idx + 1]  # sorted, since lower.keys is
+        first_child = torch.searchsorted(parent_keys, upper.keys)
+        upper.child_offsets = torch.cat([first_child, torch.tensor([len(lower.keys)])])
+    leaf_nodes = item_nodes[:, -1]
+    leaf_items = torch.argsort(leaf_nodes, stable=True)
+    levels[-1].child_offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(levels[-1].sizes, 0)])
+    return HierarchicalIndex(
+        item_ids=item_ids.clone(),
+        items=items,
+        item_embeddings=item_embeddings,
+        paths=paths,
+        item_nodes=item_nodes,
+        levels=levels,
+        leaf_items=leaf_items,
+        live=torch.ones(len(item_ids), dtype=torch.bool),
+        codebook_sizes=codebook_sizes,
+    )

@@ -1,0 +1,62 @@
+"""One optimisation step for HSNN or a standalone MoNN, shared by offline and online training."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hsnn.features import TrainingBatch
+from hsnn.model import HSNN
+from hsnn.monn import MoNN
+
+
+def make_optimizer(model: nn.Module, lr: float = 3e-3) -> torch.optim.Optimizer:
+    """Adam for dense layers; embedding tables are updated by the same optimiser (they are small)."""
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def monn_loss(model: MoNN, batch: TrainingBatch, task_weights: Tensor | None = None) -> Tensor:
+    per_task = F.binary_cross_entropy_with_logits(model(batch.users, batch.items), batch.labels, reduction="none")
+    per_task = per_task.mean(dim=0)
+    return (per_task * task_weights).sum() if task_weights is not None else per_task.sum()
+
+
+def train_step(model: nn.Module, batch: TrainingBatch, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Forward, backward, update; for HSNN also advance the schedules and re-seed dead codes."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    if isinstance(model, HSNN):
+        losses = model(batch).losses
+        total = losses["total"]
+    else:
+        total = monn_loss(model, batch)
+        losses = {"total": total}
+    total.backward()
+    optimizer.step()
+    stats = {name: float(value.detach()) for name, value in losses.items()}
+    if isinstance(model, HSNN):
+        model.step += 1
+        stats["reseeded"] = float(model.index.reseed_dead_codes(int(model.step)))
+    return stats
+
+
+def train(
+    model: nn.Module, batches: Iterable[TrainingBatch], optimizer: torch.optim.Optimizer | None = None
+) -> list[dict[str, float]]:
+    """Run `train_step` over an iterable of batches; returns the per-step stats."""
+    optimizer = optimizer or make_optimizer(model)
+    return [train_step(model, batch, optimizer) for batch in batches]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batch: TrainingBatch) -> Tensor:
+    """Calibrated probabilities (B, tasks) at the item level."""
+    model.eval()
+    if isinstance(model, HSNN):
+        logits = model.calibrate(model.num_outputs - 1, model(batch).logits[-1])
+    else:
+        logits = model(batch.users, batch.items)
+    return torch.sigmoid(logits)

@@ -1,0 +1,54 @@
+"""Weights I/O: tensors in safetensors, the config as JSON. Nothing is ever unpickled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from hsnn.config import FeatureSchema, HSNNConfig, MoNNConfig
+from hsnn.model import HSNN
+from hsnn.monn import MoNN
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model.json"
+FORMAT_VERSION = 1
+
+
+def save_model(model: HSNN | MoNN, directory: str | Path) -> list[Path]:
+    """Write `model.safetensors` and `model.json` into `directory`; returns the paths written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, HSNN):
+        meta = {"kind": "hsnn", "config": model.config.model_dump(mode="json")}
+    else:
+        meta = {
+            "kind": "monn",
+            "config": model.config.model_dump(mode="json"),
+            "features": model.schema.model_dump(mode="json"),
+        }
+    meta["format_version"] = FORMAT_VERSION
+    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    weights, config = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+    save_file(tensors, str(weights))
+    config.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return [weights, config]
+
+
+def load_model(directory: str | Path, device: str = "cpu") -> HSNN | MoNN:
+    """Rebuild the model from its JSON config and load the safetensors weights (strict)."""
+    directory = Path(directory)
+    meta = json.loads((directory / CONFIG_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported model format {meta.get('format_version')!r} in {directory}")
+    model: nn.Module
+    if meta["kind"] == "hsnn":
+        model = HSNN(HSNNConfig.model_validate(meta["config"]))
+    elif meta["kind"] == "monn":
+        model = MoNN(MoNNConfig.model_validate(meta["config"]), FeatureSchema.model_validate(meta["features"]))
+    else:
+        raise ValueError(f"unknown model kind {meta['kind']!r} in {directory}")
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=device), strict=True)
+    return model.to(device).eval()

@@ -1,0 +1,1 @@
+"""retrieval_api: FastAPI service answering POST /retrieve with layer-wise HSNN scoring (see the API issue)."""
