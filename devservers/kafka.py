@@ -36,6 +36,11 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 LOG4J_CONFIG = PACKAGE_DIR / "log4j2.properties"
 INSTALL_MARKER = ".installed"
 
+# A test broker needs fast start-up on small CI boxes, not peak throughput:
+# C1-only JIT and the serial GC cut start-up CPU (and threads) on 2 cores.
+# Later flags win in HotSpot, so `jvm_args` can override these.
+DEFAULT_JVM_OPTS = ("-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
+
 _LISTENERS_RE = re.compile(r"^listeners=PLAINTEXT://127\.0\.0\.1:(\d+),CONTROLLER://127\.0\.0\.1:(\d+)\s*$", re.M)
 
 
@@ -284,13 +289,15 @@ class KafkaServer:
 
     def _java_cmd(self, main_class: str, *args: str) -> list[str]:
         java = java_executable() or "java"
+        logging = [f"-Dlog4j2.configurationFile={LOG4J_CONFIG}"] if LOG4J_CONFIG.is_file() else []
         return [
             java,
             "-Xms128m",
             f"-Xmx{self.heap}",
             "-XX:+ExitOnOutOfMemoryError",
             "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+            *DEFAULT_JVM_OPTS,
+            *logging,
             *self.jvm_args,
             "-cp",
             str(self.libs_dir / "*"),

@@ -1,7 +1,7 @@
 """Learning To Index: a differentiable codebook per level, stacked residually (RQ-style).
 
 For an input v and codes c_1..c_K: d_k = ||v - c_k||^2 / dim, soft assignment
-a = softmax(-alpha * d), node embedding c_bar = sum_k a_k c_k, hard node = argmin_k d_k.
+a = softmax(-alpha * d / mean(d)) (the batch mean makes alpha scale-free), node embedding c_bar = sum_k a_k c_k, hard node = argmin_k d_k.
 Level l+1 quantises what level l left over, r_{l+1} = r_l - c_bar_l, so a node at level l
 is the path prefix (k_1 .. k_l) and its embedding is the sum of the codes along it.
 """
@@ -82,7 +82,10 @@ class LearnedIndexLevel(nn.Module):
         if self.training and not bool(self.initialized):
             self.initialize_with_kmeans(x.detach())
         dist = self.distances(x)
-        soft = torch.softmax(-temperature(self.config, step) * dist, dim=1)
+        # Normalise by the batch's mean distance so alpha means the same whatever scale the
+        # item tower's embeddings drift to (otherwise the model can undo the schedule).
+        scale = dist.mean().detach().clamp(min=1e-12)
+        soft = torch.softmax(-temperature(self.config, step) * dist / scale, dim=1)
         hard = dist.argmin(dim=1)
         flops_loss = self._flops_regularizer(soft) if self.training else soft.new_zeros(())
         if self.training:

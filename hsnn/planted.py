@@ -1,4 +1,4 @@
-"""A small planted retrieval problem for the core tests.
+"""A small planted retrieval problem: the core tests and the quick demo run on it.
 
 Items sit in category clusters (dense features near their category's centre, advertisers
 nested in categories). The hidden click logit has three parts a model has to find:

@@ -1,0 +1,1 @@
+"""Offline benchmark harness: data loaders, baselines, reports."""
