@@ -90,12 +90,16 @@ install_kafka() {
     local tmp="$libs.tmp.$$"
     rm -rf "$tmp"
     mkdir -p "$tmp"
-    local args=(-q -B -f "$pom" dependency:copy-dependencies
+    local args=(-q -B -Dstyle.color=never -f "$pom" dependency:copy-dependencies
                 -DincludeScope=runtime "-DoutputDirectory=$tmp")
     [ -n "$kafka_version" ] && args+=("-Dkafka.version=$kafka_version")
-    if ! mvn "${args[@]}"; then
+    # Maven's output goes to a log and is shown only on failure: -q still
+    # emits stray ANSI escapes, and CI logs want the error, not the noise.
+    local mvn_log="$home/kafka/mvn.log"
+    if ! mvn "${args[@]}" >"$mvn_log" 2>&1; then
+        cat "$mvn_log" >&2
         rm -rf "$tmp"
-        log "maven failed to fetch kafka (see output above)"
+        log "maven failed to fetch kafka (full log: $mvn_log)"
         return 1
     fi
     local jar

@@ -85,9 +85,7 @@ def _tower(num_embed: int, dim: int, hidden: list[int], sparse_dim: int = 16) ->
 # Shapes follow the HSNN paper's Table 5 (num_embed x dim per tower); MLP widths are ours,
 # sized so the suite and the benchmarks run on a 2-core CPU.
 PRESETS: dict[str, MoNNConfig] = {
-    "two_tower": MoNNConfig(
-        name="two_tower", user=_tower(1, 40, [64]), item=_tower(1, 40, [64]), dot_product=True
-    ),
+    "two_tower": MoNNConfig(name="two_tower", user=_tower(1, 40, [64]), item=_tower(1, 40, [64]), dot_product=True),
     "monn_small": MoNNConfig(
         name="monn_small",
         user=_tower(8, 40, [128]),

@@ -1,7 +1,8 @@
 """Learning To Index: a differentiable codebook per level, stacked residually (RQ-style).
 
 For an input v and codes c_1..c_K: d_k = ||v - c_k||^2 / dim, soft assignment
-a = softmax(-alpha * d / mean(d)) (the batch mean makes alpha scale-free), node embedding c_bar = sum_k a_k c_k, hard node = argmin_k d_k.
+a = softmax(-alpha * d / mean(d)) (the batch mean makes alpha scale-free), node embedding
+c_bar = sum_k a_k c_k, hard node = argmin_k d_k.
 Level l+1 quantises what level l left over, r_{l+1} = r_l - c_bar_l, so a node at level l
 is the path prefix (k_1 .. k_l) and its embedding is the sum of the codes along it.
 """

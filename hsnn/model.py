@@ -117,8 +117,9 @@ class HSNN(nn.Module):
         losses = {"item": self.task_loss(logits[-1], batch.labels)}
         node_losses = [self.task_loss(level_logits, batch.labels) for level_logits in logits[:-1]]
         losses["nodes"] = warm * torch.stack(node_losses).sum()
-        losses["flops"] = warm * sum((lvl.flops_loss * c.flops_weight for lvl, c in
-                                      zip(index_out.levels, self.config.levels, strict=True)), zero)
+        losses["flops"] = warm * sum(
+            (lvl.flops_loss * c.flops_weight for lvl, c in zip(index_out.levels, self.config.levels, strict=True)), zero
+        )
         losses["reconstruction"] = warm * self.config.reconstruction_weight * index_out.reconstruction_loss
         losses["interaction_aux"] = self.config.interaction_aux_weight * sum(aux_losses, zero)
         if batch.soft_labels is not None and self.config.distillation_weight > 0:

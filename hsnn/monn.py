@@ -45,9 +45,7 @@ class HashedEmbeddingBags(nn.Module):
 
     def forward(self, ids: dict[str, Tensor]) -> list[Tensor]:
         """ids[name]: (N, L) raw ids, 0 = padding. Returns one (N, dim) vector per feature."""
-        return [
-            self.bags[name](hash_ids(ids[name], self.buckets[name], self.salts[name])) for name in self.names
-        ]
+        return [self.bags[name](hash_ids(ids[name], self.buckets[name], self.salts[name])) for name in self.names]
 
 
 class AttentionalFM(nn.Module):

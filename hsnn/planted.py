@@ -44,13 +44,18 @@ class PlantedWorld:
 
 
 def make_world(
-    num_items: int = 1200, num_categories: int = 12, advertisers_per_category: int = 8,
-    num_segments: int = 6, seed: int = 0, category_weights: Tensor | None = None,
+    num_items: int = 1200,
+    num_categories: int = 12,
+    advertisers_per_category: int = 8,
+    num_segments: int = 6,
+    seed: int = 0,
+    category_weights: Tensor | None = None,
 ) -> PlantedWorld:
     g = torch.Generator().manual_seed(seed)
     weights = category_weights if category_weights is not None else torch.ones(num_categories)
     category = torch.multinomial(weights, num_items, replacement=True, generator=g)
-    advertiser = category * advertisers_per_category + torch.randint(advertisers_per_category, (num_items,), generator=g)
+    within = torch.randint(advertisers_per_category, (num_items,), generator=g)
+    advertiser = category * advertisers_per_category + within
     centres = torch.randn(num_categories, 4, generator=g) * 2
     dense = centres[category] + 0.3 * torch.randn(num_items, 4, generator=g)
     item_ids = torch.arange(1, num_items + 1)
@@ -100,8 +105,11 @@ def true_logits(world: PlantedWorld, users: UserBatch, segment: Tensor, item_row
     recent = torch.exp(-users.history_age[pair_user] / 12.0)
     match = ((hist_adv == adv.unsqueeze(1)) & (hist_adv > 0)).float()
     recency_bonus = (match * recent).amax(dim=1) * 3.0
-    return -2.0 + world.affinity[segment[pair_user], world.item_category[item_rows]] + recency_bonus + (
-        world.item_quality[item_rows]
+    return (
+        -2.0
+        + world.affinity[segment[pair_user], world.item_category[item_rows]]
+        + recency_bonus
+        + (world.item_quality[item_rows])
     )
 
 
@@ -137,8 +145,13 @@ def make_batches(
 
 def tiny_monn(name: str = "tiny", interaction: bool = True, dim: int = 16, dot_product: bool = False) -> MoNNConfig:
     tower = TowerConfig(num_embed=2, dim=dim, sparse_dim=8, hidden=[32], afm_attention_dim=8)
-    item = TowerConfig(num_embed=1 if dot_product else 2, dim=dim * 2 if dot_product else dim, sparse_dim=8,
-                       hidden=[32], afm_attention_dim=8)
+    item = TowerConfig(
+        num_embed=1 if dot_product else 2,
+        dim=dim * 2 if dot_product else dim,
+        sparse_dim=8,
+        hidden=[32],
+        afm_attention_dim=8,
+    )
     if dot_product:
         tower = TowerConfig(num_embed=1, dim=dim * 2, sparse_dim=8, hidden=[32], afm_attention_dim=8)
     return MoNNConfig(

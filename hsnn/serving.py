@@ -39,8 +39,13 @@ class Retrieved:
 
 
 def _score_nodes(
-    model: MoNN, level_idx: int, index: HierarchicalIndex, users: UserBatch, user_emb: Tensor,
-    pair_user: Tensor, pair_node: Tensor,
+    model: MoNN,
+    level_idx: int,
+    index: HierarchicalIndex,
+    users: UserBatch,
+    user_emb: Tensor,
+    pair_user: Tensor,
+    pair_node: Tensor,
 ) -> Tensor:
     """Level MoNN on <user, node>: node embedding as the item side, the representative item's I2IF."""
     level = index.levels[level_idx]

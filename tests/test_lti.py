@@ -89,8 +89,12 @@ def _skewed_embeddings(n: int = 4000, dim: int = 8) -> torch.Tensor:
 def _train_index(use_aids: bool, steps: int = 400) -> dict[str, float]:
     torch.manual_seed(0)
     config = LTIConfig(
-        num_nodes=16, flops_weight=1.0, schedule_steps=steps, reseed_every=20,
-        use_flops_regularizer=use_aids, use_dead_code_reseed=use_aids,
+        num_nodes=16,
+        flops_weight=1.0,
+        schedule_steps=steps,
+        reseed_every=20,
+        use_flops_regularizer=use_aids,
+        use_dead_code_reseed=use_aids,
     )
     index = ResidualIndex(8, [config])
     x = _skewed_embeddings()

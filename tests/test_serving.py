@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hsnn.index import build_index, expand_ranges
-from hsnn.serving import retrieve, retrieve_exhaustive
 from hsnn.planted import make_users
+from hsnn.serving import retrieve, retrieve_exhaustive
 
 
 @pytest.fixture(scope="module")

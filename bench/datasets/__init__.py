@@ -1,0 +1,1 @@
+"""Real-data loaders that turn public data sets into the core feature tensors."""

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install everything the project needs into ./.venv (idempotent): Python deps, torch from PyPI,
+# and the real Kafka broker + Redis server that the integration tests start.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv" >&2
+  "$PYTHON" -m venv .venv
+fi
+echo "==> installing Python packages (torch from PyPI is large the first time)" >&2
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+if [ "${HSNN_SKIP_SERVERS:-0}" != "1" ]; then
+  echo "==> installing Kafka (Maven Central) and Redis (Debian)" >&2
+  bash devservers/install.sh
+fi
