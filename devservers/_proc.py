@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 _PR_SET_PDEATHSIG = 1
 
@@ -193,3 +194,26 @@ def env_path(var: str) -> Path | None:
     """A path from an environment variable, or None if unset/empty."""
     value = os.environ.get(var, "").strip()
     return Path(value).expanduser() if value else None
+
+
+_Server = TypeVar("_Server", bound="ServerLifecycle")
+
+
+class ServerLifecycle:
+    """restart() and the context-manager protocol, shared by KafkaServer and RedisServer."""
+
+    def start(self: _Server) -> _Server:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 30.0) -> None:
+        raise NotImplementedError
+
+    def restart(self: _Server) -> _Server:
+        self.stop()
+        return self.start()
+
+    def __enter__(self: _Server) -> _Server:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

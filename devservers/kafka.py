@@ -19,11 +19,11 @@ import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from devservers._proc import (
     ManagedProcess,
+    ServerLifecycle,
     ServerStartError,
     env_path,
     free_port,
@@ -62,7 +62,7 @@ def java_executable() -> str | None:
     return shutil.which("java")
 
 
-class KafkaServer:
+class KafkaServer(ServerLifecycle):
     """Single-node Kafka (combined broker+controller) bound to 127.0.0.1.
 
     Use as a context manager, or call start()/stop() yourself; stop() followed
@@ -152,21 +152,6 @@ class KafkaServer:
         if self._proc is not None:
             self._proc.stop(timeout=timeout)
             self._proc = None
-
-    def restart(self) -> KafkaServer:
-        self.stop()
-        return self.start()
-
-    def __enter__(self) -> KafkaServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ---------------------------------------------------------------- admin
     def admin(self) -> Any:

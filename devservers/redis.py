@@ -11,11 +11,11 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from devservers._proc import (
     ManagedProcess,
+    ServerLifecycle,
     ServerStartError,
     env_path,
     free_port,
@@ -33,7 +33,7 @@ def redis_server_executable() -> str | None:
     return shutil.which("redis-server")
 
 
-class RedisServer:
+class RedisServer(ServerLifecycle):
     """redis-server bound to 127.0.0.1 on a free port, data in `data_dir`.
 
     `appendonly=True` turns on AOF persistence so data survives stop()/start();
@@ -123,21 +123,6 @@ class RedisServer:
         if self._proc is not None:
             self._proc.stop(timeout=timeout)
             self._proc = None
-
-    def restart(self) -> RedisServer:
-        self.stop()
-        return self.start()
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _pings(self) -> bool:
         if not port_accepts(self.port):
