@@ -1,0 +1,121 @@
+"""Request and response bodies of the retrieval API.
+
+The models check what can be checked without a model (types, ranges, unknown keys). Whether
+a request fits the *loaded* model (dense width, sparse feature names, history attributes) is
+checked by `schema_errors` against that model's `FeatureSchema`, and reported as a 422 in the
+same shape FastAPI uses for its own validation errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hsnn.config import FeatureSchema
+from hsnn.events import UserFeatures
+
+USER_EXAMPLE = {
+    "dense": [0.12, -1.3],
+    "sparse": {"segment": [3], "age_bucket": [2]},
+    "history": [
+        {"attributes": {"item_id": 17, "advertiser": 5, "category": 1}, "age_hours": 2.5},
+        {"attributes": {"item_id": 240, "advertiser": 33, "category": 5}, "age_hours": 40.0},
+    ],
+}
+
+
+class Strict(BaseModel):
+    """Unknown fields are rejected: a misspelt field must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetrieveRequest(Strict):
+    """Retrieve the top-k ads for one user."""
+
+    user: UserFeatures = Field(
+        description="The user, in the same contract as impression events (hsnn.events): history oldest first.",
+        examples=[USER_EXAMPLE],
+    )
+    k: int = Field(100, ge=1, le=1000, description="How many ads to return.")
+    exclude_ad_ids: list[int] = Field(
+        default_factory=list, max_length=10_000, description="Ads that must not be returned (e.g. already shown)."
+    )
+    deadline_ms: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Give up with 504 if scoring has not started this many milliseconds after arrival.",
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"user": USER_EXAMPLE, "k": 10, "exclude_ad_ids": [42], "deadline_ms": 50}]},
+    )
+
+
+class ScoredAd(Strict):
+    ad_id: int = Field(description="Raw ad id.")
+    score: float = Field(description="Calibrated click probability.")
+
+
+class Cost(Strict):
+    """Work done for this query by the layer-wise search."""
+
+    nodes_scored: int = Field(description="Index nodes scored, over all levels.")
+    items_scored: int = Field(description="Ads scored at the item level.")
+    flops: int = Field(description="FLOPs of the per-pair parts (interaction tower + over-arch).")
+
+
+class RetrieveResponse(Strict):
+    ads: list[ScoredAd] = Field(description="Best first.")
+    model_version: int = Field(description="Snapshot version of the model that scored this request.")
+    index_version: int = Field(description="Version of the index it was scored against (always pinned together).")
+    cost: Cost
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "ads": [{"ad_id": 812, "score": 0.31}, {"ad_id": 77, "score": 0.27}],
+                    "model_version": 7,
+                    "index_version": 7,
+                    "cost": {"nodes_scored": 40, "items_scored": 310, "flops": 1_250_000},
+                }
+            ]
+        },
+    )
+
+
+class Problem(Strict):
+    """Error body for 429, 503 and 504 (FastAPI's `{"detail": ...}` shape)."""
+
+    detail: str
+
+
+def schema_errors(schema: FeatureSchema, user: UserFeatures, max_history: int) -> list[dict[str, Any]]:
+    """What does not fit the served model, as FastAPI-style validation errors (empty when all is well)."""
+    errors: list[dict[str, Any]] = []
+
+    def error(loc: tuple[Any, ...], msg: str) -> None:
+        errors.append({"type": "value_error", "loc": ["body", "user", *loc], "msg": msg})
+
+    if len(user.dense) != schema.user_dense_dim:
+        error(("dense",), f"expected {schema.user_dense_dim} dense features, got {len(user.dense)}")
+    for name in user.sparse:
+        if name not in schema.user_sparse:
+            error(("sparse", name), f"unknown sparse feature {name!r}; the model knows {sorted(schema.user_sparse)}")
+    if len(user.history) > max_history:
+        error(("history",), f"history has {len(user.history)} events; at most {max_history} are accepted")
+    known, reported = set(schema.history_attributes), set()
+    for position, event in enumerate(user.history):
+        for name in event.attributes:
+            if name not in known and name not in reported:  # once per name, not once per event
+                reported.add(name)
+                error(
+                    ("history", position, "attributes", name),
+                    f"unknown history attribute {name!r}; the model knows {sorted(known)}",
+                )
+    return errors
