@@ -104,6 +104,10 @@ def normalize_category(value: str) -> str:
 
 def parse_floats(values: Sequence[str]) -> np.ndarray:
     """Strings -> float64, with NaN for empty or unparsable cells."""
+    try:
+        return np.array(values, dtype=np.float64)  # fast path: a clean column
+    except ValueError:
+        pass
     out = np.empty(len(values), dtype=np.float64)
     for i, v in enumerate(values):
         try:
