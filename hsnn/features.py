@@ -87,6 +87,7 @@ class TrainingBatch:
     labels: Tensor  # (B, num_tasks) float in {0, 1}
     soft_labels: Tensor | None = None  # (B, num_tasks) teacher probabilities, for distillation
     item_keys: Tensor | None = field(default=None)  # (B,) raw item ids, for bookkeeping only
+    item_paths: Tensor | None = None  # (B, levels) fixed index paths: train on a given index instead of LTI's
 
     def __len__(self) -> int:
         return self.labels.shape[0]

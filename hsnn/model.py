@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from hsnn.config import HSNNConfig
 from hsnn.features import TrainingBatch
-from hsnn.lti import ResidualIndex
+from hsnn.lti import IndexOutput, LevelOutput, ResidualIndex
 from hsnn.monn import MoNN
 
 
@@ -96,7 +96,10 @@ class HSNN(nn.Module):
         index_input = item_emb.flatten(1)
         if not self.config.use_joint_index:
             index_input = index_input.detach()
-        index_out = self.index(index_input, int(self.step))
+        if batch.item_paths is not None:
+            index_out = self._fixed_index(index_input, batch.item_paths)
+        else:
+            index_out = self.index(index_input, int(self.step))
 
         level_z, aux_losses = [], []
         for level, model in enumerate(self.level_models):
@@ -111,7 +114,21 @@ class HSNN(nn.Module):
         logits = [self.ensemble(level, path[:, : level + 1]) for level in range(self.num_outputs)]
         return HSNNOutput(logits=logits, losses=self._losses(batch, logits, index_out, aux_losses))
 
-    def _losses(self, batch: TrainingBatch, logits: list[Tensor], index_out, aux_losses: list[Tensor]) -> dict:
+    def _fixed_index(self, v: Tensor, paths: Tensor) -> IndexOutput:
+        """Hard, given assignments (an existing hierarchy, k-means, EM): node embeddings are the codes
+        along each item's path, still learned by the level losses; no LTI aids apply."""
+        node_embeddings = self.index.path_embeddings(paths)
+        reconstruction = ((node_embeddings[-1] - v) ** 2).mean()
+        zero = v.new_zeros(())
+        levels = [
+            LevelOutput(soft=v.new_zeros(len(v), 0), node_embedding=emb, hard=paths[:, i], flops_loss=zero)
+            for i, emb in enumerate(node_embeddings)
+        ]
+        return IndexOutput(levels, node_embeddings, reconstruction)
+
+    def _losses(
+        self, batch: TrainingBatch, logits: list[Tensor], index_out: IndexOutput, aux_losses: list[Tensor]
+    ) -> dict:
         warm = self.index_warmup()
         zero = batch.labels.new_zeros(())
         losses = {"item": self.task_loss(logits[-1], batch.labels)}

@@ -50,3 +50,19 @@ def test_calibration_fixes_a_biased_model(trained_hsnn, world):
     assert before > 1.3
     assert abs(after - 1) < 0.15 < abs(before - 1)
     assert bool((model.calibration_scale > 0).all())
+
+
+def test_fixed_paths_train_on_a_given_index(world):
+    """Other index builders (hierarchy, k-means, EM) hand HSNN hard paths; codes still learn."""
+    torch.manual_seed(0)
+    model = HSNN(tiny_hsnn_config(num_nodes=(4, 2)))
+    batch = make_batches(world, 1, 32, seed=3)[0]
+    batch.item_paths = torch.stack([torch.arange(32) % 4, torch.arange(32) % 2], dim=1)
+    out = model(batch)
+    expected = model.index.path_embeddings(batch.item_paths)[0]
+    node_input = model.level_models[0].project_nodes(expected)
+    assert node_input.shape[0] == 32
+    out.losses["nodes"].backward()
+    used = model.index.levels[0].codebook.grad.abs().sum(dim=1)
+    assert bool((used > 0).all())  # every code of level 0 appears in the given paths
+    assert float(out.losses["flops"]) == 0.0
