@@ -1,1 +1,6 @@
-"""trainer: consumes impressions from Kafka and trains HSNN online (see the pipeline issue)."""
+"""trainer: consumes impressions (and the item catalogue) from Kafka and trains HSNN online (docs/trainer.md)."""
+
+from trainer.service import OnlineTrainer, TrainerMetrics
+from trainer.settings import TrainerSettings
+
+__all__ = ["OnlineTrainer", "TrainerMetrics", "TrainerSettings"]

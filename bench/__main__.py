@@ -1,0 +1,68 @@
+"""CLI: `python -m bench --dataset planted|gowalla [--quick]` writes reports/<dataset>.{json,md,png}."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from bench.data import gowalla_data, movielens_data, planted_data, simulator_data
+from bench.report import write_report
+from bench.run import BUILDERS, RunConfig, run_benchmark
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--dataset", choices=["simulator", "planted", "gowalla", "movielens"], required=True)
+    parser.add_argument("--quick", action="store_true", help="small models and budget: minutes on 2 cores")
+    parser.add_argument("--steps", type=int, help="training batches per model (default: 1500, quick: 150)")
+    parser.add_argument("--items", type=int, default=100_000, help="simulator/planted: catalogue size")
+    parser.add_argument("--eval-users", type=int, help="users evaluated (default: 500, quick: 100)")
+    parser.add_argument("--test-file", help="gowalla: evaluate on this file (NGCF format) instead of valid.txt")
+    parser.add_argument("--data-root", help="gowalla: data directory (default ../shared/datasets/gowalla-ngcf)")
+    parser.add_argument("--builders", default=",".join(BUILDERS), help=f"HSNN index builders, from {BUILDERS}")
+    parser.add_argument("--out", default="reports")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+
+    quick = args.quick
+    run = RunConfig(
+        steps=args.steps or (150 if quick else 1500),
+        seed=args.seed,
+        quick=quick,
+        builders=tuple(b for b in args.builders.split(",") if b),
+    )
+    if quick:
+        run.level_nodes = (16, 8)
+        run.beams = [[2, 2], [4, 4], [8, 8], [16, 32]]
+        run.nprobes = (1, 2, 4, 8)
+        run.ef_searches = (200, 800)
+    eval_users = args.eval_users or (100 if quick else 500)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    items = min(args.items, 5000) if quick else args.items
+    if args.dataset == "simulator":
+        data = simulator_data(
+            items,
+            num_users=max(10_000, items // 10),
+            num_eval_users=eval_users,
+            train_batches=run.steps,
+            seed=args.seed,
+        )
+    elif args.dataset == "planted":
+        data = planted_data(num_items=items, num_eval_users=eval_users, seed=args.seed)
+    elif args.dataset == "gowalla":
+        data = gowalla_data(args.data_root, eval_users, test_path=args.test_file, seed=args.seed)
+    else:
+        data = movielens_data(args.data_root, eval_users, seed=args.seed)
+    report = run_benchmark(data, run)
+    report["command"] = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    for path in write_report(report, args.out):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

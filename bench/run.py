@@ -1,0 +1,136 @@
+"""Run every method on one data set with one budget and collect the sweep results."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from bench.harness import BenchData, evaluate, exclude_and_cut, quality, train_for
+from bench.methods import (
+    build_hsnn,
+    deep_retrieval_points,
+    hsnn_points,
+    monn_brute_force_point,
+    two_tower_points,
+)
+from hsnn.config import HSNNConfig, LTIConfig, MoNNConfig, preset
+from hsnn.metrics import index_health
+from hsnn.monn import MoNN
+from hsnn.planted import tiny_monn
+
+BUILDERS = ("joint", "joint_no_balance", "kmeans", "em", "hierarchy")
+
+
+@dataclass
+class RunConfig:
+    steps: int = 1500
+    seed: int = 0
+    quick: bool = False
+    level_nodes: tuple[int, ...] = (32, 16)
+    beams: list[list[int]] = field(default_factory=lambda: [[2, 4], [4, 8], [8, 16], [16, 48], [32, 160]])
+    nprobes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    ef_searches: tuple[int, ...] = (200, 400, 800, 1600)  # >= the 200 results asked for
+    dr_beams: tuple[int, ...] = (8, 32, 128)
+    builders: tuple[str, ...] = BUILDERS
+    item_model: str = "monn_small"
+    level_models: tuple[str, ...] = ("monn_medium", "monn_small")
+
+
+def _model_config(name: str, quick: bool) -> MoNNConfig:
+    if quick:
+        return tiny_monn(name, dot_product=name == "two_tower", interaction=name != "two_tower")
+    return preset(name)
+
+
+def hsnn_config(data: BenchData, run: RunConfig, builder: str) -> HSNNConfig:
+    sizes = list(run.level_nodes)
+    if builder == "hierarchy" and data.hierarchy is not None:
+        sizes = [int(data.hierarchy[:, level].max()) + 1 for level in range(data.hierarchy.shape[1])]
+    balance = builder != "joint_no_balance"
+    schedule = max(1, run.steps * 2 // 3)
+    levels = [
+        LTIConfig(num_nodes=n, schedule_steps=schedule, use_flops_regularizer=balance, use_dead_code_reseed=balance)
+        for n in sizes
+    ]
+    level_models = [
+        _model_config(run.level_models[min(i, len(run.level_models) - 1)], run.quick) for i in range(len(sizes))
+    ]
+    return HSNNConfig(
+        features=data.schema,
+        levels=levels,
+        level_models=level_models,
+        item_model=_model_config(run.item_model, run.quick),
+        index_warmup_steps=max(1, run.steps // 10),
+    )
+
+
+def run_benchmark(data: BenchData, run: RunConfig) -> dict:
+    """Train every model on the same budget, sweep every retriever, return the report as a dict."""
+    torch.manual_seed(run.seed)
+    started = time.perf_counter()
+    models: dict[str, dict] = {}
+    points = []
+
+    two_tower = MoNN(_model_config("two_tower", run.quick), data.schema)
+    seconds = train_for(two_tower, data, run.steps, run.seed, "two tower")
+    models["two_tower"] = {**quality(two_tower, data), "train_seconds": seconds}
+    points += two_tower_points(two_tower, data, run.nprobes, run.ef_searches)
+
+    points += deep_retrieval_points(data, run.steps, run.seed, run.dr_beams, two_tower, run.quick)
+
+    monn = MoNN(_model_config(run.item_model, run.quick), data.schema)
+    seconds = train_for(monn, data, run.steps, run.seed, "monn")
+    models["monn"] = {**quality(monn, data), "train_seconds": seconds}
+    brute = monn_brute_force_point(monn, data)
+    points.append(brute)
+
+    health: dict[str, dict] = {}
+    node_sizes: dict[str, list[int]] = {}
+    for builder in run.builders:
+        if builder == "hierarchy" and data.hierarchy is None:
+            continue
+        model, paths, seconds = build_hsnn(
+            "joint" if builder == "joint_no_balance" else builder,
+            hsnn_config(data, run, builder),
+            data,
+            run.steps,
+            run.seed,
+        )
+        if paths is None:  # learned index: calibrate on the first held-out batch (monotone, ranks unchanged)
+            model.fit_calibration(data.eval_impressions[0])
+        name = f"hsnn_{builder}"
+        models[name] = {**quality(model, data), "train_seconds": seconds}
+        sweep, exhaustive, index = hsnn_points(name, model, data, run.beams, paths)
+        points += [*sweep, exhaustive]
+        health[name] = index_health(index.item_nodes[:, 0], index.codebook_sizes[0])
+        node_sizes[name] = torch.bincount(index.item_nodes[:, 0], minlength=index.codebook_sizes[0]).tolist()
+
+    references = {"monn_exhaustive": exclude_and_cut(brute.retriever(data.eval_users, 200), data, 200)}
+    truth = data.true_top(200)
+    if truth is not None:
+        references["truth"] = truth
+    results = []
+    for point in points:
+        print(f"  evaluating {point.method} {point.knob}", flush=True)
+        results.append(evaluate(point, data, references))
+    base_ne = models["two_tower"]["ne"]
+    for entry in models.values():
+        entry["ne_vs_two_tower_percent"] = 100 * (entry["ne"] / base_ne - 1)
+    return {
+        "dataset": data.name,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}",
+        "num_items": data.num_items,
+        "num_eval_users": len(data.eval_users),
+        "steps": run.steps,
+        "quick": run.quick,
+        "notes": data.notes,
+        "models": models,
+        "index_health": health,
+        "node_sizes": node_sizes,
+        "points": results,
+        "wall_seconds": time.perf_counter() - started,
+    }

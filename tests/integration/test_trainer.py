@@ -1,0 +1,358 @@
+"""The online trainer against a real broker: exactly-once across SIGKILL, broker restarts, dead letters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from devservers import KafkaServer
+from hsnn.events import (
+    Engagement,
+    ImpressionEvent,
+    ItemEvent,
+    ItemFeatures,
+    Labels,
+    UserFeatures,
+    encode,
+    event_key,
+    read_dead_letter,
+)
+from hsnn.planted import tiny_hsnn_config
+from hsnn.snapshots import SnapshotStore
+from trainer.service import OnlineTrainer, consumed_ids, is_held_out
+from trainer.settings import TrainerSettings
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+HOLDOUT = 20
+NUM_ADS = 30
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _topics(kafka: KafkaServer, partitions: int = 2) -> dict[str, str]:
+    tag = uuid.uuid4().hex[:8]
+    names = {
+        "impressions": f"trainer-imp-{tag}",
+        "items": f"trainer-items-{tag}",
+        "impressions_dlq": f"trainer-imp-dlq-{tag}",
+        "items_dlq": f"trainer-items-dlq-{tag}",
+    }
+    kafka.create_topics([names["impressions"], names["impressions_dlq"], names["items_dlq"]], partitions=partitions)
+    kafka.create_topics([names["items"]], partitions=partitions, compacted=[names["items"]])
+    return names
+
+
+def _item(ad_id: int, sequence: int = 1, op: str = "create") -> ItemEvent:
+    features = None
+    if op != "expire":
+        features = ItemFeatures(
+            dense=[ad_id % 3, 0.5, -0.25, 1.0], sparse={"advertiser": ad_id % 7 + 1, "category": ad_id % 5 + 1}
+        )
+    return ItemEvent(op=op, ad_id=ad_id, event_time=1_767_225_000.0 + sequence, sequence=sequence, features=features)
+
+
+def _impression(i: int, ad_id: int | None = None, prefix: str = "imp") -> ImpressionEvent:
+    ad = ad_id if ad_id is not None else i % NUM_ADS + 1
+    click = int(i % 3 == 0)
+    return ImpressionEvent(
+        event_id=f"{prefix}-{i}",
+        event_time=1_767_225_600.0 + i,
+        user=UserFeatures(
+            dense=[0.1 * (i % 10), -0.5],
+            sparse={"segment": [i % 6 + 1], "age_bucket": [i % 4 + 1]},
+            history=[
+                Engagement(attributes={"item_id": ad, "advertiser": ad % 7 + 1, "category": ad % 5 + 1}, age_hours=3.0)
+            ],
+        ),
+        ad_id=ad,
+        labels=Labels(click=click, conversion=click * int(i % 2 == 0)),
+    )
+
+
+def _produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_block_ms=20_000)
+    try:
+        futures = [producer.send(topic, key=k, value=v) for k, v in records]
+        producer.flush(timeout=30)
+        for future in futures:
+            future.get(timeout=10)
+    finally:
+        producer.close()
+
+
+def _produce_events(bootstrap: str, topic: str, events: list[ImpressionEvent] | list[ItemEvent]) -> None:
+    _produce(bootstrap, topic, [(event_key(e), encode(e)) for e in events])
+
+
+def _end_offsets(bootstrap: str, topic: str) -> dict[str, int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        return {str(tp.partition): offset for tp, offset in consumer.end_offsets(tps).items()}
+    finally:
+        consumer.close()
+
+
+def _read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 20.0) -> list[bytes]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        consumer.assign(tps)
+        got: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < expected and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=300).values():
+                got += [r.value for r in records]
+        return got
+    finally:
+        consumer.close()
+
+
+def _settings(kafka: KafkaServer, topics: dict[str, str], tmp: Path, **overrides: object) -> TrainerSettings:
+    config = tmp / "hsnn.json"
+    config.write_text(tiny_hsnn_config().model_dump_json())
+    values: dict[str, object] = {
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "group_id": f"trainer-test-{uuid.uuid4().hex[:6]}",
+        "impressions_topic": topics["impressions"],
+        "items_topic": topics["items"],
+        "impressions_dlq_topic": topics["impressions_dlq"],
+        "items_dlq_topic": topics["items_dlq"],
+        "store_dir": str(tmp / "store"),
+        "model_config_path": str(config),
+        "batch_size": 128,
+        "max_poll_records": 128,
+        "eval_min_events": 5,
+        "holdout_one_in": HOLDOUT,
+        "metrics_port": 0,
+        "trained_ids_path": str(tmp / "trained-ids.txt"),
+        "snapshot_every_seconds": 600.0,
+        "snapshot_every_events": 10**9,
+    }
+    values.update(overrides)
+    return TrainerSettings(**values)
+
+
+def _env(settings: TrainerSettings, **overrides: object) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, value in {**settings.model_dump(), **overrides}.items():
+        if value is not None:
+            env[f"HSNN_TRAINER_{name.upper()}"] = str(value)
+    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def _lines(path: str | Path) -> int:
+    path = Path(path)
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def _drain(trainer: OnlineTrainer, topic: str, end: dict[str, int], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while {str(p): o for p, o in trainer.offsets.topic(topic).items()} != end:
+        assert time.monotonic() < deadline, f"not drained: {trainer.offsets.topic(topic)} vs {end}"
+        trainer.poll_once(timeout_ms=200)
+
+
+def _expected_trained(events: list[ImpressionEvent]) -> set[str]:
+    return {e.event_id for e in events if not is_held_out(e.event_id, HOLDOUT)}
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_end_to_end_snapshot_has_end_offsets_and_eval_metrics(kafka_server: KafkaServer, tmp_path: Path) -> None:
+    topics = _topics(kafka_server)
+    bootstrap = kafka_server.bootstrap_servers
+    _produce_events(bootstrap, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
+    events = [_impression(i) for i in range(400)]
+    _produce_events(bootstrap, topics["impressions"], events)
+    end = _end_offsets(bootstrap, topics["impressions"])
+
+    registry = CollectorRegistry()
+    settings = _settings(kafka_server, topics, tmp_path)
+    trainer = OnlineTrainer(settings, registry=registry)
+    try:
+        _drain(trainer, topics["impressions"], end)
+        result = trainer.maybe_snapshot(force=True)
+    finally:
+        trainer.close()
+    assert result is not None and result.promoted
+    manifest = result.manifest
+    assert manifest.offsets[topics["impressions"]] == end
+    assert manifest.offsets[topics["items"]] == _end_offsets(bootstrap, topics["items"])
+    held_out = len(events) - len(_expected_trained(events))
+    assert held_out > 0
+    assert manifest.eval_metrics["events"] == held_out
+    assert 0 < manifest.eval_metrics["ne"] < 5
+    assert manifest.event_time_watermark == max(e.event_time for e in events if not is_held_out(e.event_id, HOLDOUT))
+    assert sorted(consumed_ids(settings.trained_ids_path)) == sorted(_expected_trained(events))
+    sample = registry.get_sample_value
+    assert sample("hsnn_trainer_events_total", {"outcome": "trained"}) == len(events) - held_out
+    assert sample("hsnn_trainer_events_total", {"outcome": "eval"}) == held_out
+    assert sample("hsnn_trainer_last_snapshot_timestamp_seconds") == manifest.created_at
+    assert sample("hsnn_trainer_consumer_lag_messages", {"partition": "0"}) == 0
+
+    # A restart resumes from the snapshot's offsets: nothing left to train, nothing trained twice.
+    again = OnlineTrainer(settings, registry=CollectorRegistry())
+    try:
+        assert again.offsets.as_manifest() == manifest.offsets
+        assert sum(again.poll_once(timeout_ms=500) for _ in range(3)) == 0
+    finally:
+        again.close()
+
+
+def test_malformed_impressions_go_to_the_dlq_and_the_loop_survives(kafka_server: KafkaServer, tmp_path: Path) -> None:
+    topics = _topics(kafka_server, partitions=1)
+    bootstrap = kafka_server.bootstrap_servers
+    _produce_events(bootstrap, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
+    _produce_events(bootstrap, topics["items"], [_item(5, sequence=2, op="expire")])
+    good = [_impression(i, ad_id=1) for i in range(40)]
+    wrong_dense = _impression(1000).model_copy(update={"user": UserFeatures(dense=[1.0, 2.0, 3.0])})
+    bad: list[tuple[bytes, bytes]] = [
+        (b"bad-json", b'{"schema_version": 1, "event_id": '),
+        (b"wrong-dense", encode(wrong_dense)),
+        (b"unknown-ad", encode(_impression(1001, ad_id=999))),
+        (b"expired-ad", encode(_impression(1002, ad_id=5))),
+    ]
+    records = [(event_key(e), encode(e)) for e in good[:20]] + bad + [(event_key(e), encode(e)) for e in good[20:]]
+    _produce(bootstrap, topics["impressions"], records)
+    end = _end_offsets(bootstrap, topics["impressions"])
+
+    registry = CollectorRegistry()
+    trainer = OnlineTrainer(_settings(kafka_server, topics, tmp_path), registry=registry)
+    try:
+        _drain(trainer, topics["impressions"], end)
+        result = trainer.maybe_snapshot(force=True)  # waits for the dead letters to be acknowledged
+    finally:
+        trainer.close()
+    assert result is not None and result.manifest.offsets[topics["impressions"]] == end
+
+    letters = {
+        letter.key: letter for letter in map(read_dead_letter, _read_topic(bootstrap, topics["impressions_dlq"], 4))
+    }
+    assert set(letters) == {b"bad-json", b"wrong-dense", b"unknown-ad", b"expired-ad"}
+    assert letters[b"bad-json"].reason.startswith("not JSON")
+    assert letters[b"bad-json"].raw == bad[0][1] and letters[b"bad-json"].offset == 20
+    assert "user.dense" in letters[b"wrong-dense"].reason
+    assert letters[b"unknown-ad"].reason == "unknown ad 999"
+    assert letters[b"expired-ad"].reason == "unknown ad 5 (expired)"
+    sample = registry.get_sample_value
+    assert sample("hsnn_trainer_dead_letters_total", {"reason": "malformed"}) == 1
+    assert sample("hsnn_trainer_dead_letters_total", {"reason": "schema_mismatch"}) == 1
+    assert sample("hsnn_trainer_dead_letters_total", {"reason": "unknown_ad"}) == 2
+    assert sample("hsnn_trainer_events_total", {"outcome": "dead_letter"}) == 4
+    trained = sample("hsnn_trainer_events_total", {"outcome": "trained"}) or 0.0
+    assert trained + sample("hsnn_trainer_events_total", {"outcome": "eval"}) == len(good)
+
+
+def test_sigkill_between_snapshots_then_restart_trains_every_event_once(
+    kafka_server: KafkaServer, tmp_path: Path
+) -> None:
+    topics = _topics(kafka_server)
+    bootstrap = kafka_server.bootstrap_servers
+    _produce_events(bootstrap, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
+    first = [_impression(i) for i in range(600)]
+    _produce_events(bootstrap, topics["impressions"], first)
+    settings = _settings(kafka_server, topics, tmp_path, snapshot_every_events=250)
+    store = SnapshotStore(settings.store_dir)
+    ids_path = settings.trained_ids_path
+    assert ids_path is not None
+    cmd = [sys.executable, "-m", "trainer"]
+
+    # Run 1: snapshots every >= 250 records; killed once all 600 are trained, so the last ones
+    # (after the newest snapshot) are trained but not in any snapshot.
+    log1 = (tmp_path / "run1.log").open("w")
+    run1 = subprocess.Popen(cmd, env=_env(settings), cwd=REPO, stderr=log1)
+    try:
+        _wait(lambda: _lines(ids_path) >= len(_expected_trained(first)), 60, "run 1 to train everything")
+        _wait(lambda: store.latest_version() is not None, 10, "a snapshot")
+    finally:
+        run1.send_signal(signal.SIGKILL)
+        run1.wait(timeout=10)
+        log1.close()
+    killed_at = store.manifest(store.latest_version())
+    assert sum(killed_at.offsets[topics["impressions"]].values()) < len(first), (tmp_path / "run1.log").read_text()[
+        -2000:
+    ]
+    assert _lines(ids_path) > killed_at.eval_metrics["trained_ids_lines"]  # ids beyond the snapshot exist
+
+    # Run 2: more events arrive; only SIGTERM snapshots (no timer, no event threshold).
+    second = [_impression(i) for i in range(600, 900)]
+    _produce_events(bootstrap, topics["impressions"], second)
+    end = _end_offsets(bootstrap, topics["impressions"])
+    versions_before = len(store.versions())
+    log2 = (tmp_path / "run2.log").open("w")
+    run2 = subprocess.Popen(cmd, env=_env(settings, snapshot_every_events=10**9), cwd=REPO, stderr=log2)
+    try:
+        expected = _expected_trained(first + second)
+        _wait(lambda: _lines(ids_path) >= len(expected), 60, "run 2 to drain")
+        run2.send_signal(signal.SIGTERM)
+        run2.wait(timeout=60)
+    finally:
+        if run2.poll() is None:
+            run2.kill()
+        log2.close()
+    assert run2.returncode == 0, (tmp_path / "run2.log").read_text()[-3000:]
+    final = store.manifest(store.latest_version())
+    assert len(store.versions()) == versions_before + 1  # the SIGTERM snapshot
+    assert final.offsets[topics["impressions"]] == end
+    ids = consumed_ids(ids_path)
+    assert len(ids) == len(set(ids)) == len(expected)  # exactly once
+    assert set(ids) == expected
+    assert final.eval_metrics["trained_events_total"] == len(expected)
+
+
+def test_broker_restart_mid_stream_loses_nothing(kafka_server: KafkaServer, tmp_path: Path) -> None:
+    topics = _topics(kafka_server)
+    bootstrap = kafka_server.bootstrap_servers
+    _produce_events(bootstrap, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
+    first = [_impression(i, prefix="br") for i in range(300)]
+    _produce_events(bootstrap, topics["impressions"], first)
+    settings = _settings(kafka_server, topics, tmp_path, snapshot_every_seconds=1.0)
+    registry = CollectorRegistry()
+    trainer = OnlineTrainer(settings, registry=registry)
+    stop = threading.Event()
+    worker = threading.Thread(target=trainer.run, args=(stop.is_set,), daemon=True)
+    worker.start()
+    ids_path = settings.trained_ids_path
+    assert ids_path is not None
+    try:
+        _wait(lambda: _lines(ids_path) >= len(_expected_trained(first)), 30, "the first batch to train")
+        try:
+            kafka_server.stop()
+            time.sleep(2.0)  # the trainer polls (and snapshots nothing new) against a dead broker
+        finally:
+            kafka_server.start()
+        second = [_impression(i, prefix="br") for i in range(300, 600)]
+        _produce_events(bootstrap, topics["impressions"], second)
+        expected = _expected_trained(first + second)
+        _wait(lambda: _lines(ids_path) >= len(expected), 60, "training after the restart")
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert trainer.shutdown(timeout=30)
+    ids = consumed_ids(ids_path)
+    assert len(ids) == len(set(ids)) and set(ids) == expected
+    manifest = trainer.store.manifest(trainer.store.latest_version())
+    assert manifest.offsets[topics["impressions"]] == _end_offsets(bootstrap, topics["impressions"])

@@ -1,0 +1,73 @@
+"""Trainer settings: env vars `HSNN_TRAINER_<FIELD>`, the "trainer" section of $HSNN_CONFIG_FILE, defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from hsnn.config import HSNNConfig
+from hsnn.events import IMPRESSIONS_DLQ, IMPRESSIONS_TOPIC, ITEMS_DLQ, ITEMS_TOPIC
+from hsnn.settings import ServiceSettings
+
+
+class TrainerSettings(ServiceSettings):
+    section = "trainer"
+    model_config = ServiceSettings.model_config | {"env_prefix": "HSNN_TRAINER_"}
+
+    # Kafka
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = Field("hsnn-trainer", description="Offsets are committed here after each snapshot (for lag).")
+    impressions_topic: str = IMPRESSIONS_TOPIC
+    items_topic: str = ITEMS_TOPIC
+    impressions_dlq_topic: str = IMPRESSIONS_DLQ
+    items_dlq_topic: str = ITEMS_DLQ
+    dead_letter_items: bool = Field(
+        False,
+        description="Also publish malformed item records to the items DLQ. Off by default: the indexer owns that"
+        " topic, and the trainer re-reads the compacted items topic from the start on every restart.",
+    )
+    max_poll_records: int = Field(2048, ge=1)
+    poll_timeout_ms: int = Field(200, ge=0)
+    retry_backoff_max_seconds: float = Field(5.0, gt=0, description="Cap of the back-off after a Kafka error.")
+
+    # Training
+    batch_size: int = Field(1024, ge=1, description="Impressions per train step (a poll's last one may be smaller).")
+    lr: float = Field(3e-3, gt=0)
+    model_config_path: str | None = Field(None, description="JSON file holding an HSNNConfig; wins over the preset.")
+    model_preset: Literal["tiny", "default"] = Field(
+        "default", description="tiny: hsnn.planted.tiny_hsnn_config(); default: HSNNConfig()."
+    )
+    holdout_one_in: int = Field(
+        20, ge=0, description="An event whose event-id hash is 0 modulo this is held out for eval NE (0: none)."
+    )
+    eval_buffer_size: int = Field(4096, ge=1, description="Newest held-out events kept for the rolling NE.")
+    eval_min_events: int = Field(
+        50, ge=1, description="No NE (and so no gate) until the buffer has this many, with clicks and non-clicks."
+    )
+    seed: int = 0
+
+    # Snapshots
+    store_dir: str = "snapshots"
+    keep_versions: int = Field(5, ge=1)
+    max_ne_regression: float = Field(0.01, ge=0)
+    snapshot_every_seconds: float = Field(300.0, gt=0)
+    snapshot_every_events: int = Field(1_000_000, ge=1, description="Events consumed (any outcome) between snapshots.")
+
+    # Operations
+    metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus /metrics; 0 disables the server.")
+    log_level: str = "INFO"
+    trained_ids_path: str | None = Field(
+        None, description="Debug: append every trained event id to this file (exact across restarts)."
+    )
+
+    def hsnn_config(self) -> HSNNConfig:
+        if self.model_config_path:
+            return HSNNConfig.model_validate(json.loads(Path(self.model_config_path).read_text()))
+        if self.model_preset == "tiny":
+            from hsnn.planted import tiny_hsnn_config
+
+            return tiny_hsnn_config()
+        return HSNNConfig()
