@@ -1,27 +1,51 @@
-"""The FastAPI application: POST /retrieve, health probes and Prometheus metrics.
+"""The FastAPI application: POST /retrieve, POST /items/events, health probes and Prometheus metrics.
 
-`create_app(settings, state)` builds an app around a `ServingState`; whoever loads snapshots
-(a test, the service entry point, later the store watcher) calls `state.swap(pair)`. Each app
+`create_app(settings, state, store=..., index_source=...)` builds an app around a
+`ServingState`. With a snapshot store and an index source (or the `store_dir` and `catalog`
+settings) its lifespan runs a `SnapshotWatcher` that hot-swaps each newly promoted version;
+without them, whoever holds the state calls `state.swap(pair)` (tests, benchmarks). Each app
 has its own Prometheus registry, so several apps can live in one process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Annotated
 
-from fastapi import FastAPI, status
+from fastapi import Depends, FastAPI, status
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from hsnn.snapshots import SnapshotStore
 from retrieval_api.batcher import Batcher, ConfigurationError, DeadlineExceeded, InvalidRequest, NotReady, Overloaded
-from retrieval_api.schemas import Cost, Problem, RetrieveRequest, RetrieveResponse, ScoredAd, schema_errors
+from retrieval_api.catalogs import catalog_source
+from retrieval_api.items import ItemForwarder, RecordProducer, check_token
+from retrieval_api.schemas import (
+    Cost,
+    ItemEventsAccepted,
+    ItemEventsFailed,
+    ItemEventsRequest,
+    Problem,
+    RetrieveRequest,
+    RetrieveResponse,
+    ScoredAd,
+    schema_errors,
+)
 from retrieval_api.settings import ApiSettings
-from retrieval_api.state import ServingState
+from retrieval_api.state import CatalogIndexSource, IndexSource, ServingState, load_pair_from_store
+from retrieval_api.watcher import FAILURE, SUCCESS, SnapshotWatcher
+
+log = logging.getLogger("hsnn.retrieval_api")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+RELOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BEARER = HTTPBearer(auto_error=False, description="The token in HSNN_API_ITEMS_TOKEN.")
 
 
 class ApiMetrics:
@@ -52,16 +76,64 @@ class ApiMetrics:
             registry=registry,
         )
         loaded.set_function(lambda: pair.loaded_at if (pair := state.current()) else 0)
+        served = Gauge(
+            "hsnn_api_served_snapshot_timestamp_seconds",
+            "When the served snapshot was written by the publisher (manifest created_at, epoch s; 0: none/unknown).",
+            registry=registry,
+        )
+        served.set_function(lambda: (pair.snapshot_created_at or 0) if (pair := state.current()) else 0)
+        self.reloads = Counter(
+            "hsnn_api_reloads",
+            "Attempts to load a newly promoted snapshot, by outcome (a failure keeps the old pair serving).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.reload_seconds = Histogram(
+            "hsnn_api_reload_duration_seconds",
+            "Time to load a snapshot and its index, successful or not.",
+            buckets=RELOAD_BUCKETS,
+            registry=registry,
+        )
+        self.item_events = Counter(
+            "hsnn_api_item_events",
+            "Item events received on POST /items/events, by outcome (acknowledged, not_acknowledged).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in (SUCCESS, FAILURE):
+            self.reloads.labels(outcome=outcome)
+        for outcome in ("acknowledged", "not_acknowledged"):
+            self.item_events.labels(outcome=outcome)
+
+    def observe_reload(self, outcome: str, seconds: float) -> None:
+        self.reloads.labels(outcome=outcome).inc()
+        self.reload_seconds.observe(seconds)
 
 
 def _problem(code: int, detail: str) -> JSONResponse:
     return JSONResponse(status_code=code, content={"detail": detail})
 
 
-def create_app(settings: ApiSettings | None = None, state: ServingState | None = None) -> FastAPI:
-    """Build the API around `state` (an empty one by default: /readyz answers 503 until a pair is swapped in)."""
+def create_app(
+    settings: ApiSettings | None = None,
+    state: ServingState | None = None,
+    *,
+    store: SnapshotStore | None = None,
+    index_source: IndexSource | None = None,
+    item_producer: RecordProducer | None = None,
+) -> FastAPI:
+    """Build the API around `state` (an empty one by default: /readyz answers 503 until a pair is swapped in).
+
+    - `store` / `index_source`: where the hot-swap watcher loads snapshots and their index from
+      (default: from the `store_dir` and `catalog` settings; the watcher runs only when both are known).
+    - `item_producer`: the Kafka producer of POST /items/events (default: one created on first use).
+    """
     settings = settings or ApiSettings()
     state = state or ServingState()
+    if store is None and settings.store_dir is not None:
+        store = SnapshotStore(settings.store_dir)
+    if index_source is None and settings.catalog is not None:
+        index_source = CatalogIndexSource(catalog_source(settings.catalog))
     batcher = Batcher(
         state,
         beams=settings.beams,
@@ -72,12 +144,37 @@ def create_app(settings: ApiSettings | None = None, state: ServingState | None =
     )
     metrics = ApiMetrics(CollectorRegistry(), state, batcher)
     batcher.on_batch = metrics.batch_size.observe
+    watcher = None
+    if store is not None and index_source is not None:
+        device = settings.resolved_device()
+        source = index_source
+        watcher = SnapshotWatcher(
+            store,
+            state,
+            load=lambda version: load_pair_from_store(store, version, source, device=device),
+            interval_s=settings.reload_interval_s,
+            backoff_s=settings.reload_backoff_s,
+            on_reload=metrics.observe_reload,
+        )
+    elif store is not None or index_source is not None:
+        log.warning("hot swap is off: it needs both a snapshot store and an index source (catalog)")
+    forwarder = ItemForwarder(settings, producer=item_producer)
+
+    def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        check_token(settings, credentials)  # runs before the body is validated: no 422 details for strangers
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
-        yield
-        await batcher.stop()
+        if watcher is not None:
+            watcher.start()
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                await watcher.stop()
+            await batcher.stop()
+            await asyncio.to_thread(forwarder.close)
 
     app = FastAPI(
         title="HSNN retrieval API",
@@ -89,6 +186,8 @@ def create_app(settings: ApiSettings | None = None, state: ServingState | None =
     app.state.serving = state
     app.state.batcher = batcher
     app.state.metrics = metrics
+    app.state.watcher = watcher
+    app.state.forwarder = forwarder
 
     @app.post(
         "/retrieve",
@@ -149,6 +248,41 @@ def create_app(settings: ApiSettings | None = None, state: ServingState | None =
                 nodes_scored=result.cost.nodes_scored, items_scored=result.cost.items_scored, flops=result.cost.flops
             ),
         )
+
+    @app.post(
+        "/items/events",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=ItemEventsAccepted,
+        dependencies=[Depends(authorize)],
+        responses={
+            401: {"model": Problem, "description": "No bearer token was sent."},
+            403: {"model": Problem, "description": "The bearer token is wrong."},
+            422: {"description": "An event breaks the contract of docs/events.md (the error names the field)."},
+            503: {
+                "model": ItemEventsFailed | Problem,
+                "description": "Item events are disabled (no token configured), or the broker did not acknowledge "
+                "every event in time (`not_acknowledged` lists them; retrying the batch is safe).",
+            },
+        },
+    )
+    async def item_events(body: ItemEventsRequest) -> ItemEventsAccepted | JSONResponse:
+        """Forward ad create/update/expire events to the items topic.
+
+        Answers 202 only after the broker acknowledged every event (acks=all). Events are keyed by
+        ad id, so one ad's events keep their order; the indexer applies them by `sequence`.
+        """
+        acknowledged, failed = await asyncio.to_thread(forwarder.forward, body.events)
+        metrics.item_events.labels(outcome="acknowledged").inc(len(acknowledged))
+        if failed:
+            metrics.item_events.labels(outcome="not_acknowledged").inc(len(failed))
+            log.warning("%d of %d item events not acknowledged: %s", len(failed), len(body.events), failed[0].error)
+            problem = ItemEventsFailed(
+                detail=f"{len(failed)} of {len(body.events)} events were not acknowledged by Kafka; "
+                "retry the batch (events are idempotent by sequence)",
+                not_acknowledged=failed,
+            )
+            return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content=problem.model_dump())
+        return ItemEventsAccepted(accepted=len(acknowledged), topic=forwarder.topic, records=acknowledged)
 
     @app.get("/livez", response_model=Problem)
     async def livez() -> Problem:

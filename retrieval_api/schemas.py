@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from hsnn.config import FeatureSchema
-from hsnn.events import UserFeatures
+from hsnn.events import ItemEvent, UserFeatures
 
 USER_EXAMPLE = {
     "dense": [0.12, -1.3],
@@ -87,6 +87,62 @@ class RetrieveResponse(Strict):
             ]
         },
     )
+
+
+MAX_ITEM_EVENTS = 1000
+
+ITEM_EVENTS_EXAMPLE = {
+    "events": [
+        {
+            "schema_version": 1,
+            "op": "create",
+            "ad_id": 1207,
+            "event_time": 1767225000.0,
+            "sequence": 1,
+            "features": {"dense": [0.8, -0.1, 1.9, 0.05], "sparse": {"advertiser": 204, "category": 12}},
+        },
+        {"schema_version": 1, "op": "expire", "ad_id": 88, "event_time": 1767225010.0, "sequence": 4},
+    ]
+}
+
+
+class ItemEventsRequest(Strict):
+    """Ad changes to forward to the items topic (the contract of docs/events.md)."""
+
+    events: list[ItemEvent] = Field(
+        min_length=1,
+        max_length=MAX_ITEM_EVENTS,
+        description=f"1 to {MAX_ITEM_EVENTS} item events, validated like `hsnn.events.decode_item`.",
+    )
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [ITEM_EVENTS_EXAMPLE]})
+
+
+class RecordPosition(Strict):
+    ad_id: int
+    partition: int
+    offset: int
+
+
+class ItemEventsAccepted(Strict):
+    """Every event was acknowledged by all in-sync replicas of the topic."""
+
+    accepted: int = Field(description="Events written.")
+    topic: str
+    records: list[RecordPosition] = Field(description="Where each event landed, in request order.")
+
+
+class UnacknowledgedEvent(Strict):
+    index: int = Field(description="Position of the event in the request's `events`.")
+    ad_id: int
+    error: str
+
+
+class ItemEventsFailed(Strict):
+    """Some events were not acknowledged. Retrying the whole batch is safe: replays are idempotent by `sequence`."""
+
+    detail: str
+    not_acknowledged: list[UnacknowledgedEvent]
 
 
 class Problem(Strict):

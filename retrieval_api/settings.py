@@ -1,16 +1,43 @@
-"""Settings of the retrieval API: `HSNN_API_*` environment variables or the "api" section of the config file."""
+"""Settings of the retrieval API: `HSNN_API_*` environment variables or the "api" section of the config file.
+
+The item-event token is a secret: it is read from `HSNN_API_ITEMS_TOKEN` (or passed to the
+constructor), and a config file that carries it is refused rather than silently used.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from hsnn.events import ITEMS_TOPIC
 from hsnn.settings import ServiceSettings
 
 log = logging.getLogger("hsnn.retrieval_api")
+
+
+SECRET_FIELDS = ("items_token",)
+
+
+class _NoSecretsInFiles(PydanticBaseSettingsSource):
+    """Wraps the config-file source and refuses secrets in it: they belong in the environment."""
+
+    def __init__(self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource):
+        super().__init__(settings_cls)
+        self.inner = inner
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        values = self.inner()
+        for name in SECRET_FIELDS:
+            if name in values:
+                raise ValueError(f"{name} must come from the environment (HSNN_API_{name.upper()}), not a config file")
+        return values
 
 
 class ApiSettings(ServiceSettings):
@@ -27,6 +54,49 @@ class ApiSettings(ServiceSettings):
     queue_size: int = Field(256, ge=1, description="Requests waiting beyond this are refused with 429.")
     max_history: int = Field(512, ge=1, description="Most history events accepted per request.")
     device: str = Field("cpu", pattern="^(cpu|cuda)$", description='"cuda" is used only when a GPU is present.')
+
+    # serving process
+    host: str = Field("127.0.0.1", description="Address `python -m retrieval_api` listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `python -m retrieval_api` listens on (0: any free one).")
+
+    # hot swap
+    store_dir: str | None = Field(
+        None, description="Snapshot store root written by the publisher; the watcher follows its PROMOTED pointer."
+    )
+    catalog: str | None = Field(
+        None,
+        description='Ads to build the index from: "planted:N[:SEED]" (the planted demo world) or a .safetensors file '
+        "(item_ids, dense, sparse.<name>). The Redis index source will replace this.",
+    )
+    reload_interval_s: float = Field(2.0, gt=0, description="How often the watcher reads the PROMOTED pointer.")
+    reload_backoff_s: float = Field(
+        60.0, gt=0, description="A version that failed to load is retried after this long, or at once if re-promoted."
+    )
+
+    # item events
+    items_token: SecretStr | None = Field(
+        None, description="Bearer token of POST /items/events (env HSNN_API_ITEMS_TOKEN only); unset: endpoint off."
+    )
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka brokers, comma separated.")
+    items_topic: str = Field(ITEMS_TOPIC, min_length=1, description="Topic item events are forwarded to.")
+    kafka_ack_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="How long POST /items/events waits for the broker to acknowledge a batch."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = super().settings_customise_sources(
+            settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+        )
+        init, env, *files = sources
+        return init, env, *(_NoSecretsInFiles(settings_cls, source) for source in files)
 
     def resolved_device(self) -> str:
         """The device to serve on: "cuda" only when asked for and available, else "cpu" (logged)."""

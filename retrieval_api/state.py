@@ -4,6 +4,11 @@ A request (or a micro-batch of requests) reads `ServingState.current()` once and
 that `ServingPair` until it answers, so a swap in the middle never mixes a model with an
 index built by another one. Swapping is a single reference assignment under a lock; the
 old pair stays alive for as long as a batch still holds it.
+
+Where the index comes from is a seam: `load_pair_from_store` asks an `IndexSource` for the
+index that belongs to a model version. `CatalogIndexSource` builds it here from a catalogue
+(`CatalogSource`: planted data, a file); the Redis index written by the indexer will be
+another `IndexSource` with the same `load(model, model_version)` call.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -41,6 +48,7 @@ class ServingPair:
     model_version: int
     index_version: int
     loaded_at: float = field(default_factory=time.time)
+    snapshot_created_at: float | None = None  # the manifest's created_at (None for pairs not loaded from a store)
 
     @property
     def schema(self) -> FeatureSchema:
@@ -61,38 +69,87 @@ class ServingState:
         """Serve `new_pair` from now on; returns the pair it replaced."""
         with self._lock:
             old, self._pair = self._pair, new_pair
+        self._log_swap(old, new_pair)
+        return old
+
+    def swap_if_newer(self, new_pair: ServingPair) -> bool:
+        """Serve `new_pair` only if its model version is above the served one (versions only move forward).
+
+        The check and the swap happen under one lock, so two loaders racing cannot move the version back.
+        """
+        with self._lock:
+            old = self._pair
+            if old is not None and new_pair.model_version <= old.model_version:
+                return False
+            self._pair = new_pair
+        self._log_swap(old, new_pair)
+        return True
+
+    @staticmethod
+    def _log_swap(old: ServingPair | None, new_pair: ServingPair) -> None:
         log.info(
             "serving model %d with index %d (was %s)",
             new_pair.model_version,
             new_pair.index_version,
             f"{old.model_version}/{old.index_version}" if old else "nothing",
         )
-        return old
+
+
+CatalogSource = Callable[[], Catalog]
+"""Returns the ads to index now (called once per loaded snapshot, in a worker thread)."""
+
+
+@runtime_checkable
+class IndexSource(Protocol):
+    """Where the index for a model version comes from.
+
+    `load` runs in a worker thread and returns the index and its version. The Redis-backed source
+    (the indexer's versioned layout) will implement this; until then `CatalogIndexSource` builds one.
+    """
+
+    def load(self, model: HSNN, model_version: int) -> tuple[HierarchicalIndex, int]: ...
+
+
+class CatalogIndexSource:
+    """Builds the index in process with `hsnn.index.build_index` over the ads a `CatalogSource` returns.
+
+    The index version is the model version, since the index is built from this model's item tower and codebooks.
+    """
+
+    def __init__(self, catalog: CatalogSource | Catalog):
+        self.catalog_source: CatalogSource = catalog if callable(catalog) else (lambda: catalog)
+
+    def load(self, model: HSNN, model_version: int) -> tuple[HierarchicalIndex, int]:
+        catalog = self.catalog_source()
+        started = time.perf_counter()
+        index = build_index(model, catalog.item_ids, catalog.items)
+        elapsed = time.perf_counter() - started
+        log.info("built index for snapshot %d over %d ads in %.2fs", model_version, index.num_items, elapsed)
+        return index, model_version
 
 
 def load_pair_from_store(
     store: SnapshotStore,
     version: int,
-    catalog: Catalog,
+    source: IndexSource | Catalog,
     index_version: int | None = None,
     device: str = "cpu",
 ) -> ServingPair:
-    """Load snapshot `version` (sha256-verified by the store) and build its index over `catalog`.
+    """Load snapshot `version` (sha256-verified by the store: raises `CorruptSnapshot`) and pair it with its index.
 
-    The catalogue is an argument so that where it comes from (planted data in tests, Redis
-    later) stays the caller's business. `index_version` defaults to the model version, since
-    the index is built from this model's item tower and codebooks.
+    `source` is an `IndexSource`, or a `Catalog` to build the index from. `index_version`
+    overrides the version the source reports.
     """
     model, manifest = store.load(version, device=device)
     if not isinstance(model, HSNN):
         raise TypeError(f"snapshot {version} holds a {type(model).__name__}, the API serves HSNN models")
-    started = time.perf_counter()
-    index = build_index(model, catalog.item_ids, catalog.items)
-    elapsed = time.perf_counter() - started
-    log.info("built index for snapshot %d over %d ads in %.2fs", version, index.num_items, elapsed)
+    if isinstance(source, Catalog):
+        source = CatalogIndexSource(source)
+    index, source_version = source.load(model, manifest.version)
     return ServingPair(
         model=model,
         index=index,
         model_version=manifest.version,
-        index_version=manifest.version if index_version is None else index_version,
+        index_version=source_version if index_version is None else index_version,
+        snapshot_created_at=manifest.created_at,
     )
