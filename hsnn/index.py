@@ -50,6 +50,39 @@ class HierarchicalIndex:
         self.live &= ~hit
         return int(hit.sum())
 
+    def with_items(
+        self,
+        model: HSNN,
+        item_ids: Tensor,
+        items: ItemBatch,
+        item_embeddings: Tensor | None = None,
+        paths: Tensor | None = None,
+        replace: bool = True,
+    ) -> HierarchicalIndex:
+        """A new index with these items appended (this one is left as it is).
+
+        New items join their hard path's leaf; a path prefix no item had before becomes a new node
+        (the layout, CSR offsets, representatives and node projections are recomputed). Embeddings and
+        paths are computed with `model` unless given (e.g. taken from an indexer's delta). With
+        `replace`, rows already holding one of these ids are marked expired first, so an update is an
+        append plus an expire. Expired rows stay in the table until the next full build.
+        """
+        if item_embeddings is None:
+            item_embeddings = encode_catalog(model, items)
+        if paths is None:
+            paths = model.index.assign(item_embeddings.flatten(1))
+        live = self.live.clone()
+        if replace and len(item_ids):
+            live &= ~torch.isin(self.item_ids, item_ids)
+        return _layout(
+            model,
+            torch.cat([self.item_ids, item_ids]),
+            ItemBatch.concat([self.items, items]),
+            torch.cat([self.item_embeddings, item_embeddings.to(self.item_embeddings.dtype)]),
+            torch.cat([self.paths, paths.to(self.paths.dtype)]),
+            torch.cat([live, torch.ones(len(item_ids), dtype=torch.bool)]),
+        )
+
 
 def expand_ranges(offsets: Tensor, parents: Tensor) -> tuple[Tensor, Tensor]:
     """All rows in offsets[p]:offsets[p+1] for each p in parents, and how many each p gave."""
@@ -99,6 +132,20 @@ def build_index(
     vectors = item_embeddings.flatten(1)
     if paths is None:
         paths = torch.cat([model.index.assign(chunk) for chunk in vectors.split(batch_size)])
+    return _layout(model, item_ids.clone(), items, item_embeddings, paths, torch.ones(len(item_ids), dtype=torch.bool))
+
+
+@torch.no_grad()
+def _layout(
+    model: HSNN, item_ids: Tensor, items: ItemBatch, item_embeddings: Tensor, paths: Tensor, live: Tensor
+) -> HierarchicalIndex:
+    """Lay the hierarchy out over items whose embeddings and hard paths are known.
+
+    A node's representative is its closest *live* member when it has one (its closest member otherwise);
+    with every item live this is exactly what `build_index` always did.
+    """
+    vectors = item_embeddings.flatten(1)
+    penalty = None if bool(live.all()) else torch.where(live, 0.0, float("inf"))
     codebook_sizes = [level.num_nodes for level in model.index.levels]
     item_nodes = torch.empty_like(paths)
     levels: list[IndexLevel] = []
@@ -110,7 +157,8 @@ def build_index(
         item_nodes[:, level_idx] = inverse
         cumulative = cumulative + model.index.levels[level_idx].codebook[paths[:, level_idx]]
         distance = ((vectors - cumulative) ** 2).sum(dim=1)
-        representative = _closest_per_group(inverse, distance, len(node_keys))
+        ranked = distance if penalty is None else distance + penalty
+        representative = _closest_per_group(inverse, ranked, len(node_keys))
         embedding = cumulative[representative]
         levels.append(
             IndexLevel(
@@ -131,13 +179,13 @@ def build_index(
     leaf_items = torch.argsort(leaf_nodes, stable=True)
     levels[-1].child_offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(levels[-1].sizes, 0)])
     return HierarchicalIndex(
-        item_ids=item_ids.clone(),
+        item_ids=item_ids,
         items=items,
         item_embeddings=item_embeddings,
         paths=paths,
         item_nodes=item_nodes,
         levels=levels,
         leaf_items=leaf_items,
-        live=torch.ones(len(item_ids), dtype=torch.bool),
+        live=live,
         codebook_sizes=codebook_sizes,
     )

@@ -60,16 +60,23 @@ def _score_items(
     return model.pair_logits(user_emb[pair_user], index.item_embeddings[rows], interaction)
 
 
-def _pairs(candidates: list[Tensor]) -> Tensor:
-    return torch.cat([torch.full((len(c),), u, dtype=torch.long) for u, c in enumerate(candidates)])
-
-
 def _allowed(index: HierarchicalIndex, rows: Tensor, exclude: Tensor | None) -> Tensor:
     """Mask over rows: live and not excluded by the request."""
     keep = index.live[rows]
     if exclude is not None and len(exclude):
         keep &= ~torch.isin(index.item_ids[rows], exclude)
     return keep
+
+
+def _top_per_user(pair_user: Tensor, score: Tensor, limit: int) -> Tensor:
+    """Positions of each user's `limit` best pairs, grouped by user and best first (a segmented top-k)."""
+    order = torch.argsort(score, descending=True, stable=True)
+    order = order[torch.argsort(pair_user[order], stable=True)]
+    grouped_user = pair_user[order]
+    counts = torch.bincount(grouped_user)
+    group_start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(order)) - group_start[grouped_user]
+    return order[rank < limit]
 
 
 @torch.no_grad()
@@ -81,49 +88,60 @@ def retrieve(
     beams: Sequence[int],
     exclude: Sequence[Tensor | None] | None = None,
 ) -> list[Retrieved]:
-    """Top-k live items per user by layer-wise beam search; beams[l] nodes kept at level l."""
+    """Top-k live items per user by layer-wise beam search; beams[l] nodes kept at level l.
+
+    All users of the batch move through each level together: candidates are flat (user, node)
+    pairs, grouped by user, and the per-user top-b is a segmented sort.
+    """
     if len(beams) != model.num_levels:
         raise ValueError(f"need one beam width per index level ({model.num_levels}), got {list(beams)}")
     model.eval()
     num_users = len(users)
-    exclude = exclude or [None] * num_users
-    costs = [QueryCost() for _ in range(num_users)]
-    candidates = [torch.arange(len(index.levels[0].keys))] * num_users
-    ancestors = [torch.empty(len(c), 0, model.ensemble.bias.shape[1]) for c in candidates]
+    nodes_scored = torch.zeros(num_users, dtype=torch.long)
+    flops = torch.zeros(num_users, dtype=torch.long)
+    num_top = len(index.levels[0].keys)
+    pair_user = torch.arange(num_users).repeat_interleave(num_top)
+    candidates = torch.arange(num_top).repeat(num_users)
+    ancestors = torch.empty(len(candidates), 0, model.ensemble.bias.shape[1])
     for level_idx, level_model in enumerate(model.level_models):
-        pair_user = _pairs(candidates)
-        z = _score_nodes(
-            level_model, level_idx, index, users, level_model.encode_users(users), pair_user, torch.cat(candidates)
-        )
-        per_user = z.split([len(c) for c in candidates])
-        level = index.levels[level_idx]
-        for u in range(num_users):
-            path = torch.cat([ancestors[u], per_user[u].unsqueeze(1)], dim=1)
-            score = model.calibrate(level_idx, model.ensemble(level_idx, path))[:, CLICK]
-            top = torch.topk(score, min(beams[level_idx], len(score))).indices
-            costs[u].nodes_scored += len(score)
-            costs[u].flops += len(score) * level_model.pair_flops()
-            children, counts = expand_ranges(level.child_offsets, candidates[u][top])
-            candidates[u] = children
-            ancestors[u] = torch.repeat_interleave(path[top], counts, dim=0)
-    # candidates are now item positions in index.leaf_items; drop expired and excluded ones
-    item_rows, item_ancestors = [], []
-    for u in range(num_users):
-        rows = index.leaf_items[candidates[u]]
-        keep = _allowed(index, rows, exclude[u])
-        item_rows.append(rows[keep])
-        item_ancestors.append(ancestors[u][keep])
+        user_emb = level_model.encode_users(users)
+        z = _score_nodes(level_model, level_idx, index, users, user_emb, pair_user, candidates)
+        path = torch.cat([ancestors, z.unsqueeze(1)], dim=1)
+        score = model.calibrate(level_idx, model.ensemble(level_idx, path))[:, CLICK]
+        scored = torch.bincount(pair_user, minlength=num_users)
+        nodes_scored += scored
+        flops += scored * level_model.pair_flops()
+        kept = _top_per_user(pair_user, score, beams[level_idx])
+        children, counts = expand_ranges(index.levels[level_idx].child_offsets, candidates[kept])
+        pair_user = torch.repeat_interleave(pair_user[kept], counts)
+        ancestors = torch.repeat_interleave(path[kept], counts, dim=0)
+        candidates = children
+    # candidates are now positions in index.leaf_items: drop expired and excluded items
+    rows = index.leaf_items[candidates]
+    keep = index.live[rows]
+    for u, banned in enumerate(exclude or []):
+        if banned is not None and len(banned):
+            mine = pair_user == u
+            keep[mine] &= ~torch.isin(index.item_ids[rows[mine]], banned)
+    rows, pair_user, ancestors = rows[keep], pair_user[keep], ancestors[keep]
     item_model = model.item_model
-    pair_user = _pairs(item_rows)
-    z = _score_items(item_model, index, users, item_model.encode_users(users), pair_user, torch.cat(item_rows))
-    per_user = z.split([len(r) for r in item_rows])
-    results = []
-    for u in range(num_users):
-        path = torch.cat([item_ancestors[u], per_user[u].unsqueeze(1)], dim=1)
-        costs[u].items_scored = len(path)
-        costs[u].flops += len(path) * item_model.pair_flops()
-        results.append(_top_k(model, index, path, item_rows[u], k, costs[u]))
-    return results
+    z = _score_items(item_model, index, users, item_model.encode_users(users), pair_user, rows)
+    path = torch.cat([ancestors, z.unsqueeze(1)], dim=1)
+    item_level = model.num_outputs - 1
+    scores = torch.sigmoid(model.calibrate(item_level, model.ensemble(item_level, path))[:, CLICK])
+    items_scored = torch.bincount(pair_user, minlength=num_users)
+    flops += items_scored * item_model.pair_flops()
+    best = _top_per_user(pair_user, scores, k)
+    per_user = best.split(torch.bincount(pair_user[best], minlength=num_users).tolist())
+    return [
+        Retrieved(
+            item_ids=index.item_ids[rows[positions]],
+            scores=scores[positions],
+            rows=rows[positions],
+            cost=QueryCost(int(nodes_scored[u]), int(items_scored[u]), int(flops[u])),
+        )
+        for u, positions in enumerate(per_user)
+    ]
 
 
 def _top_k(model: HSNN, index: HierarchicalIndex, path: Tensor, rows: Tensor, k: int, cost: QueryCost) -> Retrieved:

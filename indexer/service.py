@@ -1,0 +1,342 @@
+"""The indexer: keeps the versioned index in Redis in step with the promoted snapshot and the item events.
+
+Three steps, each callable on its own (tests drive them one by one; `run` loops over them):
+
+- `start()`: adopt the index Redis already serves (load its model to encode deltas), or do a full
+  rebuild from the promoted snapshot when there is none.
+- `check_snapshot()`: poll the store's PROMOTED pointer; on a new version, load it (sha256-verified;
+  a corrupt one is refused, counted and not retried), run the item tower + LTI over every live ad,
+  write a new index version, flip `index:current` with compare-and-set, catch up on catalogue
+  changes the scan may have missed, garbage-collect.
+- `consume_once()`: one Kafka poll of `hsnn.items`: decode, dead-letter what is malformed (or does
+  not fit the model's schema), apply the rest atomically to the catalogue and the current version's
+  delta, then commit the offsets. A crash before the commit replays events, which is harmless:
+  applying an item event is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+import redis as redis_lib
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from hsnn.events import ItemEvent, MalformedEvent, SchemaMismatch, dead_letter_record, decode_item
+from hsnn.index import HierarchicalIndex, build_index
+from hsnn.index_store import (
+    APPLIED,
+    RETRY,
+    SUPERSEDED,
+    ItemEncoder,
+    allocate_version,
+    apply_item_events,
+    catalog_to_batch,
+    catch_up,
+    changes_position,
+    check_event_schema,
+    current_version,
+    delete_version,
+    fits_schema,
+    flip_pointer,
+    gc,
+    read_catalog,
+    read_meta,
+    write_index,
+)
+from hsnn.model import HSNN
+from hsnn.snapshots import CorruptSnapshot, SnapshotStore
+from indexer.settings import IndexerSettings
+
+log = logging.getLogger("hsnn.indexer")
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600)
+_REBUILD_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class IndexerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        kw = {"registry": self.registry}
+        self.event_to_indexed = Histogram(
+            "hsnn_indexer_item_event_to_indexed_seconds",
+            "Item event time to the change being written to Redis",
+            buckets=_LATENCY_BUCKETS,
+            **kw,
+        )
+        self.index_version = Gauge("hsnn_indexer_index_version", "Index version the pointer holds", **kw)
+        self.model_version = Gauge("hsnn_indexer_model_version", "Snapshot version of the current index", **kw)
+        self.published = Gauge(
+            "hsnn_indexer_index_published_timestamp_seconds", "When the current index version was flipped in", **kw
+        )
+        self.node_size = Gauge(
+            "hsnn_indexer_node_size_max_over_mean", "Largest node / mean node (live items) per level", ["level"], **kw
+        )
+        self.dead_letters = Counter("hsnn_indexer_dead_letters", "Item events sent to the dead-letter topic", **kw)
+        self.rebuild_seconds = Histogram(
+            "hsnn_indexer_rebuild_seconds", "Full index rebuild, catalogue scan to flip", buckets=_REBUILD_BUCKETS, **kw
+        )
+        self.snapshot_failures = Counter(
+            "hsnn_indexer_snapshot_failures", "Promoted snapshots refused (corrupt, unreadable, wrong kind)", **kw
+        )
+        self.item_events = Counter(
+            "hsnn_indexer_item_events", "Item events by outcome (applied, superseded)", ["result"], **kw
+        )
+        self.skipped_ads = Counter(
+            "hsnn_indexer_rebuild_skipped_ads", "Catalogue ads left out of a rebuild (do not fit the schema)", **kw
+        )
+
+
+def node_size_max_over_mean(index: HierarchicalIndex) -> list[float]:
+    """Per level, the largest node over the mean node, counting live items and nodes that hold any."""
+    out = []
+    for level_idx, level in enumerate(index.levels):
+        sizes = torch.bincount(index.item_nodes[index.live, level_idx], minlength=len(level.keys)).double()
+        used = sizes[sizes > 0]
+        out.append(float(used.max() / used.mean()) if len(used) else 0.0)
+    return out
+
+
+class Indexer:
+    def __init__(
+        self,
+        settings: IndexerSettings,
+        redis: redis_lib.Redis | None = None,
+        metrics: IndexerMetrics | None = None,
+    ):
+        self.settings = settings
+        self.prefix = settings.key_prefix
+        self.redis = redis or redis_lib.Redis.from_url(settings.redis_url)
+        self.store = SnapshotStore(settings.store_dir)
+        self.metrics = metrics or IndexerMetrics()
+        self.encoder: ItemEncoder | None = None  # model of the current index version: encodes deltas
+        self.encoder_model_version: int | None = None
+        self.model: HSNN | None = None  # the newest promoted model loaded
+        self.model_version: int | None = None
+        self.refused: set[int] = set()  # snapshot versions that failed verification (not retried)
+        self._consumer: KafkaConsumer | None = None
+        self._producer: KafkaProducer | None = None
+
+    # ---------------------------------------------------------------- snapshot and rebuild
+
+    def start(self) -> None:
+        """Adopt the index Redis serves, or rebuild from the promoted snapshot when there is none."""
+        if current_version(self.redis, self.prefix) is not None:
+            self._adopt_current()
+        self.check_snapshot()
+
+    def _load(self, version: int) -> HSNN | None:
+        try:
+            model, _ = self.store.load(version)
+        except (CorruptSnapshot, OSError, ValueError, RuntimeError) as err:
+            log.error("refusing snapshot %d: %s", version, err)
+            self.metrics.snapshot_failures.inc()
+            self.refused.add(version)
+            return None
+        if not isinstance(model, HSNN):
+            log.error("refusing snapshot %d: it holds a %s, not an HSNN", version, type(model).__name__)
+            self.metrics.snapshot_failures.inc()
+            self.refused.add(version)
+            return None
+        return model
+
+    def _adopt_current(self) -> None:
+        """Encode deltas with the model of the version the pointer holds (another indexer may have flipped)."""
+        version = current_version(self.redis, self.prefix)
+        if version is None:
+            self.encoder, self.encoder_model_version = None, None
+            return
+        model_version = int(read_meta(self.redis, version, self.prefix)["model_version"])
+        if model_version == self.model_version and self.model is not None:
+            model = self.model
+        elif model_version == self.encoder_model_version and self.encoder is not None:
+            model = self.encoder.model
+        else:
+            model = self._load(model_version)
+        if model is None:  # the serving index's snapshot is gone or corrupt: only a rebuild can help
+            self.encoder, self.encoder_model_version = None, None
+            return
+        self.encoder = ItemEncoder(model, version, self.settings.batch_size)
+        self.encoder_model_version = model_version
+        self.metrics.index_version.set(version)
+        self.metrics.model_version.set(model_version)
+
+    def check_snapshot(self) -> bool:
+        """Load a newly promoted snapshot and rebuild the index with it; True when a new version went live."""
+        pointer = self.store.promoted()
+        if pointer is not None and pointer.version != self.model_version and pointer.version not in self.refused:
+            model = self._load(pointer.version)
+            if model is not None:
+                self.model, self.model_version = model, pointer.version
+        if self.model is None or (self.encoder is not None and self.encoder_model_version == self.model_version):
+            return False
+        return self.rebuild(self.model, self.model_version) is not None
+
+    def rebuild(self, model: HSNN, model_version: int) -> int | None:
+        """Full rebuild over every live ad; returns the new index version, or None if nothing went live."""
+        started = time.perf_counter()
+        expected = current_version(self.redis, self.prefix)
+        since = changes_position(self.redis, self.prefix)  # before the scan: later changes are caught up
+        schema = model.config.features
+        entries = read_catalog(self.redis, self.prefix)
+        usable = [e for e in entries if fits_schema(e, schema)]
+        if len(usable) < len(entries):
+            self.metrics.skipped_ads.inc(len(entries) - len(usable))
+            log.warning("rebuild leaves out %d ads whose features do not fit the schema", len(entries) - len(usable))
+        if not usable:
+            log.info("no live ads in the catalogue yet; index for snapshot %d deferred", model_version)
+            return None
+        items = catalog_to_batch(usable, schema)
+        ad_ids = torch.tensor([e.ad_id for e in usable], dtype=torch.long)
+        index = build_index(model, ad_ids, items, batch_size=self.settings.batch_size, progress=self.settings.progress)
+        version = self._allocate()
+        write_index(
+            self.redis,
+            index,
+            version,
+            model_version,
+            prefix=self.prefix,
+            chunk_bytes=self.settings.chunk_bytes,
+            extra_meta={"catalog_changes_since": since, "skipped_ads": len(entries) - len(usable)},
+        )
+        if not flip_pointer(self.redis, expected, version, self.prefix):
+            log.warning("index pointer moved during the rebuild (expected %s); dropping version %d", expected, version)
+            delete_version(self.redis, version, self.prefix)
+            self._adopt_current()
+            return None
+        self.encoder = ItemEncoder(model, version, self.settings.batch_size)
+        self.encoder_model_version = model_version
+        caught_up = catch_up(self.redis, since, self.encoder, self.prefix)
+        deleted = gc(self.redis, self.settings.keep_versions, self.prefix)
+        elapsed = time.perf_counter() - started
+        self.metrics.rebuild_seconds.observe(elapsed)
+        self.metrics.index_version.set(version)
+        self.metrics.model_version.set(model_version)
+        self.metrics.published.set(time.time())
+        for level, ratio in enumerate(node_size_max_over_mean(index)):
+            self.metrics.node_size.labels(level=str(level)).set(ratio)
+        log.info(
+            "index %d (snapshot %d) over %d ads live in %.2fs; %d caught up, GC removed %s",
+            version,
+            model_version,
+            index.num_items,
+            elapsed,
+            caught_up,
+            deleted,
+        )
+        return version
+
+    def _allocate(self) -> int:
+        return allocate_version(self.redis, self.prefix)
+
+    # ---------------------------------------------------------------- item events
+
+    def _get_consumer(self) -> KafkaConsumer:
+        if self._consumer is None:
+            self._consumer = KafkaConsumer(
+                self.settings.items_topic,
+                bootstrap_servers=self.settings.kafka_bootstrap,
+                group_id=self.settings.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+        return self._consumer
+
+    def _get_producer(self) -> KafkaProducer:
+        if self._producer is None:
+            self._producer = KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all")
+        return self._producer
+
+    def consume_once(self, timeout_ms: int | None = None) -> int:
+        """One poll: apply what it returned, dead-letter the bad records, commit. Returns records handled."""
+        consumer = self._get_consumer()
+        timeout = self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms
+        polled = consumer.poll(timeout_ms=timeout, max_records=self.settings.max_poll_records)
+        records = [record for tp in sorted(polled, key=lambda t: (t.topic, t.partition)) for record in polled[tp]]
+        if not records:
+            return 0
+        model = self.encoder.model if self.encoder is not None else self.model
+        schema = model.config.features if model is not None else None
+        events: list[ItemEvent] = []
+        dead = 0
+        for record in records:
+            try:
+                event = decode_item(record.value)
+                if schema is not None:
+                    check_event_schema(event, schema)
+            except MalformedEvent as err:
+                self._dead_letter(record, err.reason)
+                dead += 1
+            except SchemaMismatch as err:
+                self._dead_letter(record, f"does not fit the model's feature schema: {err}")
+                dead += 1
+            else:
+                events.append(event)
+        if events:
+            self.apply(events)
+        if dead:
+            self._get_producer().flush(timeout=30)
+        consumer.commit()
+        return len(records)
+
+    def _dead_letter(self, record, reason: str) -> None:
+        value = dead_letter_record(
+            record.value if record.value is not None else b"",
+            reason,
+            record.topic,
+            record.partition,
+            record.offset,
+            key=record.key,
+        )
+        self._get_producer().send(self.settings.dlq_topic, key=record.key, value=value)
+        self.metrics.dead_letters.inc()
+        log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+
+    def apply(self, events: Sequence[ItemEvent]) -> list[str]:
+        """Apply item events (catalogue + current delta); re-encodes with the new model if the pointer moved."""
+        pending = list(range(len(events)))
+        outcomes = [RETRY] * len(events)
+        for _ in range(3):
+            if self.encoder is None and current_version(self.redis, self.prefix) is not None:
+                self._adopt_current()
+            results = apply_item_events(self.redis, [events[i] for i in pending], self.encoder, self.prefix)
+            now = time.time()
+            for i, result in zip(pending, results, strict=True):
+                outcomes[i] = result
+                if result == APPLIED:
+                    self.metrics.event_to_indexed.observe(max(0.0, now - events[i].event_time))
+                if result in (APPLIED, SUPERSEDED):
+                    self.metrics.item_events.labels(result=result).inc()
+            pending = [i for i, r in zip(pending, results, strict=True) if r == RETRY]
+            if not pending:
+                return outcomes
+            self._adopt_current()
+        raise RuntimeError("the index pointer keeps moving; could not apply item events")
+
+    # ---------------------------------------------------------------- loop
+
+    def poll_once(self) -> int:
+        """One snapshot check and one Kafka poll."""
+        self.check_snapshot()
+        return self.consume_once()
+
+    def run(self, stop: threading.Event) -> None:
+        self.start()
+        last_check = time.monotonic()
+        while not stop.is_set():
+            if time.monotonic() - last_check >= self.settings.poll_interval_s:
+                self.check_snapshot()
+                last_check = time.monotonic()
+            self.consume_once()
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None

@@ -1,0 +1,30 @@
+"""Settings of the indexer: `HSNN_INDEXER_*` environment variables or the "indexer" section of the config file."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from hsnn.events import ITEMS_DLQ, ITEMS_TOPIC
+from hsnn.index_store import DEFAULT_CHUNK_BYTES, DEFAULT_PREFIX
+from hsnn.settings import ServiceSettings
+
+
+class IndexerSettings(ServiceSettings):
+    section = "indexer"
+    model_config = ServiceSettings.model_config | {"env_prefix": "HSNN_INDEXER_"}
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    items_topic: str = ITEMS_TOPIC
+    dlq_topic: str = ITEMS_DLQ
+    group_id: str = "hsnn-indexer"
+    store_dir: str = Field("snapshots", description="The publisher's snapshot store (PROMOTED pointer + versions).")
+    key_prefix: str = DEFAULT_PREFIX
+    batch_size: int = Field(8192, ge=1, description="Ads per item-tower batch in a rebuild.")
+    max_poll_records: int = Field(500, ge=1, description="Item events applied per Kafka poll.")
+    poll_timeout_ms: int = Field(200, ge=0, description="How long one Kafka poll waits for records.")
+    poll_interval_s: float = Field(1.0, gt=0, description="How often the PROMOTED pointer is checked.")
+    chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, description="Largest Redis value of an index blob.")
+    keep_versions: int = Field(2, ge=1, description="Complete index versions kept by GC (current + previous).")
+    metrics_port: int = Field(9103, ge=0, le=65535, description="Port of /metrics; 0 disables it.")
+    progress: bool = Field(False, description="Progress bars on stderr during rebuilds.")
