@@ -10,12 +10,14 @@ has its own Prometheus registry, so several apps can live in one process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
+import redis as redis_lib
 from fastapi import Depends, FastAPI, status
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -25,6 +27,7 @@ from hsnn.snapshots import SnapshotStore
 from retrieval_api.batcher import Batcher, ConfigurationError, DeadlineExceeded, InvalidRequest, NotReady, Overloaded
 from retrieval_api.catalogs import catalog_source
 from retrieval_api.items import ItemForwarder, RecordProducer, check_token
+from retrieval_api.redis_index import RedisIndexFollower
 from retrieval_api.schemas import (
     Cost,
     ItemEventsAccepted,
@@ -145,7 +148,23 @@ def create_app(
     metrics = ApiMetrics(CollectorRegistry(), state, batcher)
     batcher.on_batch = metrics.batch_size.observe
     watcher = None
-    if store is not None and index_source is not None:
+    follower = None
+    if store is not None and settings.redis_url is not None:
+        follower = RedisIndexFollower(
+            redis_lib.Redis.from_url(settings.redis_url),
+            store,
+            settings.index_key_prefix,
+            settings.resolved_device(),
+        )
+        watcher = SnapshotWatcher(
+            follower,
+            state,
+            load=follower.load,
+            interval_s=settings.reload_interval_s,
+            backoff_s=settings.reload_backoff_s,
+            on_reload=metrics.observe_reload,
+        )
+    elif store is not None and index_source is not None:
         device = settings.resolved_device()
         source = index_source
         watcher = SnapshotWatcher(
@@ -163,14 +182,27 @@ def create_app(
     def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         check_token(settings, credentials)  # runs before the body is validated: no 422 details for strangers
 
+    async def follow_deltas() -> None:
+        while True:
+            try:
+                await asyncio.to_thread(follower.refresh, state)
+            except Exception:  # a Redis hiccup must not stop the loop; the next poll retries
+                log.exception("reading index deltas from Redis failed")
+            await asyncio.sleep(settings.delta_interval_s)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
         if watcher is not None:
             watcher.start()
+        deltas = asyncio.get_running_loop().create_task(follow_deltas()) if follower is not None else None
         try:
             yield
         finally:
+            if deltas is not None:
+                deltas.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await deltas
             if watcher is not None:
                 await watcher.stop()
             await batcher.stop()

@@ -68,6 +68,13 @@ class ApiSettings(ServiceSettings):
         description='Ads to build the index from: "planted:N[:SEED]" (the planted demo world) or a .safetensors file '
         "(item_ids, dense, sparse.<name>). The Redis index source will replace this.",
     )
+    redis_url: str | None = Field(
+        None,
+        description="Serve the indexer's index from this Redis (its pointer picks the snapshot); unset: build the "
+        "index in process from `catalog`.",
+    )
+    index_key_prefix: str = Field("hsnn:", min_length=1, description="Key prefix of the indexer's Redis layout.")
+    delta_interval_s: float = Field(0.25, gt=0, description="How often item creates/expires are read from Redis.")
     reload_interval_s: float = Field(2.0, gt=0, description="How often the watcher reads the PROMOTED pointer.")
     reload_backoff_s: float = Field(
         60.0, gt=0, description="A version that failed to load is retried after this long, or at once if re-promoted."

@@ -85,6 +85,14 @@ class ServingState:
         self._log_swap(old, new_pair)
         return True
 
+    def swap_if_current(self, expected: ServingPair, new_pair: ServingPair) -> bool:
+        """Serve `new_pair` only if `expected` is still served (an in-place index update must not undo a swap)."""
+        with self._lock:
+            if self._pair is not expected:
+                return False
+            self._pair = new_pair
+        return True
+
     @staticmethod
     def _log_swap(old: ServingPair | None, new_pair: ServingPair) -> None:
         log.info(

@@ -14,4 +14,6 @@ echo "==> installing Python packages (torch from PyPI is large the first time)" 
 if [ "${HSNN_SKIP_SERVERS:-0}" != "1" ]; then
   echo "==> installing Kafka (Maven Central) and Redis (Debian)" >&2
   bash devservers/install.sh
+  echo "==> installing ops tools (promtool from Debian's prometheus)" >&2
+  bash scripts/install_ops_tools.sh
 fi
