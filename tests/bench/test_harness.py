@@ -47,7 +47,8 @@ def test_quick_cli_writes_a_well_formed_report(tmp_path):
 
 def test_residual_kmeans_and_centroids_agree_on_their_own_paths():
     g = torch.Generator().manual_seed(0)
-    vectors = torch.randn(400, 6, generator=g)
+    centres = torch.randn(8, 6, generator=g) * 10  # well separated, so Lloyd's converges in a few steps
+    vectors = centres[torch.arange(400) % 8] + 0.1 * torch.randn(400, 6, generator=g)
     paths, books = residual_kmeans(vectors, [8, 4])
     assert paths.shape == (400, 2) and int(paths[:, 0].max()) < 8 and int(paths[:, 1].max()) < 4
     refit = residual_centroids(vectors, paths, [8, 4])
