@@ -2,7 +2,8 @@
 
 Precedence (highest first): constructor arguments, environment variables
 (`HSNN_<SERVICE>_<FIELD>`, nested with `__`), the JSON file named by `HSNN_CONFIG_FILE`
-(its section named after the service), then defaults. Secrets come from the environment only.
+(its section named after the service), then defaults. Secrets (`SecretStr` fields) come from the
+environment only: a config file that carries one is refused.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ class _JsonFileSection(PydanticBaseSettingsSource):
         return self.values.get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.values.items() if k in self.settings_cls.model_fields}
+        fields = self.settings_cls.model_fields
+        for name in self.values:
+            if name in fields and "SecretStr" in str(fields[name].annotation):
+                raise ValueError(f"{name} is a secret: set it in the environment, not in the config file")
+        return {k: v for k, v in self.values.items() if k in fields}
 
 
 class ServiceSettings(BaseSettings):

@@ -41,6 +41,7 @@ from retrieval_api.schemas import (
 )
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import CatalogIndexSource, IndexSource, ServingState, load_pair_from_store
+from retrieval_api.status import status_router
 from retrieval_api.watcher import FAILURE, SUCCESS, SnapshotWatcher
 
 log = logging.getLogger("hsnn.retrieval_api")
@@ -334,4 +335,5 @@ def create_app(
         """Prometheus text exposition of this app's registry."""
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(status_router(state, metrics, settings))
     return app

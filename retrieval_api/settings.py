@@ -7,37 +7,15 @@ constructor), and a config file that carries it is refused rather than silently 
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from hsnn.events import ITEMS_TOPIC
 from hsnn.settings import ServiceSettings
 
 log = logging.getLogger("hsnn.retrieval_api")
-
-
-SECRET_FIELDS = ("items_token",)
-
-
-class _NoSecretsInFiles(PydanticBaseSettingsSource):
-    """Wraps the config-file source and refuses secrets in it: they belong in the environment."""
-
-    def __init__(self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource):
-        super().__init__(settings_cls)
-        self.inner = inner
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return self.inner.get_field_value(field, field_name)
-
-    def __call__(self) -> dict[str, Any]:
-        values = self.inner()
-        for name in SECRET_FIELDS:
-            if name in values:
-                raise ValueError(f"{name} must come from the environment (HSNN_API_{name.upper()}), not a config file")
-        return values
 
 
 class ApiSettings(ServiceSettings):
@@ -89,21 +67,6 @@ class ApiSettings(ServiceSettings):
     kafka_ack_timeout_s: float = Field(
         10.0, gt=0, le=300, description="How long POST /items/events waits for the broker to acknowledge a batch."
     )
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources = super().settings_customise_sources(
-            settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
-        )
-        init, env, *files = sources
-        return init, env, *(_NoSecretsInFiles(settings_cls, source) for source in files)
 
     def resolved_device(self) -> str:
         """The device to serve on: "cuda" only when asked for and available, else "cpu" (logged)."""

@@ -9,7 +9,7 @@ schema has no dense features. Feature ids are the file ids + 1, because 0 means 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -316,6 +316,23 @@ def training_batches(
     history, so history length or content cannot tell a positive row from a negative one.
     Same seed, same batch size -> identical batches; pass seed + epoch for a new epoch.
     """
+    return implicit_training_batches(
+        data, lambda users, drop: _user_batch(data, users, drop), batch_size, negatives_per_positive, seed
+    )
+
+
+def implicit_training_batches(
+    data,
+    make_users: Callable[[np.ndarray, np.ndarray], UserBatch],
+    batch_size: int,
+    negatives_per_positive: int,
+    seed: int,
+) -> Iterator[TrainingBatch]:
+    """The positive + sampled-negatives layout shared by the implicit-feedback loaders (see training_batches).
+
+    `data` needs `train` (Interactions), `items` and `item_ids`; `make_users(users, drop)` builds each
+    positive's user rows with the train slot `drop` left out of its history.
+    """
     if batch_size < 1 or negatives_per_positive < 0:
         raise ValueError("batch_size must be >= 1 and negatives_per_positive >= 0")
     rng = np.random.default_rng(seed)
@@ -331,7 +348,7 @@ def training_batches(
         item_rows = np.concatenate([train.items[picked][:, None], negatives], axis=1).reshape(-1)
         labels = torch.zeros(len(picked), width)
         labels[:, 0] = 1.0
-        per_positive = _user_batch(data, users, drop=slot[picked])
+        per_positive = make_users(users, slot[picked])
         repeat = torch.arange(len(picked)).repeat_interleave(width)
         rows = torch.from_numpy(item_rows)
         yield TrainingBatch(

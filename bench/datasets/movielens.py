@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from bench.datasets._common import Vocabulary, as_index_array, bucket_count, last_items
-from bench.datasets.gowalla import Interactions, sample_negatives
+from bench.datasets.gowalla import Interactions, implicit_training_batches
 from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
 
@@ -589,27 +589,6 @@ def training_batches(
     out. Its negatives share that history. It is not causal: later train positives can appear, as in
     the Gowalla loader. Same seed and batch size -> the same batches; pass seed + epoch per epoch.
     """
-    if batch_size < 1 or negatives_per_positive < 0:
-        raise ValueError("batch_size must be >= 1 and negatives_per_positive >= 0")
-    rng = np.random.default_rng(seed)
-    train = data.train
-    owners = train.owners()
-    slot = np.arange(train.nnz) - train.indptr[owners]
-    order = rng.permutation(train.nnz)
-    width = 1 + negatives_per_positive
-    for start in range(0, train.nnz, batch_size):
-        picked = order[start : start + batch_size]
-        users = owners[picked]
-        negatives = sample_negatives(train, users, negatives_per_positive, rng)
-        item_rows = np.concatenate([train.items[picked][:, None], negatives], axis=1).reshape(-1)
-        labels = torch.zeros(len(picked), width)
-        labels[:, 0] = 1.0
-        per_positive = _user_batch(data, users, drop=slot[picked])
-        repeat = torch.arange(len(picked)).repeat_interleave(width)
-        rows = torch.from_numpy(item_rows)
-        yield TrainingBatch(
-            users=per_positive.select(repeat),
-            items=data.items.select(rows),
-            labels=labels.reshape(-1, 1),
-            item_keys=data.item_ids[rows],
-        )
+    return implicit_training_batches(
+        data, lambda users, drop: _user_batch(data, users, drop), batch_size, negatives_per_positive, seed
+    )

@@ -194,7 +194,7 @@ def test_token_comes_from_the_environment_and_never_from_a_config_file(tmp_path,
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"api": {"items_token": "in-a-file", "max_batch": 8}}))
     monkeypatch.setenv("HSNN_CONFIG_FILE", str(config))
-    with pytest.raises(ValueError, match="items_token must come from the environment"):
+    with pytest.raises(ValueError, match="items_token is a secret: set it in the environment"):
         ApiSettings()
     config.write_text(json.dumps({"api": {"max_batch": 8}}))
     assert ApiSettings().max_batch == 8
