@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", choices=["simulator", "planted", "gowalla", "movielens"], required=True)
     parser.add_argument("--quick", action="store_true", help="small models and budget: minutes on 2 cores")
     parser.add_argument("--steps", type=int, help="training batches per model (default: 1500, quick: 150)")
-    parser.add_argument("--items", type=int, default=100_000, help="simulator/planted: catalogue size")
+    parser.add_argument("--items", type=int, help="simulator/planted: catalogue size (default 100,000; quick: 5,000)")
     parser.add_argument("--eval-users", type=int, help="users evaluated (default: 500, quick: 100)")
     parser.add_argument("--test-file", help="gowalla: evaluate on this file (NGCF format) instead of valid.txt")
     parser.add_argument("--data-root", help="gowalla: data directory (default ../shared/datasets/gowalla-ngcf)")
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    items = min(args.items, 5000) if quick else args.items
+    items = args.items or (5000 if quick else 100_000)
     if args.dataset == "simulator":
         data = simulator_data(
             items,
