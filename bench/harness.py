@@ -96,10 +96,30 @@ def train_for(
     return time.perf_counter() - started
 
 
+def split_held_out(data: BenchData) -> tuple[TrainingBatch, list[TrainingBatch]]:
+    """The first held-out batch fits calibration; the rest measure NE (one batch is split in halves)."""
+    if len(data.eval_impressions) > 1:
+        return data.eval_impressions[0], data.eval_impressions[1:]
+    batch = data.eval_impressions[0]
+    order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(0))
+    halves = [order[: len(order) // 2], order[len(order) // 2 :]]
+    parts = [
+        TrainingBatch(
+            users=batch.users.select(rows),
+            items=batch.items.select(rows),
+            labels=batch.labels[rows],
+            item_keys=None if batch.item_keys is None else batch.item_keys[rows],
+        )
+        for rows in halves
+    ]
+    return parts[0], parts[1:]
+
+
 def quality(model: torch.nn.Module, data: BenchData, base_rate: float | None = None) -> dict[str, float]:
-    """NE and calibration of the click task on the held-out impressions."""
-    probs = torch.cat([predict(model, b)[:, 0] for b in data.eval_impressions])
-    labels = torch.cat([b.labels[:, 0] for b in data.eval_impressions])
+    """NE and calibration of the click task on the held-out impressions not used for calibration."""
+    _, measured = split_held_out(data)
+    probs = torch.cat([predict(model, b)[:, 0] for b in measured])
+    labels = torch.cat([b.labels[:, 0] for b in measured])
     return {"ne": normalized_entropy(probs, labels, base_rate), "calibration": calibration(probs, labels)}
 
 

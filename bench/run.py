@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.harness import BenchData, evaluate, exclude_and_cut, quality, train_for
+from bench.harness import BenchData, evaluate, exclude_and_cut, quality, split_held_out, train_for
 from bench.methods import (
     build_hsnn,
     deep_retrieval_points,
@@ -99,8 +99,7 @@ def run_benchmark(data: BenchData, run: RunConfig) -> dict:
             run.steps,
             run.seed,
         )
-        if paths is None:  # learned index: calibrate on the first held-out batch (monotone, ranks unchanged)
-            model.fit_calibration(data.eval_impressions[0])
+        model.fit_calibration(split_held_out(data)[0])  # Platt scaling: monotone, rankings unchanged
         name = f"hsnn_{builder}"
         models[name] = {**quality(model, data), "train_seconds": seconds}
         sweep, exhaustive, index = hsnn_points(name, model, data, run.beams, paths)
