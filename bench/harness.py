@@ -115,12 +115,15 @@ def split_held_out(data: BenchData) -> tuple[TrainingBatch, list[TrainingBatch]]
     return parts[0], parts[1:]
 
 
-def quality(model: torch.nn.Module, data: BenchData, base_rate: float | None = None) -> dict[str, float]:
+def quality(
+    model: torch.nn.Module, data: BenchData, transform: Callable[[TrainingBatch], TrainingBatch] | None = None
+) -> dict[str, float]:
     """NE and calibration of the click task on the held-out impressions not used for calibration."""
     _, measured = split_held_out(data)
-    probs = torch.cat([predict(model, b)[:, 0] for b in measured])
+    transform = transform or (lambda batch: batch)
+    probs = torch.cat([predict(model, transform(b))[:, 0] for b in measured])
     labels = torch.cat([b.labels[:, 0] for b in measured])
-    return {"ne": normalized_entropy(probs, labels, base_rate), "calibration": calibration(probs, labels)}
+    return {"ne": normalized_entropy(probs, labels), "calibration": calibration(probs, labels)}
 
 
 def exclude_and_cut(answers: list[Answer], data: BenchData, k: int) -> list[list[int]]:

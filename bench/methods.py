@@ -7,6 +7,7 @@ alternation, an existing hierarchy). All train on the same batches for the same 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -181,11 +182,12 @@ def _set_codebooks(model: HSNN, books: list[Tensor]) -> None:
             level.codebook.copy_(book)
 
 
-def _with_paths(data: BenchData, paths: Tensor):
+def with_paths(data: BenchData, paths: Tensor):
+    """A batch transform giving each row its item's fixed path (a copy: cached batches stay untouched)."""
+
     def attach(batch: TrainingBatch) -> TrainingBatch:
         keys = batch.item_keys if batch.item_keys is not None else batch.items.sparse["item_id"]
-        batch.item_paths = paths[data.rows_of(keys)]
-        return batch
+        return dataclasses.replace(batch, item_paths=paths[data.rows_of(keys)])
 
     return attach
 
@@ -209,7 +211,7 @@ def build_hsnn(builder: str, config: HSNNConfig, data: BenchData, steps: int, se
         paths, books = residual_kmeans(_catalog_vectors(model, data), sizes, seed)
         _set_codebooks(model, books)
         seconds += train_for(
-            model, data, steps - steps // 2, seed + 1, "hsnn k-means (phase 2)", transform=_with_paths(data, paths)
+            model, data, steps - steps // 2, seed + 1, "hsnn k-means (phase 2)", transform=with_paths(data, paths)
         )
         return model, paths, seconds
     if builder == "em":
@@ -221,7 +223,7 @@ def build_hsnn(builder: str, config: HSNNConfig, data: BenchData, steps: int, se
             paths, books = residual_kmeans(_catalog_vectors(model, data), sizes, seed + round_)
             _set_codebooks(model, books)
             seconds += train_for(
-                model, data, per_round, seed + round_, f"hsnn EM round {round_ + 1}", transform=_with_paths(data, paths)
+                model, data, per_round, seed + round_, f"hsnn EM round {round_ + 1}", transform=with_paths(data, paths)
             )
         return model, paths, seconds
     if builder == "hierarchy":
@@ -230,7 +232,7 @@ def build_hsnn(builder: str, config: HSNNConfig, data: BenchData, steps: int, se
         model = HSNN(config)
         paths = data.hierarchy
         _set_codebooks(model, residual_centroids(_catalog_vectors(model, data), paths, sizes))
-        return model, paths, train_for(model, data, steps, seed, "hsnn hierarchy", transform=_with_paths(data, paths))
+        return model, paths, train_for(model, data, steps, seed, "hsnn hierarchy", transform=with_paths(data, paths))
     raise ValueError(f"unknown index builder {builder!r}")
 
 

@@ -15,6 +15,7 @@ from bench.methods import (
     hsnn_points,
     monn_brute_force_point,
     two_tower_points,
+    with_paths,
 )
 from hsnn.config import HSNNConfig, LTIConfig, MoNNConfig, preset
 from hsnn.metrics import index_health
@@ -99,9 +100,11 @@ def run_benchmark(data: BenchData, run: RunConfig) -> dict:
             run.steps,
             run.seed,
         )
-        model.fit_calibration(split_held_out(data)[0])  # Platt scaling: monotone, rankings unchanged
+        # a fixed-path model is evaluated on its own paths, as it was trained and as it serves
+        transform = with_paths(data, paths) if paths is not None else (lambda batch: batch)
+        model.fit_calibration(transform(split_held_out(data)[0]))  # Platt scaling: monotone, ranks unchanged
         name = f"hsnn_{builder}"
-        models[name] = {**quality(model, data), "train_seconds": seconds}
+        models[name] = {**quality(model, data, transform), "train_seconds": seconds}
         sweep, exhaustive, index = hsnn_points(name, model, data, run.beams, paths)
         points += [*sweep, exhaustive]
         health[name] = index_health(index.item_nodes[:, 0], index.codebook_sizes[0])
