@@ -116,8 +116,8 @@ def status_router(state: Any, metrics: Any, settings: Any) -> APIRouter:
                     served["index_created_at"] = index.get("created_at")
             except Exception as exc:  # Redis away: the page still renders what the replica knows
                 index["error"] = f"{type(exc).__name__}: {exc}"
-        if pair is not None:
-            served["index_age_s"] = _age(now, served.get("index_created_at"))
+        if pair is not None:  # an index built in process is as old as the pair
+            served["index_age_s"] = _age(now, served.get("index_created_at") or pair.loaded_at)
         promoted: dict[str, Any] = {"known": store is not None}
         if store is not None:
             try:
@@ -177,7 +177,7 @@ def _fields(data: dict[str, Any]) -> dict[str, str]:
         "index_age": fmt_age(served.get("index_age_s")),
         "items": str(served.get("num_items", "-")),
         "promoted": str(promoted.get("version", "-")) if promoted["known"] else "unknown (no store)",
-        "redis_index": str(index.get("current_version", "-")) if index["source"] == "redis" else "in-process",
+        "redis_index": f"Redis v{index.get('current_version', '-')}" if index["source"] == "redis" else "in process",
         "requests": str(requests["requests"]),
         "outcomes": outcomes,
         "p50": fmt_ms(requests["latency_p50_s"]),
@@ -188,7 +188,7 @@ def _fields(data: dict[str, Any]) -> dict[str, str]:
 _CARDS = (
     ("model", "Served model", "model_age", "snapshot age"),
     ("index", "Served index", "index_age", "index age"),
-    ("promoted", "Promoted in store", "redis_index", "current index in Redis"),
+    ("promoted", "Promoted in store", "redis_index", "current index"),
     ("requests", "Requests", "outcomes", "by outcome"),
     ("p50", "Latency p50", "p99", "p99"),
     ("items", "Ads in the index", None, None),
@@ -222,7 +222,7 @@ async function tick(){
   set("model",val(s.model_version));set("model_age",age(s.snapshot_age_s));
   set("index",val(s.index_version));set("index_age",age(s.index_age_s));set("items",val(s.num_items));
   set("promoted",p.known?val(p.version):"unknown (no store)");
-  set("redis_index",i.source==="redis"?val(i.current_version):"in-process");
+  set("redis_index",i.source==="redis"?"Redis v"+val(i.current_version):"in process");
   set("requests",String(q.requests));
   const o=Object.entries(q.by_outcome).map(x=>x[0]+" "+x[1]).join(", ");set("outcomes",o||"none yet");
   set("p50",ms(q.latency_p50_s));set("p99",ms(q.latency_p99_s));

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Quick demo of the HSNN core: installs what is missing, then trains, indexes and serves
-# on the planted problem and prints cost and recall of layer-wise retrieval.
+# The one-command demo of the whole system: installs what is missing (Python packages, Kafka, Redis), then
+# runs `python -m demo`: real Kafka + Redis, the trainer, indexer and retrieval API as processes, simulated
+# traffic, and live progress until Ctrl-C (options: --duration S, --rate R, --ads N, --port P; see --help).
+# The quick core-only demo (train, index and serve the planted problem in one process, no services) is
+# `.venv/bin/python -m hsnn.demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-HSNN_SKIP_SERVERS=1 bash scripts/setup.sh
-exec .venv/bin/python -m hsnn.demo "$@"
+bash scripts/setup.sh
+exec .venv/bin/python -m demo "$@"

@@ -16,4 +16,6 @@ if [ "${HSNN_SKIP_SERVERS:-0}" != "1" ]; then
   bash devservers/install.sh
   echo "==> installing ops tools (promtool from Debian's prometheus)" >&2
   bash scripts/install_ops_tools.sh
+  echo "==> installing Chromium (status page browser test)" >&2
+  bash scripts/install_browser.sh
 fi

@@ -1,0 +1,171 @@
+"""A real Prometheus scrapes a real retrieval API, and its query API returns what the snapshot manifest says.
+
+The API runs under uvicorn in a thread on a free loopback port, following a snapshot store whose promoted
+snapshot is a small HSNN. Debian's `prometheus` binary (scripts/install_ops_tools.sh installs it) starts on
+another free port with a generated config that scrapes the API's /metrics every second. The test waits for
+the target to be up, then asks `/api/v1/query` for `hsnn_api_served_snapshot_timestamp_seconds` and
+`hsnn_api_model_version`, and compares them with the promoted manifest. Without prometheus the test skips,
+unless HSNN_REQUIRE_SERVERS=1 (then it fails).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from hsnn.model import HSNN
+from hsnn.planted import make_world, tiny_hsnn_config
+from hsnn.snapshots import SnapshotStore
+from retrieval_api.app import create_app
+from retrieval_api.settings import ApiSettings
+from retrieval_api.state import Catalog, CatalogIndexSource
+
+pytestmark = pytest.mark.integration
+
+REQUIRE = os.environ.get("HSNN_REQUIRE_SERVERS", "") == "1"
+PROMOTED = 2
+
+
+def prometheus_binary() -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        reason = "prometheus is not installed (bash scripts/install_ops_tools.sh)"
+        if REQUIRE:
+            pytest.fail(f"HSNN_REQUIRE_SERVERS=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except httpx.HTTPError:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, SnapshotStore]]:
+    """The API on a free port, serving promoted snapshot 2 (snapshot 1 exists too, not promoted)."""
+    world = make_world(num_items=200, seed=9)
+    torch.manual_seed(1)
+    model = HSNN(tiny_hsnn_config(num_nodes=(8, 4)))
+    store = SnapshotStore(tmp_path_factory.mktemp("prom-store"))
+    store.write(model)
+    store.write(model, parent=1)
+    store.promote(PROMOTED)
+    settings = ApiSettings(store_dir=str(store.root), reload_interval_s=0.2)
+    app = create_app(
+        settings, store=store, index_source=CatalogIndexSource(Catalog(item_ids=world.item_ids, items=world.items))
+    )
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="prom-api", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200, 60, "the API")
+        yield port, store
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+@pytest.fixture
+def prometheus(api, tmp_path: Path) -> Iterator[str]:
+    """Prometheus scraping the API every second; yields its base URL and stops it with SIGTERM."""
+    binary = prometheus_binary()
+    api_port, _ = api
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n"
+        "  scrape_interval: 1s\n"
+        "  evaluation_interval: 1s\n"
+        "scrape_configs:\n"
+        "  - job_name: hsnn-api\n"
+        "    metrics_path: /metrics\n"
+        "    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{api_port}']\n"
+    )
+    log = (tmp_path / "prometheus.log").open("wb")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"prometheus exited {process.returncode}:\n{(tmp_path / 'prometheus.log').read_text()}"
+                )
+            return httpx.get(f"{base}/-/ready", timeout=2).status_code == 200
+
+        wait_for(ready, 60, "prometheus to be ready")
+        yield base
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        log.close()
+
+
+def query(base: str, expr: str) -> list[dict[str, Any]]:
+    answer = httpx.get(f"{base}/api/v1/query", params={"query": expr}, timeout=5).json()
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+def test_prometheus_scrapes_the_served_snapshot_time(api, prometheus: str) -> None:
+    _, store = api
+    manifest = store.manifest(PROMOTED)
+
+    def target_up() -> bool:
+        targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+        return any(t["labels"]["job"] == "hsnn-api" and t["health"] == "up" for t in targets)
+
+    wait_for(target_up, 60, "the API target to be up")
+    result = wait_for(lambda: query(prometheus, "hsnn_api_served_snapshot_timestamp_seconds"), 30, "a sample")
+    assert len(result) == 1 and result[0]["metric"]["job"] == "hsnn-api"
+    assert float(result[0]["value"][1]) == pytest.approx(manifest.created_at, rel=0, abs=1e-6)
+    version = query(prometheus, "hsnn_api_model_version")
+    assert float(version[0]["value"][1]) == PROMOTED
+    up = query(prometheus, 'up{job="hsnn-api"}')
+    assert float(up[0]["value"][1]) == 1
