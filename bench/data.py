@@ -112,13 +112,14 @@ def implicit_feedback_data(
                 produced += 1
                 yield batch
 
-    # held-out impressions for NE: one eval positive per user plus one sampled negative, full history
+    # held-out impressions for NE: one eval positive per user plus `negatives` sampled negatives (the
+    # training ratio, so the base rate matches), with the user's full train history
     pick = eval_rows[: min(2000, len(eval_rows))]
     positives = np.array([data.eval[int(u)][0] for u in pick])
-    negative_rows = gowalla.sample_negatives(data.train, pick, 1, rng)[:, 0]
-    users = loader.user_batch(data, np.concatenate([pick, pick]))
+    negative_rows = gowalla.sample_negatives(data.train, pick, negatives, rng).T.reshape(-1)
+    users = loader.user_batch(data, np.tile(pick, 1 + negatives))
     rows = torch.from_numpy(np.concatenate([positives, negative_rows]))
-    labels = torch.cat([torch.ones(len(pick)), torch.zeros(len(pick))]).unsqueeze(1)
+    labels = torch.cat([torch.ones(len(pick)), torch.zeros(len(pick) * negatives)]).unsqueeze(1)
     impressions = [
         TrainingBatch(users=users, items=data.items.select(rows), labels=labels, item_keys=data.item_ids[rows])
     ]
@@ -134,7 +135,7 @@ def implicit_feedback_data(
         exclude=exclude,
         notes={
             "protocol": f"train positives + {negatives} uniform negatives each; eval on {eval_source}; "
-            "train items excluded from retrieval; NE on one held-out positive + one sampled negative per user",
+            f"train items excluded from retrieval; NE on one held-out positive + {negatives} sampled negatives per user",
             **(notes or {}),
         },
     )
