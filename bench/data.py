@@ -135,7 +135,7 @@ def implicit_feedback_data(
         exclude=exclude,
         notes={
             "protocol": f"train positives + {negatives} uniform negatives each; eval on {eval_source}; "
-            f"train items excluded from retrieval; NE on one held-out positive + {negatives} sampled negatives per user",
+            f"train items excluded from retrieval; NE on one held-out positive + {negatives} negatives per user",
             **(notes or {}),
         },
     )
