@@ -230,7 +230,8 @@ def profile_batch(pair, users: UserBatch, beams: list[int], k: int, batch: int =
     text = io.StringIO()
     stats = pstats.Stats(profiler, stream=text)
     stats.sort_stats("tottime").print_stats(12)
-    lines = [line for line in text.getvalue().splitlines() if line.strip()]
+    repo = str(Path(__file__).resolve().parents[1]) + "/"  # machine paths out of the report
+    lines = [line.replace(repo, "") for line in text.getvalue().splitlines() if line.strip()]
     start = next(i for i, line in enumerate(lines) if "ncalls" in line)
     return {"timings": timings, "profile_top_tottime": lines[start:]}
 
