@@ -29,8 +29,9 @@ from demo.probes import (
     scrape,
     store_view,
 )
-from demo.services import REPO, Service, free_port, port_is_free, service_env
+from demo.services import REPO, Service, service_env
 from demo.traffic import Traffic
+from devservers._proc import free_port, port_is_free
 
 CREATED_AD_BASE = 2_000_000_000  # far above any id the simulator hands out
 KEY_PREFIX = "hsnn:"

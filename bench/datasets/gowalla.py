@@ -70,8 +70,34 @@ class Interactions:
         return self._keys[at] == query
 
 
+class ImplicitSplit:
+    """Sizes and a leak check shared by the implicit-feedback data sets (needs `train` and `eval`)."""
+
+    train: Interactions
+    eval: Interactions
+
+    @property
+    def num_users(self) -> int:
+        return self.train.num_users
+
+    @property
+    def num_items(self) -> int:
+        return self.train.num_items
+
+    def split_summary(self) -> dict[str, int]:
+        owners = self.eval.owners()
+        return {
+            "users": self.num_users,
+            "items": self.num_items,
+            "train_interactions": self.train.nnz,
+            "eval_interactions": self.eval.nnz,
+            "eval_users": len(self.eval.users_with_items()),
+            "eval_in_train": int(self.train.contains(owners, self.eval.items).sum()),
+        }
+
+
 @dataclass
-class GowallaData:
+class GowallaData(ImplicitSplit):
     """Everything the benchmark needs from one Gowalla split, already in the core's tensor types."""
 
     schema: FeatureSchema
@@ -84,24 +110,8 @@ class GowallaData:
     train_files: list[Path]
     eval_file: Path
 
-    @property
-    def num_users(self) -> int:
-        return self.train.num_users
-
-    @property
-    def num_items(self) -> int:
-        return self.train.num_items
-
     def summary(self) -> dict[str, int]:
-        owners = self.eval.owners()
-        return {
-            "users": self.num_users,
-            "items": self.num_items,
-            "train_interactions": self.train.nnz,
-            "eval_interactions": self.eval.nnz,
-            "eval_users": len(self.eval.users_with_items()),
-            "eval_in_train": int(self.train.contains(owners, self.eval.items).sum()),
-        }
+        return self.split_summary()
 
 
 def read_interaction_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,7 +17,6 @@ positive with sampled negatives, as the Gowalla loader does, so both loaders sha
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -31,9 +30,10 @@ import torch
 from torch import Tensor
 
 from bench.datasets._common import Vocabulary, as_index_array, bucket_count, last_items
-from bench.datasets.gowalla import Interactions, implicit_training_batches
+from bench.datasets.gowalla import ImplicitSplit, Interactions, implicit_training_batches
 from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
+from hsnn.snapshots import sha256_file
 
 # The wheel this loader was checked against: 943 users, 1,682 items and 100,000 ratings.
 RECBOLE_VERSION = "1.2.1"
@@ -124,7 +124,7 @@ class MovieLensTables:
 
 
 @dataclass
-class MovieLensData:
+class MovieLensData(ImplicitSplit):
     """One MovieLens split in the core's tensor types; the fields follow GowallaData.
 
     User row u is raw user `user_raw_ids[u]`; item row r is raw movie `item_raw_ids[r]`, with
@@ -149,25 +149,8 @@ class MovieLensData:
     ratings_read: int  # rating rows in the source (after removing repeated user-item pairs)
     source: str
 
-    @property
-    def num_users(self) -> int:
-        return self.train.num_users
-
-    @property
-    def num_items(self) -> int:
-        return self.train.num_items
-
     def summary(self) -> dict[str, int]:
-        owners = self.eval.owners()
-        return {
-            "users": self.num_users,
-            "items": self.num_items,
-            "ratings": self.ratings_read,
-            "train_interactions": self.train.nnz,
-            "eval_interactions": self.eval.nnz,
-            "eval_users": len(self.eval.users_with_items()),
-            "eval_in_train": int(self.train.contains(owners, self.eval.items).sum()),
-        }
+        return {"ratings": self.ratings_read, **self.split_summary()}
 
 
 # --- where the files come from -------------------------------------------------------------------
@@ -183,14 +166,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]) / "recbole"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "hsnn" / "recbole"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def recbole_wheel(
@@ -219,7 +194,7 @@ def recbole_wheel(
         if result.returncode != 0 or not wheel.exists():
             tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
             raise RuntimeError(f"pip could not download recbole=={version} into {cache}: {' | '.join(tail)}")
-    if version == RECBOLE_VERSION and _sha256(wheel) != RECBOLE_WHEEL_SHA256:
+    if version == RECBOLE_VERSION and sha256_file(wheel) != RECBOLE_WHEEL_SHA256:
         raise ValueError(f"{wheel} does not match the pinned SHA-256 {RECBOLE_WHEEL_SHA256}; delete it to retry")
     return wheel
 
