@@ -42,6 +42,7 @@ IMPRESSIONS_TOPIC = "hsnn.impressions"  # key: event_id; time-retained, not comp
 ITEMS_TOPIC = "hsnn.items"  # key: ad id (decimal ASCII); compacted: the latest record per ad is the ad's state
 IMPRESSIONS_DLQ = "hsnn.impressions.dlq"
 ITEMS_DLQ = "hsnn.items.dlq"
+SNAPSHOTS_TOPIC = "hsnn.snapshots"  # one JSON notice per promoted snapshot (the store's pointer is the truth)
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS: frozenset[int] = frozenset({1})

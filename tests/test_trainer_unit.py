@@ -57,3 +57,20 @@ def test_catalogue_applies_supersedes_and_expire() -> None:
     assert not cat.apply(_item(1, 2, "update"))  # cannot revive with a lower sequence
     assert cat.apply(_item(1, 4, "update")) and cat.live[1].dense[0] == 4.0
     assert cat.why_missing(9) == "unknown ad 9"
+
+
+def test_snapshot_notice_carries_what_a_reader_needs():
+    import json
+
+    from hsnn.snapshots import Manifest, Pointer
+    from trainer.service import snapshot_notice
+
+    manifest = Manifest(version=7, created_at=100.0, event_time_watermark=90.0, eval_metrics={"ne": 0.8})
+    notice = json.loads(snapshot_notice(Pointer(version=7, promoted_at=101.0), manifest))
+    assert notice == {
+        "version": 7,
+        "promoted_at": 101.0,
+        "created_at": 100.0,
+        "event_time_watermark": 90.0,
+        "eval_metrics": {"ne": 0.8},
+    }

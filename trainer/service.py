@@ -43,7 +43,7 @@ from hsnn.events import (
 )
 from hsnn.metrics import normalized_entropy
 from hsnn.model import HSNN
-from hsnn.snapshots import CorruptSnapshot, Manifest, SnapshotStore
+from hsnn.snapshots import CorruptSnapshot, Manifest, Pointer, SnapshotStore
 from hsnn.training import make_optimizer, predict, train_step
 from publisher.publisher import Publisher, PublisherMetrics, PublisherSettings, PublishResult
 from trainer.settings import TrainerSettings
@@ -234,6 +234,20 @@ class Timings:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+def snapshot_notice(pointer: Pointer, manifest: Manifest) -> bytes:
+    """The JSON notice sent for a promoted snapshot: enough for a reader to decide whether to load it."""
+    return json.dumps(
+        {
+            "version": pointer.version,
+            "promoted_at": pointer.promoted_at,
+            "created_at": manifest.created_at,
+            "event_time_watermark": manifest.event_time_watermark,
+            "eval_metrics": manifest.eval_metrics,
+        },
+        sort_keys=True,
+    ).encode()
+
+
 class OnlineTrainer:
     """Online HSNN trainer. Build it, then call `run()`, or drive `poll_once()` / `maybe_snapshot()` yourself."""
 
@@ -307,6 +321,8 @@ class OnlineTrainer:
         self.producer = KafkaProducer(
             acks="all", linger_ms=5, max_block_ms=2000, client_id="hsnn-trainer-dlq", **common
         )
+        if settings.snapshots_topic:
+            self.publisher.notify = self._send_snapshot_notice
         self.impression_tps = self._assign(self.consumer, settings.impressions_topic)
         self.item_tps = self._assign(self.items_consumer, settings.items_topic)
         for tp in self.impression_tps:
@@ -595,6 +611,17 @@ class OnlineTrainer:
         )
         self.commit_offsets()
         return result
+
+    def _send_snapshot_notice(self, pointer: Pointer, manifest: Manifest) -> None:
+        """Best effort: the pointer file is the source of truth, so a failed notice is only logged."""
+        try:
+            self.producer.send(
+                self.settings.snapshots_topic,
+                key=str(pointer.version).encode(),
+                value=snapshot_notice(pointer, manifest),
+            )
+        except Exception as exc:
+            log.warning("could not send the notice for snapshot %d: %s", pointer.version, exc)
 
     def commit_offsets(self) -> bool:
         """Commit the impression offsets to the group: for lag dashboards only, the manifest is the truth."""

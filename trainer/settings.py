@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from hsnn.config import HSNNConfig
-from hsnn.events import IMPRESSIONS_DLQ, IMPRESSIONS_TOPIC, ITEMS_DLQ, ITEMS_TOPIC
+from hsnn.events import IMPRESSIONS_DLQ, IMPRESSIONS_TOPIC, ITEMS_DLQ, ITEMS_TOPIC, SNAPSHOTS_TOPIC
 from hsnn.settings import ServiceSettings
 
 
@@ -24,6 +24,11 @@ class TrainerSettings(ServiceSettings):
     items_topic: str = ITEMS_TOPIC
     impressions_dlq_topic: str = IMPRESSIONS_DLQ
     items_dlq_topic: str = ITEMS_DLQ
+    snapshots_topic: str | None = Field(
+        None,
+        description=f"Topic that gets a JSON notice per promoted snapshot (e.g. {SNAPSHOTS_TOPIC!r}); readers can "
+        "also poll the store's PROMOTED pointer. Unset: no notices.",
+    )
     dead_letter_items: bool = Field(
         False,
         description="Also publish malformed item records to the items DLQ. Off by default: the indexer owns that"

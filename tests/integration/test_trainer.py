@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -189,7 +190,9 @@ def test_end_to_end_snapshot_has_end_offsets_and_eval_metrics(kafka_server: Kafk
     end = _end_offsets(bootstrap, topics["impressions"])
 
     registry = CollectorRegistry()
-    settings = _settings(kafka_server, topics, tmp_path)
+    notices = f"{topics['impressions']}-snapshots"
+    kafka_server.create_topics([notices])
+    settings = _settings(kafka_server, topics, tmp_path, snapshots_topic=notices)
     trainer = OnlineTrainer(settings, registry=registry)
     try:
         _drain(trainer, topics["impressions"], end)
@@ -198,6 +201,11 @@ def test_end_to_end_snapshot_has_end_offsets_and_eval_metrics(kafka_server: Kafk
         trainer.close()
     assert result is not None and result.promoted
     manifest = result.manifest
+    # the promotion was announced on the notices topic
+    reader = KafkaConsumer(notices, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    announced = [json.loads(record.value) for record in reader]
+    reader.close()
+    assert [(n["version"], n["created_at"]) for n in announced] == [(manifest.version, manifest.created_at)]
     assert manifest.offsets[topics["impressions"]] == end
     assert manifest.offsets[topics["items"]] == _end_offsets(bootstrap, topics["items"])
     held_out = len(events) - len(_expected_trained(events))
