@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="reports")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--flops-at-target",
+        action="store_true",
+        help="LTI ablation: FLOPs regulariser on the assignment at alpha_max, not the scheduled alpha",
+    )
     args = parser.parse_args(argv)
 
     quick = args.quick
@@ -33,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         quick=quick,
         builders=tuple(b for b in args.builders.split(",") if b),
+        flops_at_target_temperature=args.flops_at_target,
     )
     if quick:
         run.level_nodes = (16, 8)

@@ -38,6 +38,7 @@ class RunConfig:
     builders: tuple[str, ...] = BUILDERS
     item_model: str = "monn_small"
     level_models: tuple[str, ...] = ("monn_medium", "monn_small")
+    flops_at_target_temperature: bool = False
 
 
 def _model_config(name: str, quick: bool) -> MoNNConfig:
@@ -53,7 +54,13 @@ def hsnn_config(data: BenchData, run: RunConfig, builder: str) -> HSNNConfig:
     balance = builder != "joint_no_balance"
     schedule = max(1, run.steps * 2 // 3)
     levels = [
-        LTIConfig(num_nodes=n, schedule_steps=schedule, use_flops_regularizer=balance, use_dead_code_reseed=balance)
+        LTIConfig(
+            num_nodes=n,
+            schedule_steps=schedule,
+            use_flops_regularizer=balance,
+            use_dead_code_reseed=balance,
+            flops_at_target_temperature=run.flops_at_target_temperature,
+        )
         for n in sizes
     ]
     level_models = [

@@ -132,6 +132,11 @@ class LTIConfig(StrictModel):
     use_flops_regularizer: bool = True
     flops_weight: float = Field(0.1, ge=0)
     flops_pool_batches: int = Field(8, ge=1, description="M: soft assignments pooled over the last M batches.")
+    flops_at_target_temperature: bool = Field(
+        False,
+        description="Balance the assignment at alpha_max (what serving's argmin approaches) instead of at the "
+        "scheduled alpha, where early soft assignments look balanced even when the hard ones are collapsed.",
+    )
     use_dead_code_reseed: bool = True
     usage_ema_decay: float = Field(0.95, gt=0, lt=1)
     dead_threshold: float = Field(0.1, ge=0, description="Dead when EMA usage < threshold / num_nodes.")

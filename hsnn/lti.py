@@ -88,7 +88,12 @@ class LearnedIndexLevel(nn.Module):
         scale = dist.mean().detach().clamp(min=1e-12)
         soft = torch.softmax(-temperature(self.config, step) * dist / scale, dim=1)
         hard = dist.argmin(dim=1)
-        flops_loss = self._flops_regularizer(soft) if self.training else soft.new_zeros(())
+        flops_loss = soft.new_zeros(())
+        if self.training:
+            balanced = soft
+            if self.config.flops_at_target_temperature:
+                balanced = torch.softmax(-self.config.alpha_max * dist / scale, dim=1)
+            flops_loss = self._flops_regularizer(balanced)
         if self.training:
             self._track_usage(x.detach(), hard)
         return LevelOutput(soft=soft, node_embedding=soft @ self.codebook, hard=hard, flops_loss=flops_loss)

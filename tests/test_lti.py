@@ -153,3 +153,17 @@ def test_kmeans_initialisation_places_codes_on_clusters():
     level.train()(x, 0)
     nearest = squared_distances(centres, level.codebook.detach()).min(dim=1).values * 2
     assert float(nearest.max()) < 0.1
+
+
+def test_flops_at_target_temperature_sees_a_collapse_the_early_soft_assignment_hides():
+    torch.manual_seed(0)
+    x = torch.randn(256, 4) * 0.1
+    losses = {}
+    for target in (False, True):
+        level = LearnedIndexLevel(4, LTIConfig(num_nodes=8, flops_at_target_temperature=target, flops_pool_batches=1))
+        with torch.no_grad():
+            level.codebook.copy_(torch.randn(8, 4) + 3.0)
+            level.codebook[0] = 0.0  # every input is closest to code 0
+        losses[target] = float(level.train()(x, step=0).flops_loss.detach())
+    assert losses[False] < 2.0  # at alpha_min the soft assignment looks almost balanced (1 = perfect)
+    assert losses[True] > 6.0  # at alpha_max it shows what argmin serves: nearly all in one of 8 nodes
