@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from feed.feed import FeedConfig, TokenBucket, marketplace_for, simulated_events
+from feed.feed import FeedConfig, TokenBucket, make_producer, marketplace_for, simulated_events
 from hsnn.events import ItemEvent, encode, event_key
 from hsnn.simulator import Marketplace
 
@@ -63,17 +63,8 @@ class Traffic(threading.Thread):
             self.stats.finished = time.monotonic()
 
     def _run(self) -> None:
-        from kafka import KafkaProducer
-
         config, stats = self.config, self.stats
-        producer = KafkaProducer(
-            bootstrap_servers=config.bootstrap,
-            client_id="hsnn-demo-feed",
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            max_block_ms=30_000,
-        )
+        producer = make_producer(config.bootstrap, "hsnn-demo-feed")
         bucket = TokenBucket(config.rate)
 
         def acked(_metadata: object) -> None:

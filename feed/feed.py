@@ -225,6 +225,20 @@ def simulated_events(market: Marketplace, impressions: int, chunk: int) -> Itera
             yield "impression", imp
 
 
+def make_producer(bootstrap: str, client_id: str):
+    """A producer that loses nothing it acknowledged: acks from all replicas, idempotent retries."""
+    from kafka import KafkaProducer
+
+    return KafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_block_ms=30_000,
+    )
+
+
 def run_feed(config: FeedConfig, producer: Any | None = None, log: Callable[[str], None] | None = None) -> FeedStats:
     """Send the simulation to Kafka; returns counts (failed sends are counted, never raised)."""
     from tqdm import tqdm
@@ -237,16 +251,7 @@ def run_feed(config: FeedConfig, producer: Any | None = None, log: Callable[[str
             log(f"created topics: {', '.join(stats.created_topics)}")
     own_producer = producer is None
     if producer is None:
-        from kafka import KafkaProducer
-
-        producer = KafkaProducer(
-            bootstrap_servers=config.bootstrap,
-            client_id="hsnn-feed",
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            max_block_ms=30_000,
-        )
+        producer = make_producer(config.bootstrap, "hsnn-feed")
     market = marketplace_for(config)
     bucket = TokenBucket(config.rate)
     bad_rng = random.Random(f"malformed-{config.seed}")  # separate from the simulation: same events with or without
