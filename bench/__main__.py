@@ -1,4 +1,5 @@
-"""CLI: `python -m bench --dataset planted|gowalla [--quick]` writes reports/<dataset>.{json,md,png}."""
+"""CLI: `python -m bench --dataset simulator|planted|gowalla|movielens|open_bandit [--quick]` writes
+reports/<dataset>.{json,md,png}."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 
 import torch
 
+from bench.calibration import run_calibration, write_calibration_report
 from bench.data import gowalla_data, movielens_data, planted_data, simulator_data
 from bench.report import write_report
 from bench.run import BUILDERS, RunConfig, run_benchmark
@@ -14,14 +16,17 @@ from bench.run import BUILDERS, RunConfig, run_benchmark
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--dataset", choices=["simulator", "planted", "gowalla", "movielens"], required=True)
+    datasets = ["simulator", "planted", "gowalla", "movielens", "open_bandit"]
+    parser.add_argument("--dataset", choices=datasets, required=True)
     parser.add_argument("--quick", action="store_true", help="small models and budget: minutes on 2 cores")
     parser.add_argument("--steps", type=int, help="training batches per model (default: 1500, quick: 150)")
     parser.add_argument("--items", type=int, help="simulator/planted: catalogue size (default 100,000; quick: 5,000)")
     parser.add_argument("--eval-users", type=int, help="users evaluated (default: 500, quick: 100)")
     parser.add_argument("--test-file", help="gowalla: evaluate on this file (NGCF format) instead of valid.txt")
-    parser.add_argument("--data-root", help="gowalla: data directory (default ../shared/datasets/gowalla-ngcf)")
+    parser.add_argument("--data-root", help="real data sets: data directory (default: under ../shared/datasets)")
     parser.add_argument("--builders", default=",".join(BUILDERS), help=f"HSNN index builders, from {BUILDERS}")
+    parser.add_argument("--batch-size", type=int, default=250, help="gowalla / movielens: rows per training batch")
+    parser.add_argument("--epochs", type=int, help="open_bandit: passes over the training impressions (default 8)")
     parser.add_argument("--out", default="reports")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -49,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dataset == "open_bandit":  # NE / calibration only: too few items to rank retrievers
+        report = run_calibration(args.data_root, epochs=args.epochs or (2 if quick else 8), seed=args.seed)
+        _finish(report, write_calibration_report, args.out, argv)
+        return
     items = args.items or (5000 if quick else 100_000)
     if args.dataset == "simulator":
         data = simulator_data(
@@ -61,12 +70,17 @@ def main(argv: list[str] | None = None) -> None:
     elif args.dataset == "planted":
         data = planted_data(num_items=items, num_eval_users=eval_users, seed=args.seed)
     elif args.dataset == "gowalla":
-        data = gowalla_data(args.data_root, eval_users, test_path=args.test_file, seed=args.seed)
+        data = gowalla_data(
+            args.data_root, eval_users, test_path=args.test_file, seed=args.seed, batch_size=args.batch_size
+        )
     else:
-        data = movielens_data(args.data_root, eval_users, seed=args.seed)
-    report = run_benchmark(data, run)
+        data = movielens_data(args.data_root, eval_users, seed=args.seed, batch_size=args.batch_size)
+    _finish(run_benchmark(data, run), write_report, args.out, argv)
+
+
+def _finish(report: dict, writer, out: str, argv: list[str] | None) -> None:
     report["command"] = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    for path in write_report(report, args.out):
+    for path in writer(report, out):
         print(f"wrote {path}")
 
 

@@ -65,19 +65,30 @@ def planted_data(num_items: int, num_eval_users: int, batch_size: int = 256, see
 
 
 def gowalla_data(
-    root: str | Path | None, num_eval_users: int | None, test_path: str | Path | None = None, seed: int = 0
+    root: str | Path | None,
+    num_eval_users: int | None,
+    test_path: str | Path | None = None,
+    seed: int = 0,
+    batch_size: int = 250,
 ) -> BenchData:
     """Gowalla (NGCF split): train on train.txt, evaluate on valid.txt (or a test file given by path)."""
     data = gowalla.load_gowalla(root, test_path=test_path)
     eval_source = "the given test file" if test_path else "valid.txt"
     notes = {"anchor": "LightGCN Recall@20 = 0.1830 on the official test split (not valid.txt)"}
-    return implicit_feedback_data("gowalla", data, gowalla, num_eval_users, eval_source, seed=seed, notes=notes)
+    return implicit_feedback_data(
+        "gowalla", data, gowalla, num_eval_users, eval_source, batch_size=batch_size, seed=seed, notes=notes
+    )
 
 
-def movielens_data(root: str | Path | None, num_eval_users: int | None, seed: int = 0) -> BenchData:
+def movielens_data(
+    root: str | Path | None, num_eval_users: int | None, seed: int = 0, batch_size: int = 250
+) -> BenchData:
     """MovieLens-100K (rating >= 4 positive; each user's newest 20% of positives held out)."""
     data = movielens.load_movielens(root)
-    return implicit_feedback_data("movielens", data, movielens, num_eval_users, "the newest 20% per user", seed=seed)
+    held_out = "the newest 20% per user"
+    return implicit_feedback_data(
+        "movielens", data, movielens, num_eval_users, held_out, batch_size=batch_size, seed=seed
+    )
 
 
 def implicit_feedback_data(
@@ -134,7 +145,8 @@ def implicit_feedback_data(
         eval_impressions=impressions,
         exclude=exclude,
         notes={
-            "protocol": f"train positives + {negatives} uniform negatives each; eval on {eval_source}; "
+            "protocol": f"batches of {batch_size} rows: train positives + {negatives} uniform negatives each;"
+            f" eval on {eval_source}; "
             f"train items excluded from retrieval; NE on one held-out positive + {negatives} negatives per user",
             **(notes or {}),
         },

@@ -19,6 +19,7 @@ from torch import Tensor
 from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
 from hsnn.metrics import calibration, normalized_entropy, recall_at_k
+from hsnn.model import HSNN
 from hsnn.progress import progress_bar
 from hsnn.training import make_optimizer, predict, train_step
 
@@ -123,7 +124,27 @@ def quality(
     transform = transform or (lambda batch: batch)
     probs = torch.cat([predict(model, transform(b))[:, 0] for b in measured])
     labels = torch.cat([b.labels[:, 0] for b in measured])
-    return {"ne": normalized_entropy(probs, labels), "calibration": calibration(probs, labels)}
+    result = {"ne": normalized_entropy(probs, labels), "calibration": calibration(probs, labels)}
+    if isinstance(model, HSNN):
+        result["cluster_ne"] = cluster_ne(model, [transform(b) for b in measured])
+    return result
+
+
+@torch.no_grad()
+def cluster_ne(model: HSNN, batches: list[TrainingBatch]) -> list[float]:
+    """NE of each node level's calibrated click prediction (user x the item's node, top level first).
+
+    This is how well the index's clusters alone predict clicks: the paper's cluster-level NE,
+    which compares index builders without the item-level model hiding their differences.
+    """
+    model.eval()
+    per_level: list[list[Tensor]] = [[] for _ in range(model.num_levels)]
+    for batch in batches:
+        logits = model(batch).logits
+        for level in range(model.num_levels):
+            per_level[level].append(torch.sigmoid(model.calibrate(level, logits[level]))[:, 0])
+    labels = torch.cat([b.labels[:, 0] for b in batches])
+    return [normalized_entropy(torch.cat(probs), labels) for probs in per_level]
 
 
 def exclude_and_cut(answers: list[Answer], data: BenchData, k: int) -> list[list[int]]:

@@ -31,13 +31,14 @@ def markdown(report: dict) -> str:
         "",
         "## Models (held-out impressions)",
         "",
-        "| model | NE | NE vs Two Tower | calibration | train s |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| model | NE | NE vs Two Tower | calibration | cluster NE (levels 1, 2) | train s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, m in report["models"].items():
+        cluster = ", ".join(f"{ne:.4f}" for ne in m.get("cluster_ne", [])) or "-"
         lines.append(
             f"| {name} | {m['ne']:.4f} | {m['ne_vs_two_tower_percent']:+.2f}% | {m['calibration']:.3f} |"
-            f" {m['train_seconds']:.0f} |"
+            f" {cluster} | {m['train_seconds']:.0f} |"
         )
     header = f"| method | setting | items scored | share | recall@{k} | recall@{k} vs MoNN exhaustive |"
     rule = "| --- | --- | ---: | ---: | ---: | ---: |"

@@ -22,7 +22,9 @@ from hsnn.metrics import index_health
 from hsnn.monn import MoNN
 from hsnn.planted import tiny_monn
 
-BUILDERS = ("joint", "joint_no_balance", "kmeans", "em", "hierarchy")
+# joint_no_balance: LTI without the balance aids; joint_flops_target: the FLOPs regulariser applied to the
+# assignment at alpha_max (an LTI switch, off by default in LTIConfig)
+BUILDERS = ("joint", "joint_no_balance", "joint_flops_target", "kmeans", "em", "hierarchy")
 
 
 @dataclass
@@ -59,7 +61,7 @@ def hsnn_config(data: BenchData, run: RunConfig, builder: str) -> HSNNConfig:
             schedule_steps=schedule,
             use_flops_regularizer=balance,
             use_dead_code_reseed=balance,
-            flops_at_target_temperature=run.flops_at_target_temperature,
+            flops_at_target_temperature=run.flops_at_target_temperature or builder == "joint_flops_target",
         )
         for n in sizes
     ]
@@ -101,7 +103,7 @@ def run_benchmark(data: BenchData, run: RunConfig) -> dict:
         if builder == "hierarchy" and data.hierarchy is None:
             continue
         model, paths, seconds = build_hsnn(
-            "joint" if builder == "joint_no_balance" else builder,
+            "joint" if builder.startswith("joint") else builder,
             hsnn_config(data, run, builder),
             data,
             run.steps,

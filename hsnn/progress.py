@@ -10,8 +10,8 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 
-def progress_bar(items: Iterable[T], description: str, enabled: bool = True) -> Iterator[T]:
+def progress_bar(items: Iterable[T], description: str, enabled: bool = True, total: int | None = None) -> Iterator[T]:
     if not enabled:
         yield from items
         return
-    yield from tqdm(items, desc=description, unit="batch", leave=False, dynamic_ncols=True)
+    yield from tqdm(items, desc=description, total=total, unit="batch", leave=False, dynamic_ncols=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hsnn.metrics import calibration
-from hsnn.model import HSNN
+from hsnn.model import HSNN, platt_fit
 from hsnn.planted import make_batches, tiny_hsnn_config
 from hsnn.training import predict
 
@@ -66,3 +66,16 @@ def test_fixed_paths_train_on_a_given_index(world):
     used = model.index.levels[0].codebook.grad.abs().sum(dim=1)
     assert bool((used > 0).all())  # every code of level 0 appears in the given paths
     assert float(out.losses["flops"]) == 0.0
+
+
+def test_platt_fit_recovers_scale_and_falls_back_to_the_base_rate():
+    torch.manual_seed(0)
+    true_logits = torch.randn(20_000) - 4.0
+    labels = (torch.rand(20_000) < torch.sigmoid(true_logits)).float()
+    # the model's logits are the truth stretched 3x and shifted: Platt undoes it
+    scale, shift = platt_fit(3 * true_logits - 2, labels, iterations=50)
+    assert scale == pytest.approx(1 / 3, rel=0.15) and shift == pytest.approx(2 / 3, abs=0.4)
+    # logits ranking the data backwards: the map stays increasing and predicts about the base rate
+    scale, shift = platt_fit(-true_logits, labels, iterations=50)
+    assert scale == pytest.approx(1e-3)
+    assert float(torch.sigmoid(-true_logits * scale + shift).mean()) == pytest.approx(float(labels.mean()), rel=0.05)

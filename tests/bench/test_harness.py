@@ -41,6 +41,10 @@ def test_quick_cli_writes_a_well_formed_report(tmp_path):
     brute = next(p for p in report["points"] if p["method"] == "monn_brute_force")
     assert brute["recall@100_vs_monn_exhaustive"] == 1.0  # the reference is its own answer
     assert report["models"]["two_tower"]["ne_vs_two_tower_percent"] == 0.0
+    for name in ("hsnn_joint", "hsnn_kmeans", "hsnn_hierarchy"):  # one cluster NE per node level
+        cluster_ne = report["models"][name]["cluster_ne"]
+        assert len(cluster_ne) == 2 and all(0.0 < ne < 2.0 for ne in cluster_ne)
+    assert "cluster_ne" not in report["models"]["monn"]
     assert (tmp_path / "planted.md").read_text().startswith("# Benchmark: planted")
     assert (tmp_path / "planted_recall_vs_cost.png").stat().st_size > 10_000
 
