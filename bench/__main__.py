@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small models and budget: minutes on 2 cores")
     parser.add_argument("--steps", type=int, help="training batches per model (default: 1500, quick: 150)")
     parser.add_argument("--items", type=int, help="simulator/planted: catalogue size (default 100,000; quick: 5,000)")
-    parser.add_argument("--eval-users", type=int, help="users evaluated (default: 500, quick: 100)")
+    parser.add_argument("--eval-users", type=int, help="users evaluated (default: 200, quick: 100)")
     parser.add_argument("--test-file", help="gowalla: evaluate on this file (NGCF format) instead of valid.txt")
     parser.add_argument("--data-root", help="real data sets: data directory (default: under ../shared/datasets)")
     parser.add_argument("--builders", default=",".join(BUILDERS), help=f"HSNN index builders, from {BUILDERS}")
@@ -44,13 +44,14 @@ def main(argv: list[str] | None = None) -> None:
         quick=quick,
         builders=tuple(b for b in args.builders.split(",") if b),
         flops_at_target_temperature=args.flops_at_target,
+        hsnn_exhaustive=quick,  # with preset models one exhaustive pass costs minutes per model
     )
     if quick:
         run.level_nodes = (16, 8)
         run.beams = [[2, 2], [4, 4], [8, 8], [16, 32]]
         run.nprobes = (1, 2, 4, 8)
         run.ef_searches = (200, 800)
-    eval_users = args.eval_users or (100 if quick else 500)
+    eval_users = args.eval_users or (100 if quick else 200)
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
