@@ -19,12 +19,12 @@ import platform
 import time
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 from torch import Tensor
 
 from bench.datasets.open_bandit import CAMPAIGNS, POLICIES, OpenBanditData, impression_batch, load_open_bandit
+from bench.report import plt, save_figure  # report selects the headless Agg backend
 from hsnn.config import HSNNConfig, LTIConfig
 from hsnn.features import TrainingBatch
 from hsnn.metrics import auc, calibration, normalized_entropy
@@ -33,9 +33,6 @@ from hsnn.monn import MoNN
 from hsnn.planted import tiny_monn
 from hsnn.progress import progress_bar
 from hsnn.training import make_optimizer, train_step
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 SPLIT = (0.7, 0.1)  # train, calibration-fit; the rest is measured
 BATCH_SIZE = 256
@@ -238,11 +235,7 @@ def plot_reliability(report: dict, path: Path) -> None:
     axis.set_xlabel("mean predicted CTR in bin (%)")
     axis.set_ylabel("observed CTR in bin (%)")
     axis.set_title("Open Bandit: reliability on the measured slice (equal-count bins)")
-    axis.legend()
-    axis.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, axis, path)
 
 
 def write_calibration_report(report: dict, out_dir: str | Path) -> list[Path]:
