@@ -26,13 +26,12 @@ from torch import Tensor
 from bench.datasets.open_bandit import CAMPAIGNS, POLICIES, OpenBanditData, impression_batch, load_open_bandit
 from bench.report import plt, save_figure  # report selects the headless Agg backend
 from hsnn.config import HSNNConfig, LTIConfig
-from hsnn.features import TrainingBatch
 from hsnn.metrics import auc, calibration, normalized_entropy
 from hsnn.model import HSNN, platt_fit
 from hsnn.monn import MoNN
 from hsnn.planted import tiny_monn
 from hsnn.progress import progress_bar
-from hsnn.training import make_optimizer, train_step
+from hsnn.training import item_logits, make_optimizer, train_step
 
 SPLIT = (0.7, 0.1)  # train, calibration-fit; the rest is measured
 BATCH_SIZE = 256
@@ -60,15 +59,6 @@ def build_models(data: OpenBanditData, train_steps: int) -> dict[str, torch.nn.M
         "monn": MoNN(tiny_monn("monn"), data.schema),
         "hsnn_joint": HSNN(hsnn),
     }
-
-
-@torch.no_grad()
-def logits_of(model: torch.nn.Module, batch: TrainingBatch) -> Tensor:
-    """Uncalibrated click logits at the item level."""
-    model.eval()
-    if isinstance(model, HSNN):
-        return model(batch).logits[-1][:, 0]
-    return model(batch.users, batch.items)[:, 0]
 
 
 def bootstrap_ne(
@@ -145,8 +135,8 @@ def run_calibration(
         for batch in progress_bar(batches, f"train {name}", total=epochs * steps_per_epoch):
             train_step(model, batch, optimizer)
         train_seconds = time.perf_counter() - clock
-        raw = logits_of(model, measure_batch)
-        scale, shift = platt_fit(logits_of(model, fit_batch), fit_batch.labels[:, 0], iterations=50)
+        raw = item_logits(model, measure_batch)[:, 0]
+        scale, shift = platt_fit(item_logits(model, fit_batch)[:, 0], fit_batch.labels[:, 0], iterations=50)
         calibrated[name] = torch.sigmoid(raw * scale + shift)
         results[name] = {
             "auc": auc(raw, labels),

@@ -19,9 +19,9 @@ from torch import Tensor
 from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
 from hsnn.metrics import calibration, normalized_entropy, recall_at_k
-from hsnn.model import HSNN
+from hsnn.model import HSNN, platt_fit
 from hsnn.progress import progress_bar
-from hsnn.training import make_optimizer, predict, train_step
+from hsnn.training import item_logits, make_optimizer, predict, train_step
 
 K_VALUES = (10, 20, 50, 100, 200)
 
@@ -119,15 +119,23 @@ def split_held_out(data: BenchData) -> tuple[TrainingBatch, list[TrainingBatch]]
 def quality(
     model: torch.nn.Module, data: BenchData, transform: Callable[[TrainingBatch], TrainingBatch] | None = None
 ) -> dict[str, float]:
-    """NE and calibration of the click task on the held-out impressions not used for calibration."""
-    _, measured = split_held_out(data)
+    """NE and calibration of the click task on held-out impressions, every model Platt-scaled alike.
+
+    The first held-out part fits the scaling (monotone: rankings stay), the rest measures, so no
+    method gains on NE from a calibration step the others did not get.
+    """
+    fit, measured = split_held_out(data)
     transform = transform or (lambda batch: batch)
-    probs = torch.cat([predict(model, transform(b))[:, 0] for b in measured])
     labels = torch.cat([b.labels[:, 0] for b in measured])
-    result = {"ne": normalized_entropy(probs, labels), "calibration": calibration(probs, labels)}
     if isinstance(model, HSNN):
-        result["cluster_ne"] = cluster_ne(model, [transform(b) for b in measured])
-    return result
+        model.fit_calibration(transform(fit))
+        probs = torch.cat([predict(model, transform(b))[:, 0] for b in measured])
+        result = {"cluster_ne": cluster_ne(model, [transform(b) for b in measured])}
+    else:
+        scale, shift = platt_fit(item_logits(model, fit)[:, 0], fit.labels[:, 0], iterations=50)
+        probs = torch.cat([torch.sigmoid(item_logits(model, b)[:, 0] * scale + shift) for b in measured])
+        result = {}
+    return {"ne": normalized_entropy(probs, labels), "calibration": calibration(probs, labels), **result}
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.harness import BenchData, evaluate, exclude_and_cut, quality, split_held_out, train_for
+from bench.harness import BenchData, evaluate, exclude_and_cut, quality, train_for
 from bench.methods import (
     build_hsnn,
     deep_retrieval_points,
@@ -113,7 +113,6 @@ def run_benchmark(data: BenchData, run: RunConfig) -> dict:
         )
         # a fixed-path model is evaluated on its own paths, as it was trained and as it serves
         transform = with_paths(data, paths) if paths is not None else (lambda batch: batch)
-        model.fit_calibration(transform(split_held_out(data)[0]))  # Platt scaling: monotone, ranks unchanged
         name = f"hsnn_{builder}"
         models[name] = {**quality(model, data, transform), "train_seconds": seconds}
         sweep, exhaustive, index = hsnn_points(name, model, data, run.beams, paths)

@@ -52,11 +52,18 @@ def train(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batch: TrainingBatch) -> Tensor:
-    """Calibrated probabilities (B, tasks) at the item level."""
+def item_logits(model: nn.Module, batch: TrainingBatch) -> Tensor:
+    """Uncalibrated item-level logits (B, tasks) of an HSNN or a standalone MoNN."""
     model.eval()
     if isinstance(model, HSNN):
-        logits = model.calibrate(model.num_outputs - 1, model(batch).logits[-1])
-    else:
-        logits = model(batch.users, batch.items)
+        return model(batch).logits[-1]
+    return model(batch.users, batch.items)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batch: TrainingBatch) -> Tensor:
+    """Calibrated probabilities (B, tasks) at the item level (a MoNN carries no calibration)."""
+    logits = item_logits(model, batch)
+    if isinstance(model, HSNN):
+        logits = model.calibrate(model.num_outputs - 1, logits)
     return torch.sigmoid(logits)
