@@ -1,4 +1,7 @@
-"""Write a benchmark result as reports/<dataset>.json, a markdown table and PNG plots."""
+"""Write a benchmark result as reports/<dataset>.json, a markdown table and PNG plots.
+
+`python -m bench.report reports/<dataset>.json` renders the table and plots again from the JSON.
+"""
 
 from __future__ import annotations
 
@@ -104,7 +107,7 @@ def plot_recall_vs_cost(report: dict, path: Path) -> None:
 def plot_node_sizes(report: dict, path: Path) -> None:
     fig, axis = plt.subplots(figsize=(7, 4))
     for name, sizes in report["node_sizes"].items():
-        if name in ("hsnn_joint", "hsnn_joint_no_balance"):
+        if name.startswith("hsnn_joint"):
             axis.plot(sorted(sizes, reverse=True), marker=".", label=name)
     axis.set_xlabel("level-1 node (sorted by size)")
     axis.set_ylabel("items")
@@ -133,3 +136,12 @@ def write_report(report: dict, out_dir: str | Path) -> list[Path]:
         paths.append(out / f"{name}_node_sizes.png")
         plot_node_sizes(report, paths[-1])
     return paths
+
+
+if __name__ == "__main__":
+    import sys
+
+    for json_path in sys.argv[1:]:
+        source = Path(json_path)
+        for written in write_report(json.loads(source.read_text()), source.parent):
+            print(f"wrote {written}")
