@@ -103,6 +103,29 @@ def item_ctr_table(data: OpenBanditData, train_rows: np.ndarray, rows: np.ndarra
     return torch.from_numpy((clicks + prior_weight * prior) / (shown + prior_weight)).float()[items[rows]]
 
 
+def train_epochs(
+    model: torch.nn.Module,
+    data: OpenBanditData,
+    rows: np.ndarray,
+    epochs: int,
+    steps_per_epoch: int,
+    seed: int,
+    label: str,
+) -> float:
+    """Shuffled passes over the training impressions (the same order for every model); wall seconds."""
+    optimizer = make_optimizer(model)
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    batches = (
+        impression_batch(data, chunk)
+        for _ in range(epochs)
+        for chunk in np.array_split(rng.permutation(rows), steps_per_epoch)
+    )
+    for batch in progress_bar(batches, f"train {label}", total=epochs * steps_per_epoch):
+        train_step(model, batch, optimizer)
+    return time.perf_counter() - started
+
+
 def run_calibration(
     root: str | None = None,
     epochs: int = 8,
@@ -124,17 +147,7 @@ def run_calibration(
     results: dict[str, dict] = {}
     calibrated: dict[str, Tensor] = {}
     for name, model in models.items():
-        optimizer = make_optimizer(model)
-        clock = time.perf_counter()
-        rng = np.random.default_rng(seed)
-        batches = (
-            impression_batch(data, chunk)
-            for _ in range(epochs)
-            for chunk in np.array_split(rng.permutation(train_rows), steps_per_epoch)
-        )
-        for batch in progress_bar(batches, f"train {name}", total=epochs * steps_per_epoch):
-            train_step(model, batch, optimizer)
-        train_seconds = time.perf_counter() - clock
+        train_seconds = train_epochs(model, data, train_rows, epochs, steps_per_epoch, seed, name)
         raw = item_logits(model, measure_batch)[:, 0]
         scale, shift = platt_fit(item_logits(model, fit_batch)[:, 0], fit_batch.labels[:, 0], iterations=50)
         calibrated[name] = torch.sigmoid(raw * scale + shift)
