@@ -19,9 +19,9 @@ from torch import Tensor
 from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
 from hsnn.metrics import calibration, normalized_entropy, recall_at_k
-from hsnn.model import HSNN, platt_fit
+from hsnn.model import HSNN
 from hsnn.progress import progress_bar
-from hsnn.training import item_logits, make_optimizer, predict, train_step
+from hsnn.training import calibrated_click_probs, make_optimizer, train_step
 
 K_VALUES = (10, 20, 50, 100, 200)
 
@@ -126,16 +126,13 @@ def quality(
     """
     fit, measured = split_held_out(data)
     transform = transform or (lambda batch: batch)
+    measured = [transform(b) for b in measured]
     labels = torch.cat([b.labels[:, 0] for b in measured])
+    probs = calibrated_click_probs(model, transform(fit), measured)
+    result = {"ne": normalized_entropy(probs, labels), "calibration": calibration(probs, labels)}
     if isinstance(model, HSNN):
-        model.fit_calibration(transform(fit))
-        probs = torch.cat([predict(model, transform(b))[:, 0] for b in measured])
-        result = {"cluster_ne": cluster_ne(model, [transform(b) for b in measured])}
-    else:
-        scale, shift = platt_fit(item_logits(model, fit)[:, 0], fit.labels[:, 0], iterations=50)
-        probs = torch.cat([torch.sigmoid(item_logits(model, b)[:, 0] * scale + shift) for b in measured])
-        result = {}
-    return {"ne": normalized_entropy(probs, labels), "calibration": calibration(probs, labels), **result}
+        result["cluster_ne"] = cluster_ne(model, measured)
+    return result
 
 
 @torch.no_grad()

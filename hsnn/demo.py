@@ -19,7 +19,7 @@ from hsnn.monn import MoNN
 from hsnn.planted import SCHEMA, make_batches, make_users, make_world, tiny_hsnn_config, tiny_monn, true_logits
 from hsnn.progress import progress_bar
 from hsnn.serving import retrieve, retrieve_exhaustive
-from hsnn.training import make_optimizer, predict, train_step
+from hsnn.training import calibrated_click_probs, make_optimizer, train_step
 
 
 def _train(model: torch.nn.Module, batches: list, epochs: int, label: str) -> float:
@@ -47,11 +47,9 @@ def main() -> None:
     two_tower = MoNN(tiny_monn(dot_product=True, interaction=False), SCHEMA)
     hsnn_seconds = _train(hsnn, train_batches, args.epochs, "HSNN")
     _train(two_tower, train_batches, args.epochs, "Two Tower")
-    hsnn.fit_calibration(held_out[0])
-
     labels = torch.cat([b.labels[:, 0] for b in held_out[1:]])
-    ne = {
-        name: normalized_entropy(torch.cat([predict(model, b)[:, 0] for b in held_out[1:]]), labels)
+    ne = {  # both Platt-scaled on the first held-out batch, measured on the rest
+        name: normalized_entropy(calibrated_click_probs(model, held_out[0], held_out[1:]), labels)
         for name, model in (("HSNN", hsnn), ("Two Tower", two_tower))
     }
     index = build_index(hsnn, world.item_ids, world.items, progress=True)
