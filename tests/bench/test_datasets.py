@@ -20,12 +20,8 @@ from bench.datasets.kuairand import (
     split_by_time,
 )
 from bench.datasets.open_bandit import impression_batch, load_open_bandit, open_bandit_batches
-from hsnn.config import HSNNConfig, LTIConfig
 from hsnn.features import hash_ids
-from hsnn.model import HSNN
 from hsnn.monn import HashedEmbeddingBags
-from hsnn.planted import tiny_monn
-from hsnn.training import make_optimizer, train_step
 
 DATASETS = Path(
     os.environ.get("HSNN_DATASETS_DIR") or Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets"
@@ -37,20 +33,6 @@ def shared(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data set {name} not found under {DATASETS} (set HSNN_DATASETS_DIR)")
     return path
-
-
-def one_hsnn_step(schema, batch) -> float:
-    """The batch must go through the real model: one optimisation step on a tiny HSNN."""
-    torch.manual_seed(0)
-    config = HSNNConfig(
-        features=schema,
-        levels=[LTIConfig(num_nodes=4, schedule_steps=20)],
-        level_models=[tiny_monn("level0")],
-        item_model=tiny_monn("item"),
-        index_warmup_steps=5,
-    )
-    model = HSNN(config)
-    return train_step(model, batch, make_optimizer(model))["total"]
 
 
 def naive_last_items(lists: list[list[int]], owners, length: int, drop=None) -> list[list[int]]:
@@ -222,7 +204,7 @@ def test_gowalla_real_batches_are_seeded(gowalla_real):
     assert not torch.equal(a.item_keys, c.item_keys)
 
 
-def test_gowalla_real_eval_users_and_model(gowalla_real):
+def test_gowalla_real_eval_users_and_model(gowalla_real, one_hsnn_step):
     data = gowalla_real
     users = user_batch(data, torch.arange(5))
     for row in range(5):
@@ -327,7 +309,7 @@ def kuairand_fixture(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_kuairand_logs_fixture(kuairand_fixture: Path):
+def test_kuairand_logs_fixture(kuairand_fixture: Path, one_hsnn_step):
     logs = load_kuairand_logs(kuairand_fixture, ["log_a.csv", kuairand_fixture / "log_b.csv"], history_length=4)
     assert len(logs) == 6 and logs.skipped_rows == 1  # the row without time_ms
     assert (np.diff(logs.time_ms) >= 0).all()
@@ -356,7 +338,7 @@ def test_kuairand_logs_fixture(kuairand_fixture: Path):
         load_kuairand_logs(kuairand_fixture, ["log_b.csv"], label_columns=["is_click", "long_view"])
 
 
-def test_kuairand_logs_with_real_features(kuairand_real, tmp_path: Path):
+def test_kuairand_logs_with_real_features(kuairand_real, tmp_path: Path, one_hsnn_step):
     rows = [
         [u, v, 20220408, 1000, 1_649_400_000_000 + i, i % 2] + [0] * 13
         for i, (u, v) in enumerate([(0, 0), (0, 1), (27_284, 7_582), (0, 2)])
@@ -377,7 +359,7 @@ def obd_real():
     return load_open_bandit(shared("open-bandit-obd"))
 
 
-def test_open_bandit_real(obd_real):
+def test_open_bandit_real(obd_real, one_hsnn_step):
     data = obd_real
     assert len(data) == 20_000 and data.base_ctr() == pytest.approx(80 / 20_000)
     assert data.base_ctr_by_file() == {("random", "all"): pytest.approx(0.0038), ("bts", "all"): pytest.approx(0.0042)}

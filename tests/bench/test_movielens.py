@@ -18,10 +18,6 @@ from bench.datasets.movielens import (
     training_batches,
     user_batch,
 )
-from hsnn.config import HSNNConfig, LTIConfig
-from hsnn.model import HSNN
-from hsnn.planted import tiny_monn
-from hsnn.training import make_optimizer, train_step
 
 HOUR = 3600
 
@@ -86,19 +82,6 @@ def write_atomic(root: Path) -> Path:
 @pytest.fixture
 def fixture_dir(tmp_path: Path) -> Path:
     return write_grouplens(tmp_path / "ml-100k")
-
-
-def one_hsnn_step(schema, batch) -> float:
-    torch.manual_seed(0)
-    config = HSNNConfig(
-        features=schema,
-        levels=[LTIConfig(num_nodes=4, schedule_steps=20)],
-        level_models=[tiny_monn("level0")],
-        item_model=tiny_monn("item"),
-        index_warmup_steps=5,
-    )
-    model = HSNN(config)
-    return train_step(model, batch, make_optimizer(model))["total"]
 
 
 def ids(array) -> list[int]:
@@ -182,7 +165,7 @@ def test_movielens_user_history_and_ages(fixture_dir: Path):
     assert users.sparse["user_id"].flatten().tolist() == [1, 3, 4] and users.sparse["occupation"].shape == (3, 1)
 
 
-def test_movielens_training_epoch(fixture_dir: Path):
+def test_movielens_training_epoch(fixture_dir: Path, one_hsnn_step):
     data = load_movielens(fixture_dir, history_length=3)
     k = 3
     batches = list(training_batches(data, batch_size=2, negatives_per_positive=k, seed=1))
@@ -225,7 +208,7 @@ def movielens_real():
     return read_recbole_wheel(wheel)
 
 
-def test_movielens_real_via_recbole_wheel(movielens_real):
+def test_movielens_real_via_recbole_wheel(movielens_real, one_hsnn_step):
     tables = movielens_real
     assert len(tables.ratings) == 100_000 and set(np.unique(tables.ratings).tolist()) == {1, 2, 3, 4, 5}
     data = load_movielens(tables=tables)
