@@ -59,13 +59,20 @@ MAX_IDS_PER_FEATURE = 1024
 MAX_HISTORY = 1024  # engagements accepted on the wire; the schema's history_length is what is kept
 MAX_EVENT_TIME = 1e11  # epoch seconds; anything larger is almost certainly epoch milliseconds
 MAX_RECORD_BYTES = 1 << 20
+# Dense feature values are bounded well inside float32 (max ~3.4e38): a value such as 1e300 is a
+# finite JSON number but becomes inf in float32, and one such impression turns every weight NaN
+# in a single train step. Real features are normalised; 1e6 leaves room for raw counts.
+MAX_FEATURE_MAGNITUDE = 1e6
+MAX_AGE_HOURS = 1e6  # ~114 years: also kept far from float32 overflow
 
 Id = Annotated[int, Field(ge=0, le=MAX_ID)]
 AdId = Annotated[int, Field(ge=1, le=MAX_ID)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+FeatureValue = Annotated[float, Field(ge=-MAX_FEATURE_MAGNITUDE, le=MAX_FEATURE_MAGNITUDE, allow_inf_nan=False)]
 FeatureName = Annotated[str, Field(min_length=1, max_length=128)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
-EventTime = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# The upper bound is checked by `_check_event_time` (for its clearer message) and published in the JSON schema.
+EventTime = Annotated[float, Field(gt=0, allow_inf_nan=False, json_schema_extra={"exclusiveMaximum": MAX_EVENT_TIME})]
 
 
 class EventModel(BaseModel):
@@ -92,13 +99,13 @@ class Engagement(EventModel):
         max_length=MAX_SPARSE_FEATURES,
         description="Item attribute name (a schema history attribute) -> id; absent or 0 means unknown.",
     )
-    age_hours: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    age_hours: Annotated[float, Field(ge=0, le=MAX_AGE_HOURS, allow_inf_nan=False)]
 
 
 class UserFeatures(EventModel):
     """The user side of an impression, and the body of a retrieval request."""
 
-    dense: list[FiniteFloat] = Field(max_length=MAX_DENSE)
+    dense: list[FeatureValue] = Field(max_length=MAX_DENSE)
     sparse: dict[FeatureName, Annotated[list[Id], Field(max_length=MAX_IDS_PER_FEATURE)]] = Field(
         default_factory=dict, max_length=MAX_SPARSE_FEATURES
     )
@@ -112,7 +119,7 @@ class UserFeatures(EventModel):
 class ItemFeatures(EventModel):
     """An ad's features. A schema's `item_id` feature is filled from the ad id, so it need not be sent."""
 
-    dense: list[FiniteFloat] = Field(max_length=MAX_DENSE)
+    dense: list[FeatureValue] = Field(max_length=MAX_DENSE)
     sparse: dict[FeatureName, Id] = Field(default_factory=dict, max_length=MAX_SPARSE_FEATURES)
 
 
@@ -170,6 +177,23 @@ class ItemEvent(EventModel):
             raise ValueError(f"features are required for op {self.op!r}")
         return self
 
+
+class ItemUpsert(ItemEvent):
+    """A create or update: `features` required. The same event as `ItemEvent`, typed per op for published schemas."""
+
+    op: Literal["create", "update"]
+    features: ItemFeatures
+
+
+class ItemExpire(ItemEvent):
+    """An expire: no `features`."""
+
+    op: Literal["expire"]
+    features: None = None
+
+
+ItemEventByOp = Annotated[ItemUpsert | ItemExpire, Field(discriminator="op")]
+"""An item event whose JSON schema says, per `op`, whether `features` is required (the API's request body)."""
 
 Event = ImpressionEvent | ItemEvent
 
