@@ -62,6 +62,23 @@ def recall_at_k(retrieved: Sequence[Sequence[int]], relevant: Sequence[set[int]]
     return sum(scores) / len(scores) if scores else 0.0
 
 
+def ndcg_at_k(retrieved: Sequence[Sequence[int]], relevant: Sequence[set[int]], k: int) -> float:
+    """Binary-relevance NDCG@K, averaged over users with at least one relevant item.
+
+    DCG = sum over hits at ranks i = 1..K of 1 / log2(i + 1); the ideal DCG puts min(|relevant|, K)
+    hits at the top ranks, so a user with fewer than K relevant items can still reach 1 (the
+    definition RecBole and the LightGCN evaluation use).
+    """
+    scores = []
+    for items, truth in zip(retrieved, relevant, strict=True):
+        if not truth:
+            continue
+        dcg = sum(1.0 / math.log2(rank + 2) for rank, item in enumerate(list(items)[:k]) if item in truth)
+        ideal = sum(1.0 / math.log2(rank + 2) for rank in range(min(len(truth), k)))
+        scores.append(dcg / ideal)
+    return sum(scores) / len(scores) if scores else 0.0
+
+
 def index_health(node_of_item: Tensor, num_nodes: int) -> dict[str, float]:
     """Balance of an item->node assignment over all `num_nodes` codes (a dead code counts as size 0).
 
