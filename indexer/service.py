@@ -49,6 +49,7 @@ from hsnn.index_store import (
     write_index,
 )
 from hsnn.model import HSNN
+from hsnn.service_metrics import service_registry
 from hsnn.snapshots import CorruptSnapshot, SnapshotStore
 from indexer.settings import IndexerSettings
 
@@ -60,7 +61,7 @@ _REBUILD_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 class IndexerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
+        self.registry = registry or service_registry()
         kw = {"registry": self.registry}
         self.event_to_indexed = Histogram(
             "hsnn_indexer_item_event_to_indexed_seconds",
@@ -84,7 +85,7 @@ class IndexerMetrics:
             "hsnn_indexer_snapshot_failures", "Promoted snapshots refused (corrupt, unreadable, wrong kind)", **kw
         )
         self.item_events = Counter(
-            "hsnn_indexer_item_events", "Item events by outcome (applied, superseded)", ["result"], **kw
+            "hsnn_indexer_item_events", "Item events by outcome (applied, superseded)", ["outcome"], **kw
         )
         self.skipped_ads = Counter(
             "hsnn_indexer_rebuild_skipped_ads", "Catalogue ads left out of a rebuild (do not fit the schema)", **kw
@@ -310,7 +311,7 @@ class Indexer:
                 if result == APPLIED:
                     self.metrics.event_to_indexed.observe(max(0.0, now - events[i].event_time))
                 if result in (APPLIED, SUPERSEDED):
-                    self.metrics.item_events.labels(result=result).inc()
+                    self.metrics.item_events.labels(outcome=result).inc()
             pending = [i for i, r in zip(pending, results, strict=True) if r == RETRY]
             if not pending:
                 return outcomes

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from hsnn.service_metrics import service_registry
 from hsnn.snapshots import SnapshotStore
 from retrieval_api.batcher import Batcher, ConfigurationError, DeadlineExceeded, InvalidRequest, NotReady, Overloaded
 from retrieval_api.catalogs import catalog_source
@@ -59,15 +60,15 @@ class ApiMetrics:
         self.registry = registry
         self.latency = Histogram(
             "hsnn_api_request_latency_seconds",
-            "Time from arrival to answer of POST /retrieve.",
-            ["status"],
+            "Time from arrival to answer of POST /retrieve, by outcome (ok or the error).",
+            ["outcome"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.batch_size = Histogram(
             "hsnn_api_batch_size", "Requests scored together in one pass.", buckets=BATCH_BUCKETS, registry=registry
         )
-        self.errors = Counter("hsnn_api_errors", "Failed /retrieve requests by kind.", ["kind"], registry=registry)
+        self.errors = Counter("hsnn_api_errors", "Failed /retrieve requests", ["outcome"], registry=registry)
         queue_depth = Gauge("hsnn_api_queue_depth", "Requests waiting to be batched.", registry=registry)
         queue_depth.set_function(lambda: batcher.depth)
         model_version = Gauge("hsnn_api_model_version", "Snapshot version being served (0: none).", registry=registry)
@@ -146,7 +147,7 @@ def create_app(
         queue_size=settings.queue_size,
         max_history=settings.max_history,
     )
-    metrics = ApiMetrics(CollectorRegistry(), state, batcher)
+    metrics = ApiMetrics(service_registry(), state, batcher)
     batcher.on_batch = metrics.batch_size.observe
     watcher = None
     follower = None
@@ -267,8 +268,8 @@ def create_app(
             raise
         finally:
             if outcome != "ok":
-                metrics.errors.labels(kind=outcome).inc()
-            metrics.latency.labels(status=outcome).observe(time.perf_counter() - started)
+                metrics.errors.labels(outcome=outcome).inc()
+            metrics.latency.labels(outcome=outcome).observe(time.perf_counter() - started)
         result = answer.result
         return RetrieveResponse(
             ads=[

@@ -56,7 +56,8 @@ def request_stats(registry: Any) -> dict[str, Any]:
             continue
         for sample in family.samples:
             if sample.name.endswith("_count"):
-                counts[sample.labels["status"]] = counts.get(sample.labels["status"], 0.0) + sample.value
+                outcome = sample.labels["outcome"]
+                counts[outcome] = counts.get(outcome, 0.0) + sample.value
             elif sample.name.endswith("_bucket"):
                 upper = float(sample.labels["le"])
                 buckets[upper] = buckets.get(upper, 0.0) + sample.value

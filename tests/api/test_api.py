@@ -188,7 +188,7 @@ def test_a_full_queue_answers_429(pairs, users):
     refused = next(r for r in responses if r.status_code == 429)
     assert refused.json()["detail"] == "1 requests are already waiting; retry later"
     text = TestClient(app).get("/metrics").text
-    assert 'hsnn_api_errors_total{kind="overloaded"}' in text
+    assert 'hsnn_api_errors_total{outcome="overloaded"}' in text
 
 
 def test_overloaded_batcher_says_why(pairs, users):

@@ -244,7 +244,7 @@ def test_replayed_and_out_of_order_item_events(tmp_path, redis, world, models, k
             lambda: (
                 (
                     indexer.metrics.registry.get_sample_value(
-                        "hsnn_indexer_item_events_total", {"result": "superseded"}
+                        "hsnn_indexer_item_events_total", {"outcome": "superseded"}
                     )
                     or 0
                 )
