@@ -551,12 +551,17 @@ def test_dashboard_parses_and_covers_the_required_panels():
     used = {_base_metric(n) for e in exprs for n in METRIC_RE.findall(e)}
     assert not DASHBOARD_MUST_USE - used, f"dashboard lacks {sorted(DASHBOARD_MUST_USE - used)}"
     assert any("histogram_quantile(0.99" in e and "hsnn_api_request_latency_seconds_bucket" in e for e in exprs)
-    datasources = {
-        json.dumps(t["datasource"], sort_keys=True) for p in dashboard["panels"] for t in p.get("targets", [])
-    }
-    provisioned = _yaml().safe_load((OPS / "grafana/provisioning/datasources/prometheus.yml").read_text())
-    uids = {d["uid"] for d in provisioned["datasources"]}
-    assert {json.loads(d)["uid"] for d in datasources} <= uids
+
+
+def test_dashboard_datasource_is_a_variable_not_a_uid():
+    """Imported into any Grafana, the panels follow the datasource picked in the `datasource` variable."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert [i["pluginId"] for i in dashboard["__inputs"] if i["type"] == "datasource"] == ["prometheus"]
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    used = [p["datasource"] for p in panels] + [t["datasource"] for p in panels for t in p["targets"]]
+    assert used and all(d == {"type": "prometheus", "uid": "${datasource}"} for d in used)
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path):
