@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -507,15 +508,25 @@ def _doc_anchors() -> set[str]:
     return anchors
 
 
+def test_serving_is_covered_by_alerts():
+    """API availability, server errors and latency each have an alert."""
+    exprs = {rule["alert"]: rule["expr"] for rule in _alert_rules()}
+    assert 'up{job="retrieval_api"}' in exprs["HsnnApiDown"] and "absent(" in exprs["HsnnApiDown"]
+    assert "hsnn_api_request_latency_seconds_count" in exprs["HsnnApiErrorRate"]
+    assert "histogram_quantile(0.99" in exprs["HsnnApiLatencyHigh"]
+
+
 def test_every_alert_has_severity_summary_runbook_and_a_test():
     anchors = _doc_anchors()
     tested = (PROMETHEUS_DIR / "alerts_test.yml").read_text()
+    runbook = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Runbook"]
+    assert runbook.startswith("https://") and runbook.endswith("/docs/operations.md")
     for rule in _alert_rules():
         name = rule["alert"]
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
         assert rule["annotations"]["summary"], name
         url = rule["annotations"]["runbook_url"]
-        assert url.startswith("docs/operations.md#"), name
+        assert url.startswith(f"{runbook}#"), f"{name}: {url} is not an anchor of the Runbook URL in pyproject.toml"
         assert url.split("#", 1)[1] in anchors, f"{name}: no heading for {url} in docs/operations.md"
         assert tested.count(f"alertname: {name}\n") >= 2, f"{name}: test both firing and not firing"
 
