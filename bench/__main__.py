@@ -1,5 +1,10 @@
 """CLI: `python -m bench --dataset simulator|planted|gowalla|movielens|open_bandit [--quick]` writes
-reports/<dataset>.{json,md,png}."""
+reports/<dataset>.{json,md,png}.
+
+Protocols (docs/benchmarks.md): gowalla `--protocol valid` (default: train.txt -> valid.txt, 3,000
+users) or `official` (train.txt + valid.txt -> `--test-file`, every test user); movielens `--protocol
+recbole` (default: RecBole's 80/10/10 per-user split, every user) or `newest20` (the earlier protocol).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,16 @@ import sys
 import torch
 
 from bench.calibration import run_calibration, write_calibration_report
-from bench.data import gowalla_data, movielens_data, planted_data, simulator_data
-from bench.report import write_report
+from bench.data import (
+    GOWALLA_PROTOCOLS,
+    GOWALLA_VALID_EVAL_USERS,
+    MOVIELENS_PROTOCOLS,
+    gowalla_data,
+    movielens_data,
+    planted_data,
+    simulator_data,
+)
+from bench.report import aggregate_seeds, write_report
 from bench.run import BUILDERS, RunConfig, run_benchmark
 
 
@@ -21,8 +34,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small models and budget: minutes on 2 cores")
     parser.add_argument("--steps", type=int, help="training batches per model (default: 1500, quick: 150)")
     parser.add_argument("--items", type=int, help="simulator/planted: catalogue size (default 100,000; quick: 5,000)")
-    parser.add_argument("--eval-users", type=int, help="users evaluated (default: 200, quick: 100)")
-    parser.add_argument("--test-file", help="gowalla: evaluate on this file (NGCF format) instead of valid.txt")
+    parser.add_argument(
+        "--eval-users",
+        type=int,
+        help="users evaluated (default: 200, quick: 100; gowalla valid: 3,000; gowalla official and movielens"
+        " recbole: every user with held-out items, not settable)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=sorted({*GOWALLA_PROTOCOLS, *MOVIELENS_PROTOCOLS}),
+        help="gowalla: valid (default) | official; movielens: recbole (default) | newest20",
+    )
+    parser.add_argument("--test-file", help="gowalla official protocol: the official test.txt (NGCF format)")
+    parser.add_argument(
+        "--split-order",
+        choices=("time", "random"),
+        default="time",
+        help="movielens recbole: order of each user's positives before the 80/10/10 split (random = RecBole's RO)",
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="run with seeds seed..seed+N-1 and report mean ± std per row"
+    )
+    parser.add_argument("--mf-epochs", type=int, help="mf_softmax baseline: training epochs (default 30)")
+    parser.add_argument("--no-mf", action="store_true", help="skip the mf_softmax baseline")
     parser.add_argument("--data-root", help="real data sets: data directory (default: under ../shared/datasets)")
     parser.add_argument("--builders", default=",".join(BUILDERS), help=f"HSNN index builders, from {BUILDERS}")
     parser.add_argument("--batch-size", type=int, default=250, help="gowalla / movielens: rows per training batch")
@@ -36,7 +70,38 @@ def main(argv: list[str] | None = None) -> None:
         help="LTI ablation: FLOPs regulariser on the assignment at alpha_max, not the scheduled alpha",
     )
     args = parser.parse_args(argv)
+    protocol = _protocol(parser, args)
+    if args.seeds > 1:
+        if args.dataset == "open_bandit":
+            parser.error("--seeds is for the retrieval benchmarks")
+        reports = [_run_once(args, protocol, args.seed + offset) for offset in range(args.seeds)]
+        seeds = list(range(args.seed, args.seed + args.seeds))
+        _finish(aggregate_seeds(reports, seeds), write_report, args.out, argv)
+        return
+    if args.dataset == "open_bandit":  # NE / calibration only: too few items to rank retrievers
+        report = run_calibration(args.data_root, epochs=args.epochs or (2 if args.quick else 8), seed=args.seed)
+        _finish(report, write_calibration_report, args.out, argv)
+        return
+    _finish(_run_once(args, protocol, args.seed), write_report, args.out, argv)
 
+
+def _protocol(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The data set's protocol: given, or its default (a gowalla --test-file implies official)."""
+    allowed = {"gowalla": GOWALLA_PROTOCOLS, "movielens": MOVIELENS_PROTOCOLS}.get(args.dataset, ())
+    protocol = args.protocol
+    if protocol is None:
+        gowalla_default = "official" if args.test_file else "valid"
+        protocol = gowalla_default if args.dataset == "gowalla" else next(iter(allowed), None)
+    elif protocol not in allowed:
+        parser.error(f"--protocol {protocol} does not apply to {args.dataset} (choices: {allowed or 'none'})")
+    if (args.dataset, protocol) in {("gowalla", "official"), ("movielens", "recbole")} and args.eval_users:
+        parser.error(f"{args.dataset} --protocol {protocol} evaluates every user with held-out items (no --eval-users)")
+    return protocol
+
+
+def _run_once(args: argparse.Namespace, protocol: str | None, seed: int) -> dict:
+    """One benchmark run with one seed (data sampling, batches and model initialisation)."""
+    args = argparse.Namespace(**{**vars(args), "seed": seed})
     quick = args.quick
     run = RunConfig(
         steps=args.steps or (150 if quick else 1500),
@@ -45,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         builders=tuple(b for b in args.builders.split(",") if b),
         flops_at_target_temperature=args.flops_at_target,
         hsnn_exhaustive=quick,  # with preset models one exhaustive pass costs minutes per model
+        mf_softmax=not args.no_mf,
+        mf_epochs=args.mf_epochs,
     )
     if quick:
         run.level_nodes = (16, 8)
@@ -55,10 +122,6 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.dataset == "open_bandit":  # NE / calibration only: too few items to rank retrievers
-        report = run_calibration(args.data_root, epochs=args.epochs or (2 if quick else 8), seed=args.seed)
-        _finish(report, write_calibration_report, args.out, argv)
-        return
     items = args.items or (5000 if quick else 100_000)
     if args.dataset == "simulator":
         data = simulator_data(
@@ -72,11 +135,23 @@ def main(argv: list[str] | None = None) -> None:
         data = planted_data(num_items=items, num_eval_users=eval_users, seed=args.seed)
     elif args.dataset == "gowalla":
         data = gowalla_data(
-            args.data_root, eval_users, test_path=args.test_file, seed=args.seed, batch_size=args.batch_size
+            args.data_root,
+            args.eval_users or GOWALLA_VALID_EVAL_USERS,
+            test_path=args.test_file,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            protocol=protocol,
         )
     else:
-        data = movielens_data(args.data_root, eval_users, seed=args.seed, batch_size=args.batch_size)
-    _finish(run_benchmark(data, run), write_report, args.out, argv)
+        data = movielens_data(
+            args.data_root,
+            None if protocol == "recbole" else eval_users,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            protocol=protocol,
+            split_order=args.split_order,
+        )
+    return run_benchmark(data, run)
 
 
 def _finish(report: dict, writer, out: str, argv: list[str] | None) -> None:

@@ -64,30 +64,102 @@ def planted_data(num_items: int, num_eval_users: int, batch_size: int = 256, see
     )
 
 
+GOWALLA_PROTOCOLS = ("valid", "official")
+MOVIELENS_PROTOCOLS = ("recbole", "newest20")
+GOWALLA_VALID_EVAL_USERS = 3000  # the `valid` protocol's default: a fixed random sample of the valid users
+
+
 def gowalla_data(
     root: str | Path | None,
-    num_eval_users: int | None,
+    num_eval_users: int | None = GOWALLA_VALID_EVAL_USERS,
     test_path: str | Path | None = None,
     seed: int = 0,
     batch_size: int = 250,
+    protocol: str = "valid",
 ) -> BenchData:
-    """Gowalla (NGCF split): train on train.txt, evaluate on valid.txt (or a test file given by path)."""
-    data = gowalla.load_gowalla(root, test_path=test_path)
-    eval_source = "the given test file" if test_path else "valid.txt"
-    notes = {"anchor": "LightGCN Recall@20 = 0.1830 on the official test split (not valid.txt)"}
+    """Gowalla (NGCF split) under one of two protocols, both full ranking with train items masked.
+
+    - "valid": train on train.txt, evaluate on valid.txt for `num_eval_users` users sampled with
+      `seed` from those with valid items (None: all of them).
+    - "official": train on train.txt + valid.txt (the NGCF/LightGCN training set), evaluate every
+      user with items in `test_path` (the official test.txt, kept outside the shared folder). This
+      is the protocol of the published figures (LightGCN Recall@20 = 0.1830, NDCG@20 = 0.1554).
+    """
+    if protocol not in GOWALLA_PROTOCOLS:
+        raise ValueError(f"gowalla protocol must be one of {GOWALLA_PROTOCOLS}, not {protocol!r}")
+    if protocol == "official":
+        if test_path is None:
+            raise ValueError("the official Gowalla protocol needs the official test.txt by path (--test-file)")
+        data = gowalla.load_gowalla(root, test_path=test_path)
+        num_eval_users, eval_source = None, f"{Path(test_path).name} (every user with test items)"
+    else:
+        if test_path is not None:
+            raise ValueError("the valid protocol evaluates on valid.txt; a test file needs --protocol official")
+        data = gowalla.load_gowalla(root)
+        eval_source = "valid.txt"
+    notes = {
+        "anchor": "LightGCN Recall@20 = 0.1830, NDCG@20 = 0.1554 on the official split (train+valid -> test)",
+        "evaluation": "full ranking over all items, each user's training items masked; Recall@K and NDCG@K"
+        " (ideal DCG over min(|held-out|, K)) averaged over evaluated users",
+    }
     return implicit_feedback_data(
-        "gowalla", data, gowalla, num_eval_users, eval_source, batch_size=batch_size, seed=seed, notes=notes
+        f"gowalla_{protocol}" if protocol != "valid" else "gowalla",
+        data,
+        gowalla,
+        num_eval_users,
+        eval_source,
+        batch_size=batch_size,
+        seed=seed,
+        notes=notes,
     )
 
 
 def movielens_data(
-    root: str | Path | None, num_eval_users: int | None, seed: int = 0, batch_size: int = 250
+    root: str | Path | None,
+    num_eval_users: int | None = None,
+    seed: int = 0,
+    batch_size: int = 250,
+    protocol: str = "recbole",
+    split_order: str = "time",
 ) -> BenchData:
-    """MovieLens-100K (rating >= 4 positive; each user's newest 20% of positives held out)."""
-    data = movielens.load_movielens(root)
-    held_out = "the newest 20% per user"
+    """MovieLens-100K (rating >= 4 is a positive) under one of two protocols.
+
+    - "recbole": RecBole's default general-recommendation protocol. Each user's positives split
+      80/10/10 (train/valid/test, `ratio_parts`) in time order (`split_order="random"`: shuffled, as
+      RecBole's RO ordering); train on train, evaluate the test part of every user that has one,
+      full ranking with train and valid items masked. `num_eval_users` must be None (all users).
+    - "newest20": the earlier protocol of this repo: each user's newest 20% of positives held out,
+      `num_eval_users` users sampled, train items masked. Not comparable with published figures.
+    """
+    if protocol not in MOVIELENS_PROTOCOLS:
+        raise ValueError(f"movielens protocol must be one of {MOVIELENS_PROTOCOLS}, not {protocol!r}")
+    if protocol == "newest20":
+        data = movielens.load_movielens(root)
+        return implicit_feedback_data(
+            "movielens_newest20",
+            data,
+            movielens,
+            num_eval_users,
+            "the newest 20% per user",
+            batch_size=batch_size,
+            seed=seed,
+        )
+    data = movielens.load_movielens(root, split="recbole", split_order=split_order, seed=seed)
+    notes = {
+        "evaluation": "RecBole default protocol: per-user 80/10/10 split"
+        f" ({'time-ordered' if split_order == 'time' else 'random order'}), test part evaluated, full ranking with"
+        " train and valid items masked, every user with test items; Recall@K and NDCG@K as RecBole defines them",
+    }
     return implicit_feedback_data(
-        "movielens", data, movielens, num_eval_users, held_out, batch_size=batch_size, seed=seed
+        "movielens",
+        data,
+        movielens,
+        num_eval_users,
+        "the test part (10% per user)",
+        batch_size=batch_size,
+        seed=seed,
+        notes=notes,
+        masked_also=data.valid,
     )
 
 
@@ -101,9 +173,11 @@ def implicit_feedback_data(
     batch_size: int = 250,
     seed: int = 0,
     notes: dict[str, str] | None = None,
+    masked_also: gowalla.Interactions | None = None,
 ) -> BenchData:
     """Shared protocol for implicit-feedback sets (Gowalla, MovieLens): `loader` provides
-    `training_batches` and `user_batch`. Retrieval excludes each user's train items; log-loss
+    `training_batches` and `user_batch`. Retrieval excludes each user's train items (and their
+    `masked_also` items, e.g. validation positives when the test part is evaluated); log-loss
     training uses `negatives` uniformly sampled non-positives per positive.
     """
     rng = np.random.default_rng(seed)
@@ -113,6 +187,10 @@ def implicit_feedback_data(
     eval_users = loader.user_batch(data, eval_rows)
     relevant = [set((data.eval[int(u)] + 1).tolist()) for u in eval_rows]
     exclude = [torch.from_numpy(data.train[int(u)] + 1) for u in eval_rows]
+    if masked_also is not None:
+        exclude = [
+            torch.cat([e, torch.from_numpy(masked_also[int(u)] + 1)]) for e, u in zip(exclude, eval_rows, strict=True)
+        ]
 
     def batches(num_batches: int, batch_seed: int):
         produced = 0
@@ -144,6 +222,8 @@ def implicit_feedback_data(
         relevant=relevant,
         eval_impressions=impressions,
         exclude=exclude,
+        train_pairs=(torch.from_numpy(data.train.owners()), torch.from_numpy(data.train.items)),
+        num_users=data.num_users,
         notes={
             "protocol": f"batches of {batch_size} rows: train positives + {negatives} uniform negatives each;"
             f" eval on {eval_source}; "
@@ -153,12 +233,25 @@ def implicit_feedback_data(
     )
 
 
+def stream_positions(stream_length: int, num_batches: int, batch_seed: int, base_seed: int) -> list[int]:
+    """Which logged batches a `batches(num_batches, batch_seed)` call reads, in order.
+
+    The simulator logs one time-ordered stream. Seed `base_seed + j` reads the `num_batches` batches
+    that follow j earlier chunks of the same length, wrapping only past the end of the log: the base
+    seed starts at the first batch, and a training run split into equal phases with consecutive seeds
+    (k-means phase 2, EM rounds) continues through the log instead of replaying its opening again.
+    """
+    start = (batch_seed - base_seed) * num_batches
+    return [(start + i) % stream_length for i in range(num_batches)]
+
+
 def simulator_data(
     num_ads: int, num_users: int, num_eval_users: int, train_batches: int, batch_size: int = 256, seed: int = 0
 ) -> BenchData:
     """The marketplace simulator: train on its logged impressions, evaluate against its hidden truth.
 
-    The training stream is generated once (the same batches for every model). The corpus is the
+    The training stream is generated once (the same batches for every model trained with the same
+    seed; see `stream_positions` for what other seeds read). The corpus is the
     set of ads live when training ends. Held-out positives per eval user: 300 random live ads, each
     clicked with its true probability. The "existing hierarchy" is category -> advertiser bucket
     (advertiser id mod 16 within the category).
@@ -195,9 +288,8 @@ def simulator_data(
         clicked = rng.random(300) < market.true_click_probability(state, rows_by_id[picks])
         relevant.append(set(item_ids[torch.from_numpy(picks[clicked])].tolist()))
 
-    def batches(num_batches: int, _batch_seed: int):
-        for i in range(num_batches):
-            yield cached[i % len(cached)]
+    def batches(num_batches: int, batch_seed: int):
+        yield from (cached[i] for i in stream_positions(len(cached), num_batches, batch_seed, seed))
 
     def true_scores(rows: torch.Tensor) -> torch.Tensor:
         logits = [market.true_click_logit(states[int(r)], rows_by_id) for r in rows]

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
-from hsnn.metrics import calibration, normalized_entropy, recall_at_k
+from hsnn.metrics import calibration, ndcg_at_k, normalized_entropy, recall_at_k
 from hsnn.model import HSNN
 from hsnn.progress import progress_bar
 from hsnn.training import calibrated_click_probs, make_optimizer, train_step
@@ -42,6 +42,9 @@ class BenchData:
     true_scores: Callable[[Tensor], Tensor] | None = None  # eval user rows -> (U, N) true logits (synthetic data)
     exclude: list[Tensor] | None = None  # per eval user, item ids never to return (e.g. their train items)
     notes: dict[str, str] = field(default_factory=dict)
+    # implicit-feedback sets: the training positives as (user row, item row) pairs, for id-based baselines
+    train_pairs: tuple[Tensor, Tensor] | None = None  # ((P,), (P,)) user rows, catalogue rows
+    num_users: int = 0  # user rows are 0..num_users-1; eval users carry sparse user_id = row + 1
 
     @property
     def num_items(self) -> int:
@@ -72,11 +75,29 @@ class Answer:
 Retriever = Callable[[UserBatch, int], list[Answer]]
 
 
+ItemScorer = Callable[[UserBatch], Tensor]  # users -> (U, N) scores over every catalogue row
+
+
 @dataclass
 class SweepPoint:
     method: str
     knob: str
     retriever: Retriever
+    # a method that scores the whole catalogue in one matrix product sets this: the harness then ranks
+    # in user chunks with the excluded items masked, instead of asking the retriever for extra items
+    score_all: ItemScorer | None = None
+    flops_per_query: int = 0  # with score_all
+
+
+def full_ranking_retriever(score_all: ItemScorer, data: BenchData, flops_per_query: int = 0) -> Retriever:
+    """The Retriever view of a whole-catalogue scorer (top-k by score, nothing masked)."""
+
+    def run(users: UserBatch, k: int) -> list[Answer]:
+        scores = score_all(users)  # (U, N)
+        top = torch.topk(scores, min(k, data.num_items), dim=1).indices
+        return [Answer(data.item_ids[row].tolist(), data.num_items, 0, flops_per_query) for row in top]
+
+    return run
 
 
 def train_for(
@@ -166,29 +187,68 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
+def rank_users(
+    point: SweepPoint, data: BenchData, k: int, chunk_users: int = 256, progress: bool = True
+) -> tuple[list[list[int]], list[Answer]]:
+    """Every eval user's top-k item ids (excluded items removed) and the retriever's answers.
+
+    Users go in chunks with a progress bar. A point with `score_all` is ranked as one (chunk, N)
+    score matrix with each user's excluded items set to -inf; any other retriever is asked for k plus
+    the chunk's largest exclusion list, and the excluded ids are dropped from its answer.
+    """
+    users = data.eval_users
+    retrieved: list[list[int]] = []
+    answers: list[Answer] = []
+    chunk = chunk_users if point.score_all is not None else max(1, min(chunk_users, 32))
+    starts = range(0, len(users), chunk)
+    for start in progress_bar(starts, f"rank {point.method} {point.knob}", enabled=progress, total=len(starts)):
+        rows = torch.arange(start, min(start + chunk, len(users)))
+        banned = (
+            data.exclude[start : start + len(rows)] if data.exclude else [torch.empty(0, dtype=torch.long)] * len(rows)
+        )
+        if point.score_all is not None:
+            scores = point.score_all(users.select(rows)).clone()  # (U, N)
+            owner = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(b) for b in banned]))
+            if len(owner):
+                scores[owner, data.rows_of(torch.cat(banned))] = float("-inf")
+            top = torch.topk(scores, min(k, data.num_items), dim=1)
+            for ids, values in zip(data.item_ids[top.indices], top.values, strict=True):
+                retrieved.append(ids[torch.isfinite(values)].tolist())
+                answers.append(Answer([], data.num_items, 0, point.flops_per_query))
+            continue
+        ask = k + max((len(b) for b in banned), default=0)
+        got = point.retriever(users.select(rows), ask)
+        answers.extend(got)
+        for answer, excluded in zip(got, banned, strict=True):
+            skip = set(excluded.tolist())
+            retrieved.append([i for i in answer.item_ids if i not in skip][:k])
+    return retrieved, answers
+
+
 def evaluate(
     point: SweepPoint,
     data: BenchData,
     references: dict[str, list[list[int]]],
     k_values: tuple[int, ...] = K_VALUES,
     latency_users: int = 50,
-    batch_size: int = 32,
+    ranked: tuple[list[list[int]], list[Answer], float] | None = None,
 ) -> dict:
-    """Run one retriever over every eval user (in batches), then time single and batched queries."""
+    """Recall@K and NDCG@K of one retriever over every eval user, then single-query latency.
+
+    `ranked` (retrieved lists, answers, seconds) reuses a ranking already computed with `rank_users`.
+    """
     k_max = max(k_values)
     users = data.eval_users
-    ask = k_max + (max(len(e) for e in data.exclude) if data.exclude else 0)
-    answers: list[Answer] = []
-    batched_started = time.perf_counter()
-    for start in range(0, len(users), batch_size):
-        rows = torch.arange(start, min(start + batch_size, len(users)))
-        answers.extend(point.retriever(users.select(rows), ask))
-    batched_seconds = time.perf_counter() - batched_started
-    retrieved = exclude_and_cut(answers, data, k_max)
+    if ranked is None:
+        started = time.perf_counter()
+        retrieved, answers = rank_users(point, data, k_max)
+        batched_seconds = time.perf_counter() - started
+    else:
+        retrieved, answers, batched_seconds = ranked
     single = []
     for u in range(min(latency_users, len(users))):
         started = time.perf_counter()
-        point.retriever(users.select(torch.tensor([u])), ask)
+        point.retriever(users.select(torch.tensor([u])), k_max)
         single.append(time.perf_counter() - started)
     result = {
         "method": point.method,
@@ -203,8 +263,9 @@ def evaluate(
     }
     for k in k_values:
         result[f"recall@{k}"] = recall_at_k(retrieved, data.relevant, k)
-        for name, ranked in references.items():
-            result[f"recall@{k}_vs_{name}"] = _recall_vs_ranked(retrieved, ranked, k)
+        result[f"ndcg@{k}"] = ndcg_at_k(retrieved, data.relevant, k)
+        for name, reference in references.items():
+            result[f"recall@{k}_vs_{name}"] = _recall_vs_ranked(retrieved, reference, k)
     return result
 
 

@@ -12,17 +12,33 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
 HEADLINE_K = {"gowalla": 20, "movielens": 20}
 
 
 def headline_k(report: dict) -> int:
-    return HEADLINE_K.get(report["dataset"], 100)
+    base = report["dataset"].split("_")[0]  # gowalla_official, movielens_newest20 share their set's K
+    return HEADLINE_K.get(base, 100)
+
+
+def value(entry: dict, key: str, spec: str = ".4f", scale: float = 1.0) -> str:
+    """One figure, as `mean ± std` when the report aggregates several seeds (`<key>_std` present)."""
+    text = format(scale * entry[key], spec)
+    if f"{key}_std" in entry:
+        text += " ± " + format(scale * entry[f"{key}_std"], spec)
+    return text
+
+
+def _level_list(health: dict | list) -> list[dict]:
+    return health if isinstance(health, list) else [health]  # reports before per-level health held level 1
 
 
 def markdown(report: dict) -> str:
     k = headline_k(report)
     has_truth = any(f"recall@{k}_vs_truth" in p for p in report["points"])
+    has_ndcg = any(f"ndcg@{k}" in p for p in report["points"])
+    seeds = report.get("seeds")
     lines = [
         f"# Benchmark: {report['dataset']}",
         "",
@@ -30,7 +46,8 @@ def markdown(report: dict) -> str:
         f" {report['steps']} training steps per model{' (quick mode)' if report['quick'] else ''};"
         f" wall time {report['wall_seconds'] / 60:.1f} min.",
         "",
-        *(f"- {key}: {value}" for key, value in report["notes"].items()),
+        *([f"- seeds: {seeds} (each figure is mean ± standard deviation over the seeds)"] if seeds else []),
+        *(f"- {key}: {note}" for key, note in report["notes"].items()),
         "",
         "## Models (held-out impressions)",
         "",
@@ -40,11 +57,18 @@ def markdown(report: dict) -> str:
     for name, m in report["models"].items():
         cluster = ", ".join(f"{ne:.4f}" for ne in m.get("cluster_ne", [])) or "-"
         lines.append(
-            f"| {name} | {m['ne']:.4f} | {m['ne_vs_two_tower_percent']:+.2f}% | {m['calibration']:.3f} |"
-            f" {cluster} | {m['train_seconds']:.0f} |"
+            f"| {name} | {value(m, 'ne')} | {value(m, 'ne_vs_two_tower_percent', '+.2f')}% |"
+            f" {value(m, 'calibration', '.3f')} | {cluster} | {value(m, 'train_seconds', '.0f')} |"
         )
-    header = f"| method | setting | items scored | share | recall@{k} | recall@{k} vs MoNN exhaustive |"
-    rule = "| --- | --- | ---: | ---: | ---: | ---: |"
+    for name, b in report.get("baselines", {}).items():
+        lines.append(f"| {name} | - | - | - | - | {value(b, 'train_seconds', '.0f')} |")
+    header = f"| method | setting | items scored | share | recall@{k} |"
+    rule = "| --- | --- | ---: | ---: | ---: |"
+    if has_ndcg:
+        header += f" NDCG@{k} |"
+        rule += " ---: |"
+    header += f" recall@{k} vs MoNN exhaustive |"
+    rule += " ---: |"
     if has_truth:
         header += f" recall@{k} vs truth |"
         rule += " ---: |"
@@ -58,25 +82,90 @@ def markdown(report: dict) -> str:
     for p in report["points"]:
         row = (
             f"| {p['method']} | {p['knob']} | {p['items_scored']:.0f} | {100 * p['items_scored_share']:.2f}% |"
-            f" {p[f'recall@{k}']:.4f} | {p[f'recall@{k}_vs_monn_exhaustive']:.4f} |"
+            f" {value(p, f'recall@{k}')} |"
         )
+        if has_ndcg:
+            row += f" {value(p, f'ndcg@{k}')} |"
+        row += f" {value(p, f'recall@{k}_vs_monn_exhaustive')} |"
         if has_truth:
-            row += f" {p[f'recall@{k}_vs_truth']:.4f} |"
+            row += f" {value(p, f'recall@{k}_vs_truth')} |"
         row += f" {p['latency_ms_p50']:.2f} | {p['latency_ms_p99']:.2f} | {p['batched_ms_per_query']:.2f} |"
         lines.append(row)
     lines += [
         "",
-        "## Index health (level 1)",
+        "## Index health (every level; a level-l node is a path prefix, so nodes = product of codebook sizes)",
         "",
-        "| model | used / nodes | max/mean | entropy | gini |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| model | level | used / nodes | max/mean | entropy | gini |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, h in report["index_health"].items():
-        lines.append(
-            f"| {name} | {h['used_nodes']:.0f} / {h['nodes']:.0f} | {h['max_over_mean']:.2f} |"
-            f" {h['entropy']:.3f} | {h['gini']:.3f} |"
-        )
+    for name, health in report["index_health"].items():
+        for level, h in enumerate(_level_list(health), start=1):
+            lines.append(
+                f"| {name} | {level} | {value(h, 'used_nodes', '.0f')} / {h['nodes']:.0f} |"
+                f" {value(h, 'max_over_mean', '.2f')} | {value(h, 'entropy', '.3f')} | {value(h, 'gini', '.3f')} |"
+            )
+    if report.get("oracle_cost"):
+        lines += [
+            "",
+            "## Oracle cost (index quality apart from the scorers)",
+            "",
+            "Fewest items an ideal leaf-picker must score to cover half of a user's true top-100, from the"
+            " built index's leaves (exact minimum per user).",
+            "",
+            "| model | mean items | median items | mean share of corpus |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for name, cost in report["oracle_cost"].items():
+            lines.append(
+                f"| {name} | {value(cost, 'mean', '.0f')} | {value(cost, 'median', '.0f')} |"
+                f" {value(cost, 'mean_share', '.2f', 100)}% |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def _aggregate_entries(entries: list[dict]) -> dict:
+    """Mean of every numeric field and `<field>_std` beside it; other fields from the first entry."""
+    merged = dict(entries[0])
+    for key, first in entries[0].items():
+        if isinstance(first, bool) or not isinstance(first, int | float):
+            continue
+        mean, std = _mean_std([e[key] for e in entries])
+        merged[key], merged[f"{key}_std"] = mean, std
+    return merged
+
+
+def aggregate_seeds(reports: list[dict], seeds: list[int]) -> dict:
+    """One report from runs that differ only in the seed: each row keyed by (method, setting), each
+    model, health level and oracle cost holds the mean over seeds and its sample standard deviation."""
+    first = reports[0]
+    keyed = [{(p["method"], p["knob"]): p for p in r["points"]} for r in reports]
+    points = [_aggregate_entries([rows[(p["method"], p["knob"])] for rows in keyed]) for p in first["points"]]
+    models = {name: _aggregate_entries([r["models"][name] for r in reports]) for name in first["models"]}
+    health = {
+        name: [
+            _aggregate_entries([_level_list(r["index_health"][name])[level] for r in reports])
+            for level in range(len(_level_list(levels)))
+        ]
+        for name, levels in first["index_health"].items()
+    }
+    section = {
+        part: {name: _aggregate_entries([r[part][name] for r in reports]) for name in first.get(part, {})}
+        for part in ("oracle_cost", "baselines")
+    }
+    return {
+        **first,
+        "seeds": seeds,
+        "models": models,
+        "points": points,
+        "index_health": health,
+        **section,
+        "wall_seconds": sum(r["wall_seconds"] for r in reports),
+    }
 
 
 def plot_recall_vs_cost(report: dict, path: Path) -> None:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.harness import BenchData, evaluate, exclude_and_cut, quality, train_for
+from bench.harness import BenchData, evaluate, quality, rank_users, train_for
+from bench.index_quality import level_health, oracle_cost
 from bench.methods import (
     build_hsnn,
     deep_retrieval_points,
@@ -17,8 +18,8 @@ from bench.methods import (
     two_tower_points,
     with_paths,
 )
+from bench.methods_mf import MFSoftmaxConfig, mf_softmax
 from hsnn.config import HSNNConfig, LTIConfig, MoNNConfig, preset
-from hsnn.metrics import index_health
 from hsnn.monn import MoNN
 from hsnn.planted import tiny_monn
 
@@ -43,6 +44,9 @@ class RunConfig:
     flops_at_target_temperature: bool = False
     # each HSNN model also scoring every item (how much the beams lose); costly with preset models
     hsnn_exhaustive: bool = True
+    # the mf_softmax reference baseline, on data sets with (user, item) training positives
+    mf_softmax: bool = True
+    mf_epochs: int | None = None  # None: MFSoftmaxConfig's default
 
 
 def _model_config(name: str, quick: bool) -> MoNNConfig:
@@ -99,7 +103,19 @@ def run_benchmark(data: BenchData, run: RunConfig) -> dict:
     brute = monn_brute_force_point(monn, data)
     points.append(brute)
 
-    health: dict[str, dict] = {}
+    baselines: dict[str, dict] = {}
+    if run.mf_softmax and data.train_pairs is not None:
+        mf_config = MFSoftmaxConfig(seed=run.seed)
+        if run.mf_epochs is not None:
+            mf_config.epochs = run.mf_epochs
+        mf_point, seconds = mf_softmax(data, mf_config)
+        points.append(mf_point)
+        baselines["mf_softmax"] = {"train_seconds": seconds, **vars(mf_config)}
+
+    # the true top-K (synthetic data) serves as a reference and for each index's oracle cost
+    truth = data.true_top(200)
+    health: dict[str, list[dict]] = {}
+    oracle: dict[str, dict] = {}
     node_sizes: dict[str, list[int]] = {}
     for builder in run.builders:
         if builder == "hierarchy" and data.hierarchy is None:
@@ -117,17 +133,21 @@ def run_benchmark(data: BenchData, run: RunConfig) -> dict:
         models[name] = {**quality(model, data, transform), "train_seconds": seconds}
         sweep, exhaustive, index = hsnn_points(name, model, data, run.beams, paths)
         points += [*sweep, exhaustive] if run.hsnn_exhaustive else sweep
-        health[name] = index_health(index.item_nodes[:, 0], index.codebook_sizes[0])
+        health[name] = level_health(index)
+        if truth is not None:
+            oracle[name] = oracle_cost(index, torch.stack([data.rows_of(torch.tensor(t[:100])) for t in truth]))
         node_sizes[name] = torch.bincount(index.item_nodes[:, 0], minlength=index.codebook_sizes[0]).tolist()
 
-    references = {"monn_exhaustive": exclude_and_cut(brute.retriever(data.eval_users, 200), data, 200)}
-    truth = data.true_top(200)
+    # the exhaustive MoNN is ranked once: its lists are both a reference and its own row
+    started = time.perf_counter()
+    brute_ranked = (*rank_users(brute, data, 200), time.perf_counter() - started)
+    references = {"monn_exhaustive": brute_ranked[0]}
     if truth is not None:
         references["truth"] = truth
     results = []
     for point in points:
         print(f"  evaluating {point.method} {point.knob}", flush=True)
-        results.append(evaluate(point, data, references))
+        results.append(evaluate(point, data, references, ranked=brute_ranked if point is brute else None))
     base_ne = models["two_tower"]["ne"]
     for entry in models.values():
         entry["ne_vs_two_tower_percent"] = 100 * (entry["ne"] / base_ne - 1)
@@ -142,6 +162,8 @@ def run_benchmark(data: BenchData, run: RunConfig) -> dict:
         "notes": data.notes,
         "models": models,
         "index_health": health,
+        "oracle_cost": oracle,
+        "baselines": baselines,
         "node_sizes": node_sizes,
         "points": results,
         "wall_seconds": time.perf_counter() - started,

@@ -100,7 +100,10 @@ ZIP_REGIONS = 11  # first ZIP digit 0-9 -> 1..10; a non-digit (a non-US postcode
 
 HISTORY_ATTRIBUTES = ["item_id", "category", "release_bucket"]
 INTERACTION_ATTRIBUTES = ["category", "release_bucket"]
-SPLITS = ("ratio", "last_one")
+SPLITS = ("ratio", "last_one", "recbole")
+# RecBole's default general-recommendation split: per user, 80% train, 10% valid, 10% test
+RECBOLE_RATIOS = (0.8, 0.1, 0.1)
+SPLIT_ORDERS = ("time", "random")
 
 
 @dataclass
@@ -148,6 +151,10 @@ class MovieLensData(ImplicitSplit):
     holdout: float
     ratings_read: int  # rating rows in the source (after removing repeated user-item pairs)
     source: str
+    # split "recbole": the middle part (validation positives); `eval` is then the test part. When a
+    # model is evaluated on `eval`, both train and valid items are masked from its ranking.
+    valid: Interactions | None = None
+    split_order: str = "time"
 
     def summary(self) -> dict[str, int]:
         return {"ratings": self.ratings_read, **self.split_summary()}
@@ -377,6 +384,30 @@ def split_positives(users: np.ndarray, num_users: int, split: str = "ratio", hol
     return rank >= (counts - held.astype(np.int64))[users]
 
 
+def ratio_parts(users: np.ndarray, num_users: int, ratios: Sequence[float] = RECBOLE_RATIOS) -> np.ndarray:
+    """Part of each positive (0 = train, 1 = valid, 2 = test, ...) by its position in its user's order.
+
+    `users` must be sorted, each user's positives in the order to split (time, or shuffled). As in
+    RecBole's ratio split: a user with n positives gives part i > 0 floor(ratio_i * n) positives and
+    part 0 the rest; then, from the last part backwards, a part whose share ratio_i * n is below one
+    takes one positive from part 0 while part 0 holds more than one. So a user with 3 positives gets
+    1/1/1, and 2 positives give 1 train and 1 test.
+    """
+    ratios = np.asarray(ratios, dtype=np.float64) / float(np.sum(ratios))
+    counts = np.bincount(users, minlength=num_users)
+    sizes = np.floor(ratios[None, 1:] * counts[:, None]).astype(np.int64)  # (U, parts - 1)
+    first = counts - sizes.sum(axis=1)
+    for part in range(len(ratios) - 2, -1, -1):  # the last part first
+        share = ratios[part + 1] * counts
+        grow = (first > 1) & (share > 0) & (share < 1)
+        sizes[grow, part] += 1
+        first[grow] -= 1
+    bounds = np.cumsum(np.concatenate([first[:, None], sizes], axis=1), axis=1)  # (U, parts) end of each part
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(users)) - start[users]
+    return (rank[:, None] >= bounds[users]).sum(axis=1)
+
+
 def _csr(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int) -> Interactions:
     indptr = np.zeros(num_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(users, minlength=num_users), out=indptr[1:])
@@ -436,6 +467,8 @@ def load_movielens(
     recbole_version: str = RECBOLE_VERSION,
     cache_dir: str | Path | None = None,
     tables: MovieLensTables | None = None,
+    split_order: str = "time",
+    seed: int = 0,
 ) -> MovieLensData:
     """Load MovieLens-100K and split each user's positives (rating >= `positive_rating`) by time.
 
@@ -444,6 +477,11 @@ def load_movielens(
     its newest rating. Each user's positives are ordered by (timestamp, item row); timestamp ties are
     common (ratings entered in one sitting), and the item row breaks them so that the order is
     reproducible. See `split_positives` for the split.
+
+    `split="recbole"` is RecBole's default general-recommendation split (`ratio_parts`, 80/10/10 per
+    user): `train`, `valid` and `eval` (the test part). `split_order="time"` splits each user's
+    positives in time order (newest 10% = test); `"random"` shuffles each user's positives with
+    `seed` first, as RecBole's own default ordering (RO) does. `holdout` is ignored for this split.
 
     The catalogue is every movie in the item file or in the ratings, rows sorted by raw id; users
     likewise. A movie or user missing from its feature file gets 0 (missing) for every feature.
@@ -463,7 +501,24 @@ def load_movielens(
     positive = kept[t.ratings[kept] >= positive_rating]
     positive = positive[np.lexsort((items[positive], t.timestamps[positive], users[positive]))]
     pos_users, pos_items, pos_times = users[positive], items[positive], t.timestamps[positive]
-    held = split_positives(pos_users, num_users, split, holdout)
+    if split_order not in SPLIT_ORDERS:
+        raise ValueError(f"split_order must be one of {SPLIT_ORDERS}, not {split_order!r}")
+    valid = None
+    if split == "recbole":
+        order_key = np.arange(len(pos_users))
+        if split_order == "random":
+            order_key = np.random.default_rng(seed).permutation(len(pos_users))
+        # rank positives inside each user by the chosen order, then give each its part
+        ranked = np.lexsort((order_key, pos_users))
+        part = np.empty(len(pos_users), dtype=np.int64)
+        part[ranked] = ratio_parts(pos_users[ranked], num_users)
+        held = part == 2
+        in_valid = part == 1
+        valid = _csr(pos_users[in_valid], pos_items[in_valid], num_users, num_items)
+        keep_train = part == 0
+    else:
+        held = split_positives(pos_users, num_users, split, holdout)
+        keep_train = ~held
 
     item_rows = _rows(t.item_ids, item_raw)
     genres = np.zeros((num_items, len(GENRES)), dtype=bool)
@@ -498,8 +553,8 @@ def load_movielens(
 
     return MovieLensData(
         schema=movielens_schema(num_users, num_items, history_length, user_buckets, item_buckets),
-        train=_csr(pos_users[~held], pos_items[~held], num_users, num_items),
-        train_times=pos_times[~held],
+        train=_csr(pos_users[keep_train], pos_items[keep_train], num_users, num_items),
+        train_times=pos_times[keep_train],
         eval=_csr(pos_users[held], pos_items[held], num_users, num_items),
         eval_times=pos_times[held],
         items=items_batch,
@@ -513,6 +568,8 @@ def load_movielens(
         holdout=holdout,
         ratings_read=len(kept),
         source=t.source,
+        valid=valid,
+        split_order=split_order,
     )
 
 
