@@ -201,7 +201,7 @@ class Demo:
                 "trainer",
                 service_env(
                     {
-                        "HSNN_TRAINER_BOOTSTRAP_SERVERS": self.bootstrap,
+                        "HSNN_TRAINER_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
                         "HSNN_TRAINER_STORE_DIR": self.store_dir,
                         "HSNN_TRAINER_MODEL_CONFIG_PATH": config_path,
                         "HSNN_TRAINER_BATCH_SIZE": 256,
@@ -222,7 +222,7 @@ class Demo:
                 service_env(
                     {
                         "HSNN_INDEXER_REDIS_URL": self.redis_url,
-                        "HSNN_INDEXER_KAFKA_BOOTSTRAP": self.bootstrap,
+                        "HSNN_INDEXER_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
                         "HSNN_INDEXER_STORE_DIR": self.store_dir,
                         "HSNN_INDEXER_KEY_PREFIX": KEY_PREFIX,
                         "HSNN_INDEXER_METRICS_PORT": self.indexer_port,
@@ -239,7 +239,7 @@ class Demo:
                         "HSNN_API_PORT": self.port,
                         "HSNN_API_STORE_DIR": self.store_dir,
                         "HSNN_API_REDIS_URL": self.redis_url,
-                        "HSNN_API_INDEX_KEY_PREFIX": KEY_PREFIX,
+                        "HSNN_API_KEY_PREFIX": KEY_PREFIX,
                         "HSNN_API_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
                         "HSNN_API_ITEMS_TOKEN": self.token,
                         "HSNN_API_BEAMS": beams,

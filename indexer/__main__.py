@@ -12,9 +12,9 @@ from indexer.service import Indexer
 from indexer.settings import IndexerSettings
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = IndexerSettings()
+def main(argv: list[str] | None = None) -> None:
+    settings = IndexerSettings.from_cli(argv)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     indexer = Indexer(settings)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=indexer.metrics.registry)

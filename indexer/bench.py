@@ -126,7 +126,7 @@ def delete_prefix(redis, prefix: str) -> None:
 def make_settings(args, work: Path, prefix: str, topic: str = "unused", group: str = "unused") -> IndexerSettings:
     return IndexerSettings(
         redis_url=args.redis_url,
-        kafka_bootstrap=args.bootstrap,
+        kafka_bootstrap_servers=args.bootstrap,
         items_topic=topic,
         dlq_topic=f"{topic}-dlq",
         group_id=group,

@@ -240,7 +240,7 @@ class Indexer:
         if self._consumer is None:
             self._consumer = KafkaConsumer(
                 self.settings.items_topic,
-                bootstrap_servers=self.settings.kafka_bootstrap,
+                bootstrap_servers=self.settings.kafka_bootstrap_servers,
                 group_id=self.settings.group_id,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
@@ -249,7 +249,7 @@ class Indexer:
 
     def _get_producer(self) -> KafkaProducer:
         if self._producer is None:
-            self._producer = KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all")
+            self._producer = KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap_servers, acks="all")
         return self._producer
 
     def consume_once(self, timeout_ms: int | None = None) -> int:

@@ -14,7 +14,7 @@ class IndexerSettings(ServiceSettings):
     model_config = ServiceSettings.model_config | {"env_prefix": "HSNN_INDEXER_"}
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka brokers, comma separated.")
     items_topic: str = ITEMS_TOPIC
     dlq_topic: str = ITEMS_DLQ
     group_id: str = "hsnn-indexer"

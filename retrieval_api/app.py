@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis as redis_lib
 from fastapi import Depends, FastAPI, status
@@ -23,11 +23,21 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from hsnn.events import MAX_ID
 from hsnn.service_metrics import service_registry
 from hsnn.snapshots import SnapshotStore
-from retrieval_api.batcher import Batcher, ConfigurationError, DeadlineExceeded, InvalidRequest, NotReady, Overloaded
+from retrieval_api.batcher import (
+    Batcher,
+    ConfigurationError,
+    DeadlineExceeded,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    QueryFailed,
+)
 from retrieval_api.catalogs import catalog_source
-from retrieval_api.items import ItemForwarder, RecordProducer, check_token
+from retrieval_api.items import ItemForwarder, RecordProducer, check_authorization_header, check_token
+from retrieval_api.limits import RequestGate
 from retrieval_api.redis_index import RedisIndexFollower
 from retrieval_api.schemas import (
     Cost,
@@ -115,8 +125,33 @@ class ApiMetrics:
         self.reload_seconds.observe(seconds)
 
 
-def _problem(code: int, detail: str) -> JSONResponse:
-    return JSONResponse(status_code=code, content={"detail": detail})
+def _exact_integer_bounds(node: Any) -> Any:
+    """FastAPI's OpenAPI model stores bounds as floats, so the id bound 2^63-1 would be published as 2^63
+    (which the API refuses). Integer schemas get their bounds back as exact integers."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                value = node.get(key)
+                if isinstance(value, float) and value.is_integer():
+                    node[key] = MAX_ID if value == float(MAX_ID) else int(value)
+        for value in node.values():
+            _exact_integer_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _exact_integer_bounds(value)
+    return node
+
+
+def _problem(code: int, detail: str, retry_after_s: int | None = None) -> JSONResponse:
+    headers = None if retry_after_s is None else {"Retry-After": str(retry_after_s)}
+    return JSONResponse(status_code=code, content={"detail": detail}, headers=headers)
+
+
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+TOO_LARGE = {
+    "model": Problem,
+    "description": "The body is over `max_body_bytes` (declared or streamed); refused before it is buffered.",
+}
 
 
 def create_app(
@@ -146,6 +181,7 @@ def create_app(
         max_wait_ms=settings.max_wait_ms,
         queue_size=settings.queue_size,
         max_history=settings.max_history,
+        max_dense_magnitude=settings.max_dense_magnitude,
     )
     metrics = ApiMetrics(service_registry(), state, batcher)
     batcher.on_batch = metrics.batch_size.observe
@@ -182,7 +218,9 @@ def create_app(
     forwarder = ItemForwarder(settings, producer=item_producer)
 
     def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
-        check_token(settings, credentials)  # runs before the body is validated: no 422 details for strangers
+        # The request gate has already checked the token before reading the body; this documents the
+        # scheme in the OpenAPI and guards the route should the gate ever be bypassed.
+        check_token(settings, credentials)
 
     async def follow_deltas() -> None:
         while True:
@@ -227,9 +265,10 @@ def create_app(
         "/retrieve",
         response_model=RetrieveResponse,
         responses={
+            413: TOO_LARGE,
             422: {"description": "The request is malformed or does not fit the served model's features."},
-            429: {"model": Problem, "description": "Too many requests are waiting; retry later."},
-            503: {"model": Problem, "description": "No model is loaded yet."},
+            429: {"model": Problem, "description": "Too many requests wait; retry later.", "headers": RETRY_AFTER},
+            503: {"model": Problem, "description": "No model is loaded yet.", "headers": RETRY_AFTER},
             504: {"model": Problem, "description": "The deadline passed before scoring started."},
         },
     )
@@ -245,7 +284,7 @@ def create_app(
             pair = state.current()
             if pair is None:
                 raise NotReady("no model/index pair is loaded yet")
-            if errors := schema_errors(pair.schema, request.user, settings.max_history):
+            if errors := schema_errors(pair.schema, request.user, settings.max_history, settings.max_dense_magnitude):
                 raise InvalidRequest(errors)
             answer = await batcher.submit(request.user, request.k, request.exclude_ad_ids, request.deadline_ms)
         except InvalidRequest as exc:
@@ -253,15 +292,18 @@ def create_app(
             return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": exc.errors})
         except Overloaded as exc:
             outcome = "overloaded"
-            return _problem(status.HTTP_429_TOO_MANY_REQUESTS, str(exc))
+            return _problem(status.HTTP_429_TOO_MANY_REQUESTS, str(exc), settings.retry_after_s)
         except NotReady as exc:
             outcome = "not_ready"
-            return _problem(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc))
+            return _problem(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), settings.retry_after_s)
         except DeadlineExceeded as exc:
             outcome = "deadline"
             return _problem(status.HTTP_504_GATEWAY_TIMEOUT, str(exc))
         except ConfigurationError as exc:
             outcome = "configuration"
+            return _problem(status.HTTP_500_INTERNAL_SERVER_ERROR, str(exc))
+        except QueryFailed as exc:  # this request alone; the rest of its batch was answered
+            outcome = "internal"
             return _problem(status.HTTP_500_INTERNAL_SERVER_ERROR, str(exc))
         except Exception:
             outcome = "internal"
@@ -289,13 +331,16 @@ def create_app(
         response_model=ItemEventsAccepted,
         dependencies=[Depends(authorize)],
         responses={
-            401: {"model": Problem, "description": "No bearer token was sent."},
-            403: {"model": Problem, "description": "The bearer token is wrong."},
+            401: {"model": Problem, "description": "No bearer token was sent (checked before the body is read)."},
+            403: {"model": Problem, "description": "The bearer token is wrong (checked before the body is read)."},
+            413: TOO_LARGE,
             422: {"description": "An event breaks the contract of docs/events.md (the error names the field)."},
             503: {
                 "model": ItemEventsFailed | Problem,
                 "description": "Item events are disabled (no token configured), or the broker did not acknowledge "
-                "every event in time (`not_acknowledged` lists them; retrying the batch is safe).",
+                "every event within `kafka_ack_timeout_s` (`not_acknowledged` lists them; retrying the batch is "
+                "safe).",
+                "headers": RETRY_AFTER,
             },
         },
     )
@@ -305,7 +350,7 @@ def create_app(
         Answers 202 only after the broker acknowledged every event (acks=all). Events are keyed by
         ad id, so one ad's events keep their order; the indexer applies them by `sequence`.
         """
-        acknowledged, failed = await asyncio.to_thread(forwarder.forward, body.events)
+        acknowledged, failed = await forwarder.forward_async(body.events)
         metrics.item_events.labels(outcome="acknowledged").inc(len(acknowledged))
         if failed:
             metrics.item_events.labels(outcome="not_acknowledged").inc(len(failed))
@@ -315,7 +360,11 @@ def create_app(
                 "retry the batch (events are idempotent by sequence)",
                 not_acknowledged=failed,
             )
-            return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content=problem.model_dump())
+            return JSONResponse(
+                status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+                content=problem.model_dump(),
+                headers={"Retry-After": str(settings.retry_after_s)},
+            )
         return ItemEventsAccepted(accepted=len(acknowledged), topic=forwarder.topic, records=acknowledged)
 
     @app.get("/livez", response_model=Problem)
@@ -323,12 +372,18 @@ def create_app(
         """The process is up (always 200)."""
         return Problem(detail="alive")
 
-    @app.get("/readyz", response_model=Problem, responses={503: {"model": Problem, "description": "Not ready."}})
+    @app.get(
+        "/readyz",
+        response_model=Problem,
+        responses={503: {"model": Problem, "description": "Not ready.", "headers": RETRY_AFTER}},
+    )
     async def readyz() -> Problem | JSONResponse:
         """200 once a model/index pair is loaded, 503 with the reason before."""
         pair = state.current()
         if pair is None:
-            return _problem(status.HTTP_503_SERVICE_UNAVAILABLE, "no model/index pair is loaded yet")
+            return _problem(
+                status.HTTP_503_SERVICE_UNAVAILABLE, "no model/index pair is loaded yet", settings.retry_after_s
+            )
         return Problem(detail=f"serving model {pair.model_version} with index {pair.index_version}")
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -337,4 +392,17 @@ def create_app(
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(status_router(state, metrics, settings))
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        return _exact_integer_bounds(default_openapi())  # cached by FastAPI, fixed in place (idempotent)
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(
+        RequestGate,
+        max_body_bytes=settings.max_body_bytes,
+        authenticate={("POST", "/items/events"): lambda header: check_authorization_header(settings, header)},
+        retry_after_s=settings.retry_after_s,
+    )
     return app

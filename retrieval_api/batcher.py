@@ -4,7 +4,9 @@ Requests wait in a bounded queue (a full queue is refused at once: `Overloaded`,
 One worker takes the first waiting request, then gathers more until it has `max_batch` or
 `max_wait_ms` have passed, reads the serving pair once for the whole batch, and runs
 `hsnn.serving.retrieve` for all of them in a worker thread so the event loop keeps
-accepting requests. Each request's future gets its own result, or the error that concerns it.
+accepting requests. Each request's future gets its own result, or the error that concerns it:
+if the batched pass fails, every query is scored again on its own, so one poisoned request
+fails alone and never takes the rest of its micro-batch with it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hsnn.events import UserFeatures, users_to_batch
+from hsnn.events import MAX_FEATURE_MAGNITUDE, UserFeatures, users_to_batch
 from hsnn.serving import Retrieved, retrieve
 from retrieval_api.schemas import schema_errors
 from retrieval_api.state import ServingPair, ServingState
@@ -48,6 +50,14 @@ class InvalidRequest(Exception):
 
 class ConfigurationError(Exception):
     """The service settings do not fit the served model (e.g. one beam width per level)."""
+
+
+class QueryFailed(Exception):
+    """Scoring this query alone raised: a bug, logged with its traceback; the other queries are unaffected."""
+
+
+def _failure() -> QueryFailed:
+    return QueryFailed("scoring this request failed; see the service log")
 
 
 @dataclass
@@ -80,6 +90,7 @@ class Batcher:
         queue_size: int = 256,
         max_history: int = 512,
         on_batch: Callable[[int], None] | None = None,
+        max_dense_magnitude: float = MAX_FEATURE_MAGNITUDE,
     ):
         self.state = state
         self.beams = list(beams)
@@ -87,6 +98,7 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000
         self.queue_size = queue_size
         self.max_history = max_history
+        self.max_dense_magnitude = max_dense_magnitude
         self.on_batch = on_batch
         self._queue: asyncio.Queue[Query] | None = None
         self._worker: asyncio.Task | None = None
@@ -176,7 +188,7 @@ class Batcher:
                 query.future.set_exception(
                     DeadlineExceeded(f"deadline passed after {waited:.1f} ms in the queue, before scoring started")
                 )
-            elif errors := schema_errors(pair.schema, query.user, self.max_history):
+            elif errors := schema_errors(pair.schema, query.user, self.max_history, self.max_dense_magnitude):
                 query.future.set_exception(InvalidRequest(errors))  # the model was swapped for another schema
             else:
                 ready.append(query)
@@ -191,10 +203,32 @@ class Batcher:
             return
         if self.on_batch is not None:
             self.on_batch(len(ready))
-        results = await asyncio.to_thread(self._retrieve, pair, ready)
-        for query, result in zip(ready, results, strict=True):
-            if not query.future.done():
-                query.future.set_result(Answer(result=result, pair=pair))
+        outcomes = await asyncio.to_thread(self._retrieve_isolated, pair, ready)
+        for query, outcome in zip(ready, outcomes, strict=True):
+            if query.future.done():
+                continue
+            if isinstance(outcome, Exception):
+                query.future.set_exception(outcome)
+            else:
+                query.future.set_result(Answer(result=outcome, pair=pair))
+
+    def _retrieve_isolated(self, pair: ServingPair, queries: list[Query]) -> list[Retrieved | Exception]:
+        """Score the batch in one pass; if that fails, score each query alone so only the culprit fails."""
+        try:
+            return list(self._retrieve(pair, queries))
+        except Exception:
+            if len(queries) == 1:
+                log.exception("query failed")
+                return [_failure()]
+            log.warning("batch of %d failed; scoring its queries one by one", len(queries), exc_info=True)
+        outcomes: list[Retrieved | Exception] = []
+        for query in queries:
+            try:
+                outcomes.extend(self._retrieve(pair, [query]))
+            except Exception:
+                log.exception("query failed on its own")
+                outcomes.append(_failure())
+        return outcomes
 
     def _retrieve(self, pair: ServingPair, queries: list[Query]) -> list[Retrieved]:
         users = users_to_batch([query.user for query in queries], pair.schema)

@@ -3,8 +3,14 @@
 Each event is written to the items topic keyed by `hsnn.events.event_key` (the ad id, so one
 ad's events stay ordered on one partition) with the bytes of `hsnn.events.encode`, exactly
 what the indexer and the trainer decode. The producer uses acks="all" and idempotence; the
-request is answered only once the broker has acknowledged every record, or the timeout
-has passed (then the unacknowledged ones are named).
+request is answered 202 only once the broker has acknowledged every record.
+
+Kafka is slow to fail: an unreachable broker blocks the client's constructor and each send. So
+every blocking Kafka call runs on the forwarder's own small thread pool (never the pool that
+scores /retrieve), the whole batch gets one time budget (`kafka_ack_timeout_s`) and the request
+is answered 503 when it is spent, whatever the thread is still waiting for. When every Kafka
+thread is busy, a batch is refused 503 at once rather than queued. A failed connection attempt
+is not repeated for `kafka_ack_timeout_s`, so an outage costs one bootstrap, not one per request.
 
 The producer is created on first use from the settings (so the app starts without a broker),
 or injected (`ItemForwarder(producer=...)`) in tests.
@@ -12,11 +18,13 @@ or injected (`ItemForwarder(producer=...)`) in tests.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from fastapi import HTTPException, status
@@ -40,15 +48,20 @@ class RecordProducer(Protocol):
 
 
 def kafka_producer(settings: ApiSettings) -> RecordProducer:
-    """A kafka-python producer that waits for all in-sync replicas and never duplicates on retry."""
+    """A kafka-python producer that waits for all in-sync replicas and never duplicates on retry.
+
+    Every wait it can do (bootstrap in the constructor, metadata in `send`, acknowledgements) is
+    bounded by `kafka_ack_timeout_s`.
+    """
     from kafka import KafkaProducer
 
-    timeout_ms = int(settings.kafka_ack_timeout_s * 1000)
+    timeout_ms = max(int(settings.kafka_ack_timeout_s * 1000), 1)
     return KafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap_servers.split(","),
         acks="all",
         enable_idempotence=True,
         linger_ms=1,
+        bootstrap_timeout_ms=timeout_ms,
         max_block_ms=timeout_ms,
         request_timeout_ms=max(timeout_ms - 1, 1),
         delivery_timeout_ms=timeout_ms,
@@ -71,8 +84,26 @@ def check_token(settings: ApiSettings, credentials: HTTPAuthorizationCredentials
         raise HTTPException(status.HTTP_403_FORBIDDEN, "the bearer token is not valid for item events")
 
 
+def bearer_credentials(authorization: str | None) -> HTTPAuthorizationCredentials | None:
+    """The Authorization header as FastAPI's `HTTPBearer(auto_error=False)` reads it (None unless "Bearer <token>")."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=token)
+
+
+def check_authorization_header(settings: ApiSettings, authorization: str | None) -> None:
+    """`check_token` on a raw Authorization header (the request gate runs it before the body is read)."""
+    check_token(settings, bearer_credentials(authorization))
+
+
+class KafkaUnavailable(Exception):
+    """No producer could be had within the time budget (broker down, or a recent attempt just failed)."""
+
+
 class ItemForwarder:
-    """Writes item events to Kafka and waits for the acknowledgements (blocking: call it in a worker thread)."""
+    """Writes item events to Kafka and waits for the acknowledgements, within a bounded time."""
 
     def __init__(
         self,
@@ -85,27 +116,77 @@ class ItemForwarder:
         self._producer = producer
         self._factory = producer_factory
         self._lock = threading.Lock()
+        self._failed_at: float | None = None  # when creating the producer last failed
+        self._failure = ""
+        self._executor = ThreadPoolExecutor(max_workers=settings.kafka_workers, thread_name_prefix="hsnn-kafka")
+        self._busy = 0  # batches handed to the executor and not finished (abandoned ones included)
 
-    def producer(self) -> RecordProducer:
-        with self._lock:
-            if self._producer is None:
+    def producer(self, deadline: float | None = None) -> RecordProducer:
+        """The producer, created on first use; raises KafkaUnavailable rather than wait past `deadline`."""
+        timeout = -1 if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not self._lock.acquire(timeout=timeout):
+            raise KafkaUnavailable("another request is still connecting to Kafka")
+        try:
+            if self._producer is not None:
+                return self._producer
+            retry_s = self.settings.kafka_ack_timeout_s
+            if self._failed_at is not None and time.monotonic() - self._failed_at < retry_s:
+                raise KafkaUnavailable(f"{self._failure} (retried after {retry_s:g}s)")
+            try:
                 self._producer = self._factory(self.settings)
-                log.info("item events go to %s on %s", self.topic, self.settings.kafka_bootstrap_servers)
+            except Exception as exc:
+                self._failed_at, self._failure = time.monotonic(), f"{type(exc).__name__}: {exc}"
+                raise
+            self._failed_at = None
+            log.info("item events go to %s on %s", self.topic, self.settings.kafka_bootstrap_servers)
             return self._producer
+        finally:
+            self._lock.release()
+
+    async def forward_async(
+        self, events: Sequence[ItemEvent]
+    ) -> tuple[list[RecordPosition], list[UnacknowledgedEvent]]:
+        """`forward` on the Kafka threads, answered within `kafka_ack_timeout_s` (plus scheduling) whatever Kafka does.
+
+        A batch abandoned at the deadline may still be written afterwards; a retry is safe (idempotent by sequence).
+        """
+        timeout_s = self.settings.kafka_ack_timeout_s
+        if self._busy >= self.settings.kafka_workers:
+            return [], _all_failed(events, f"{self._busy} batches are already waiting for Kafka; retry later")
+        self._busy += 1
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self.forward, events, timeout_s)
+        future.add_done_callback(self._finished)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s + 0.25)
+        except asyncio.TimeoutError:
+            return [], _all_failed(events, f"not acknowledged within {timeout_s:g}s")
+
+    def _finished(self, _future: asyncio.Future) -> None:
+        self._busy -= 1
 
     def forward(
         self, events: Sequence[ItemEvent], timeout_s: float | None = None
     ) -> tuple[list[RecordPosition], list[UnacknowledgedEvent]]:
-        """Send every event, then wait for each acknowledgement; returns (acknowledged, not acknowledged)."""
+        """Send every event, then wait for each acknowledgement; returns (acknowledged, not acknowledged).
+
+        Blocking; no event is sent once `timeout_s` has passed, and the first failed send fails the rest
+        at once (a broker that cannot take one record now will not take the next).
+        """
         timeout_s = self.settings.kafka_ack_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         try:
-            producer = self.producer()
+            producer = self.producer(deadline)
         except Exception as exc:  # no broker reachable: nothing was sent
-            reason = f"no Kafka producer: {type(exc).__name__}: {exc}"
-            return [], [UnacknowledgedEvent(index=i, ad_id=e.ad_id, error=reason) for i, e in enumerate(events)]
+            return [], _all_failed(events, f"no Kafka producer: {type(exc).__name__}: {exc}")
         futures: list[Any] = []
         for event in events:
+            if futures and isinstance(futures[-1], Exception):
+                futures.append(futures[-1])
+                continue
+            if time.monotonic() >= deadline:
+                futures.append(TimeoutError(f"not sent within {timeout_s:g}s"))
+                continue
             try:
                 futures.append(producer.send(self.topic, key=event_key(event), value=encode(event)))
             except Exception as exc:
@@ -126,11 +207,16 @@ class ItemForwarder:
     def close(self) -> None:
         with self._lock:
             producer, self._producer = self._producer, None
+        self._executor.shutdown(wait=False, cancel_futures=True)
         if producer is not None:
             try:
                 producer.close(timeout=5)
             except Exception:
                 log.exception("closing the Kafka producer failed")
+
+
+def _all_failed(events: Sequence[ItemEvent], reason: str) -> list[UnacknowledgedEvent]:
+    return [UnacknowledgedEvent(index=i, ad_id=e.ad_id, error=reason) for i, e in enumerate(events)]
 
 
 def _reason(exc: Exception, timeout_s: float) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from hsnn.config import FeatureSchema
-from hsnn.events import ItemEvent, UserFeatures
+from hsnn.events import MAX_FEATURE_MAGNITUDE, AdId, ItemEventByOp, UserFeatures
 
 USER_EXAMPLE = {
     "dense": [0.12, -1.3],
@@ -32,15 +32,20 @@ class Strict(BaseModel):
 
 
 class RetrieveRequest(Strict):
-    """Retrieve the top-k ads for one user."""
+    """Retrieve the top-k ads for one user.
+
+    Strict types: JSON `true` is not the integer 1 and `5.0` is not 5, as the published schema says.
+    """
 
     user: UserFeatures = Field(
         description="The user, in the same contract as impression events (hsnn.events): history oldest first.",
         examples=[USER_EXAMPLE],
     )
     k: int = Field(100, ge=1, le=1000, description="How many ads to return.")
-    exclude_ad_ids: list[int] = Field(
-        default_factory=list, max_length=10_000, description="Ads that must not be returned (e.g. already shown)."
+    exclude_ad_ids: list[AdId] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="Ads that must not be returned (e.g. already shown); ad ids, 1 to 2^63-1.",
     )
     deadline_ms: int | None = Field(
         None,
@@ -51,6 +56,7 @@ class RetrieveRequest(Strict):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"user": USER_EXAMPLE, "k": 10, "exclude_ad_ids": [42], "deadline_ms": 50}]},
     )
 
@@ -109,13 +115,14 @@ ITEM_EVENTS_EXAMPLE = {
 class ItemEventsRequest(Strict):
     """Ad changes to forward to the items topic (the contract of docs/events.md)."""
 
-    events: list[ItemEvent] = Field(
+    events: list[ItemEventByOp] = Field(
         min_length=1,
         max_length=MAX_ITEM_EVENTS,
-        description=f"1 to {MAX_ITEM_EVENTS} item events, validated like `hsnn.events.decode_item`.",
+        description=f"1 to {MAX_ITEM_EVENTS} item events, validated like `hsnn.events.decode_item`; `op` selects "
+        "the shape (create/update carry `features`, expire does not).",
     )
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [ITEM_EVENTS_EXAMPLE]})
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [ITEM_EVENTS_EXAMPLE]})
 
 
 class RecordPosition(Strict):
@@ -151,8 +158,13 @@ class Problem(Strict):
     detail: str
 
 
-def schema_errors(schema: FeatureSchema, user: UserFeatures, max_history: int) -> list[dict[str, Any]]:
-    """What does not fit the served model, as FastAPI-style validation errors (empty when all is well)."""
+def schema_errors(
+    schema: FeatureSchema,
+    user: UserFeatures,
+    max_history: int,
+    max_dense_magnitude: float = MAX_FEATURE_MAGNITUDE,
+) -> list[dict[str, Any]]:
+    """What does not fit the served model or the service's limits, as FastAPI-style validation errors."""
     errors: list[dict[str, Any]] = []
 
     def error(loc: tuple[Any, ...], msg: str) -> None:
@@ -160,6 +172,10 @@ def schema_errors(schema: FeatureSchema, user: UserFeatures, max_history: int) -
 
     if len(user.dense) != schema.user_dense_dim:
         error(("dense",), f"expected {schema.user_dense_dim} dense features, got {len(user.dense)}")
+    for position, value in enumerate(user.dense):
+        if abs(value) > max_dense_magnitude:  # finite (the model checks), but beyond this service's bound
+            error(("dense", position), f"{value!r} is beyond the accepted magnitude {max_dense_magnitude:g}")
+            break
     for name in user.sparse:
         if name not in schema.user_sparse:
             error(("sparse", name), f"unknown sparse feature {name!r}; the model knows {sorted(schema.user_sparse)}")

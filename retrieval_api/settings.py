@@ -12,7 +12,7 @@ from typing import Annotated
 import torch
 from pydantic import Field, SecretStr
 
-from hsnn.events import ITEMS_TOPIC
+from hsnn.events import ITEMS_TOPIC, MAX_FEATURE_MAGNITUDE
 from hsnn.settings import ServiceSettings
 
 log = logging.getLogger("hsnn.retrieval_api")
@@ -51,7 +51,7 @@ class ApiSettings(ServiceSettings):
         description="Serve the indexer's index from this Redis (its pointer picks the snapshot); unset: build the "
         "index in process from `catalog`.",
     )
-    index_key_prefix: str = Field("hsnn:", min_length=1, description="Key prefix of the indexer's Redis layout.")
+    key_prefix: str = Field("hsnn:", min_length=1, description="Key prefix of the indexer's Redis layout.")
     delta_interval_s: float = Field(0.25, gt=0, description="How often item creates/expires are read from Redis.")
     reload_interval_s: float = Field(2.0, gt=0, description="How often the watcher reads the PROMOTED pointer.")
     reload_backoff_s: float = Field(
@@ -65,8 +65,30 @@ class ApiSettings(ServiceSettings):
     kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka brokers, comma separated.")
     items_topic: str = Field(ITEMS_TOPIC, min_length=1, description="Topic item events are forwarded to.")
     kafka_ack_timeout_s: float = Field(
-        10.0, gt=0, le=300, description="How long POST /items/events waits for the broker to acknowledge a batch."
+        2.0,
+        gt=0,
+        le=300,
+        description="Most time POST /items/events spends on Kafka (connecting, sending, acknowledgements) before "
+        "it answers 503.",
     )
+    kafka_workers: int = Field(
+        4, ge=1, le=64, description="Item-event batches forwarded at once; more are answered 503 at once."
+    )
+
+    # hostile input
+    max_body_bytes: int = Field(
+        4 << 20,
+        ge=1024,
+        description="Largest request body accepted (declared or streamed); a larger one is answered 413 before "
+        "it is buffered.",
+    )
+    max_dense_magnitude: float = Field(
+        MAX_FEATURE_MAGNITUDE,
+        gt=0,
+        le=MAX_FEATURE_MAGNITUDE,
+        description="Largest absolute dense feature value accepted on /retrieve (at most the event contract's bound).",
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After header sent with every 429 and 503.")
 
     def resolved_device(self) -> str:
         """The device to serve on: "cuda" only when asked for and available, else "cpu" (logged)."""

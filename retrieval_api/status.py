@@ -101,17 +101,17 @@ def status_router(state: Any, metrics: Any, settings: Any) -> APIRouter:
         index: dict[str, Any] = {"source": "redis" if redis_client is not None else "in-process"}
         if redis_client is not None:
             try:
-                current = index_store.current_version(redis_client, settings.index_key_prefix)
+                current = index_store.current_version(redis_client, settings.key_prefix)
                 index["current_version"] = current
                 if current is not None:
-                    meta = index_store.read_meta(redis_client, current, settings.index_key_prefix)
+                    meta = index_store.read_meta(redis_client, current, settings.key_prefix)
                     index |= {
                         "model_version": meta.get("model_version"),
                         "created_at": meta.get("created_at"),
                         "age_s": _age(now, meta.get("created_at")),
                     }
                 if pair is not None and pair.index_version != current:
-                    served_meta = index_store.read_meta(redis_client, pair.index_version, settings.index_key_prefix)
+                    served_meta = index_store.read_meta(redis_client, pair.index_version, settings.key_prefix)
                     served["index_created_at"] = served_meta.get("created_at")
                 elif pair is not None:
                     served["index_created_at"] = index.get("created_at")

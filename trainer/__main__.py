@@ -15,8 +15,8 @@ from trainer.settings import TrainerSettings
 log = logging.getLogger("hsnn.trainer")
 
 
-def main() -> int:
-    settings = TrainerSettings()
+def main(argv: list[str] | None = None) -> int:
+    settings = TrainerSettings.from_cli(argv)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

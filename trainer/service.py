@@ -298,7 +298,7 @@ class OnlineTrainer:
         self._items_primed = False
 
         common = {
-            "bootstrap_servers": settings.bootstrap_servers.split(","),
+            "bootstrap_servers": settings.kafka_bootstrap_servers.split(","),
             "reconnect_backoff_max_ms": 2000,
             "request_timeout_ms": 15000,
         }

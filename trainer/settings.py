@@ -18,7 +18,7 @@ class TrainerSettings(ServiceSettings):
     model_config = ServiceSettings.model_config | {"env_prefix": "HSNN_TRAINER_"}
 
     # Kafka
-    bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka brokers, comma separated.")
     group_id: str = Field("hsnn-trainer", description="Offsets are committed here after each snapshot (for lag).")
     impressions_topic: str = IMPRESSIONS_TOPIC
     items_topic: str = ITEMS_TOPIC

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -132,22 +133,30 @@ def test_invalid_batches_are_422_with_clear_messages():
     assert "body.events: Field required" in messages(post({"evnts": [CREATE]}))
     assert "Extra inputs are not permitted" in messages(post({"events": [CREATE], "colour": 1}))
     expire_with_features = {**EXPIRE, "features": CREATE["features"]}
-    assert "features must be absent for op 'expire'" in messages(post({"events": [CREATE, expire_with_features]}))
-    assert "body.events.1" in messages(post({"events": [CREATE, expire_with_features]}))
-    assert "features are required for op 'create'" in messages(post({"events": [{**EXPIRE, "op": "create"}]}))
-    assert "body.events.0.ad_id: Input should be a valid integer" in messages(
+    # `op` selects the shape: the error path names the op, then the field
+    assert "body.events.1.expire.features: Input should be None" in messages(
+        post({"events": [CREATE, expire_with_features]})
+    )
+    assert "body.events.0.create.features: Field required" in messages(post({"events": [{**EXPIRE, "op": "create"}]}))
+    assert "body.events.0.update.features: Field required" in messages(post({"events": [{**EXPIRE, "op": "update"}]}))
+    assert "body.events.0.expire.ad_id: Input should be a valid integer" in messages(
         post({"events": [{**EXPIRE, "ad_id": "88"}]})
     )
     assert "greater than or equal to 1" in messages(post({"events": [{**EXPIRE, "ad_id": 0}]}))
+    assert "less than or equal to 9223372036854775807" in messages(post({"events": [{**EXPIRE, "ad_id": 2**64}]}))
+    assert "valid integer" in messages(post({"events": [{**EXPIRE, "sequence": True}]}))  # a bool is not an integer
     assert "epoch milliseconds sent?" in messages(post({"events": [{**EXPIRE, "event_time": 1767225010000}]}))
-    assert "body.events.0.op: Input should be 'create', 'update' or 'expire'" in messages(
+    assert "Input tag 'delete' found using 'op' does not match any of the expected tags" in messages(
         post({"events": [{**EXPIRE, "op": "delete"}]})
     )
-    assert "body.events.0.schema_version: Input should be 1" in messages(
+    assert "body.events.0.expire.schema_version: Input should be 1" in messages(
         post({"events": [{**EXPIRE, "schema_version": 2}]})
     )
-    assert "body.events.0.features.dense.0" in messages(
+    assert "body.events.0.create.features.dense.0" in messages(
         post({"events": [{**CREATE, "features": {"dense": ["x"], "sparse": {}}}]})
+    )
+    assert "less than or equal to 1000000" in messages(
+        post({"events": [{**CREATE, "features": {"dense": [1e300], "sparse": {}}}]})
     )
     response = client.post("/items/events", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"})
     assert response.status_code == 422 and "JSON decode error" in json.dumps(response.json())
@@ -163,8 +172,9 @@ def test_unacknowledged_events_are_503_and_named():
     body = response.json()
     assert body["detail"].startswith("1 of 3 events were not acknowledged by Kafka; retry the batch")
     assert body["not_acknowledged"] == [
-        {"index": 1, "ad_id": 88, "error": "not acknowledged within 10s (TimeoutError)"}
+        {"index": 1, "ad_id": 88, "error": "not acknowledged within 2s (TimeoutError)"}
     ]
+    assert response.headers["retry-after"] == "1"
     metrics = client.get("/metrics").text
     assert 'hsnn_api_item_events_total{outcome="not_acknowledged"} 1.0' in metrics
     assert 'hsnn_api_item_events_total{outcome="acknowledged"} 2.0' in metrics
@@ -177,14 +187,18 @@ def test_producer_is_created_lazily_and_a_broker_outage_is_reported():
         calls.append(settings.kafka_bootstrap_servers)
         raise ConnectionError("no brokers available")
 
-    settings = ApiSettings(items_token=TOKEN, kafka_bootstrap_servers="127.0.0.1:1")
+    settings = ApiSettings(items_token=TOKEN, kafka_bootstrap_servers="127.0.0.1:1", kafka_ack_timeout_s=0.2)
     forwarder = ItemForwarder(settings, producer_factory=unreachable)
     assert calls == []  # nothing is created before the first event
     acknowledged, failed = forwarder.forward([ItemEvent.model_validate(CREATE), ItemEvent.model_validate(EXPIRE)])
     assert acknowledged == [] and [f.index for f in failed] == [0, 1]
     assert failed[0].error == "no Kafka producer: ConnectionError: no brokers available"
+    _, failed = forwarder.forward([ItemEvent.model_validate(CREATE)])
+    assert calls == ["127.0.0.1:1"]  # an outage costs one connection attempt per timeout, not one per request
+    assert "no brokers available (retried after 0.2s)" in failed[0].error
+    time.sleep(0.25)
     forwarder.forward([ItemEvent.model_validate(CREATE)])
-    assert calls == ["127.0.0.1:1", "127.0.0.1:1"]  # retried on the next request
+    assert calls == ["127.0.0.1:1", "127.0.0.1:1"]  # retried once the timeout has passed
 
 
 def test_token_comes_from_the_environment_and_never_from_a_config_file(tmp_path, monkeypatch):

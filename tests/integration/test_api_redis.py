@@ -83,7 +83,7 @@ def test_api_serves_the_redis_index_and_follows_item_churn(tmp_path, redis_serve
         delta_interval_s=0.05,
         store_dir=str(store.root),
         redis_url=redis_server.url,
-        index_key_prefix=prefix,
+        key_prefix=prefix,
     )
     app = create_app(settings, ServingState())
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api")

@@ -89,7 +89,7 @@ def _setup(tmp_path: Path, redis, world, model: HSNN, kafka=None, seed_ads: int 
     store.promote(store.write(model).version)
     settings = IndexerSettings(
         redis_url="redis://unused",
-        kafka_bootstrap=kafka.bootstrap_servers if kafka else "127.0.0.1:1",
+        kafka_bootstrap_servers=kafka.bootstrap_servers if kafka else "127.0.0.1:1",
         items_topic=f"items-{tag}",
         dlq_topic=f"items-dlq-{tag}",
         group_id=f"indexer-{tag}",

@@ -125,7 +125,7 @@ def _settings(kafka: KafkaServer, topics: dict[str, str], tmp: Path, **overrides
     config = tmp / "hsnn.json"
     config.write_text(tiny_hsnn_config().model_dump_json())
     values: dict[str, object] = {
-        "bootstrap_servers": kafka.bootstrap_servers,
+        "kafka_bootstrap_servers": kafka.bootstrap_servers,
         "group_id": f"trainer-test-{uuid.uuid4().hex[:6]}",
         "impressions_topic": topics["impressions"],
         "items_topic": topics["items"],
