@@ -20,8 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = ApiSettings.from_cli(argv)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("hsnn.retrieval_api")
-    if settings.store_dir is None or settings.catalog is None:
-        log.warning("no store_dir/catalog: the API will answer 503 on /retrieve until a pair is loaded")
+    if settings.store_dir is None or (settings.catalog is None and settings.redis_url is None):
+        log.warning("no store_dir, or neither redis_url nor catalog: /retrieve answers 503 until a pair is loaded")
     if settings.items_token is None:
         log.info("HSNN_API_ITEMS_TOKEN is not set: POST /items/events is off")
     uvicorn.run(
