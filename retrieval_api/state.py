@@ -72,19 +72,6 @@ class ServingState:
         self._log_swap(old, new_pair)
         return old
 
-    def swap_if_newer(self, new_pair: ServingPair) -> bool:
-        """Serve `new_pair` only if its model version is above the served one (versions only move forward).
-
-        The check and the swap happen under one lock, so two loaders racing cannot move the version back.
-        """
-        with self._lock:
-            old = self._pair
-            if old is not None and new_pair.model_version <= old.model_version:
-                return False
-            self._pair = new_pair
-        self._log_swap(old, new_pair)
-        return True
-
     def swap_if_current(self, expected: ServingPair, new_pair: ServingPair) -> bool:
         """Serve `new_pair` only if `expected` is still served (an in-place index update must not undo a swap)."""
         with self._lock:

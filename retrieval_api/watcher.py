@@ -1,10 +1,11 @@
 """Hot swap: follow the publisher's PROMOTED pointer and swap in each new model/index pair.
 
 `SnapshotWatcher` is an asyncio task started by the app's lifespan. Every `interval_s` it
-reads `store.promoted()`; when the pointer names a version above the one being served it
+reads `store.promoted()`; when the pointer names a version other than the one being served it
 loads that snapshot (checksums verified by the store) and its index in a worker thread, so
-the event loop keeps answering requests, then swaps the pair in with
-`ServingState.swap_if_newer`: versions only move forward.
+the event loop keeps answering requests, then swaps the pair in. The pointer is the truth in
+both directions: a lower version is a rollback (docs/operations.md) and is served like any
+other promotion.
 
 A failed load (a `CorruptSnapshot`, a missing catalogue, any exception) keeps the old pair
 serving, is counted and logged, and is not retried for the same pointer until `backoff_s`
@@ -29,7 +30,7 @@ SUCCESS, FAILURE = "success", "failure"
 
 
 class SnapshotWatcher:
-    """Polls `store` and keeps `state` on the newest promoted version that loads."""
+    """Polls `store` and keeps `state` on the promoted version (newer or older), as long as it loads."""
 
     def __init__(
         self,
@@ -50,7 +51,6 @@ class SnapshotWatcher:
         self.on_reload = on_reload
         self._failed: tuple[Pointer, float] | None = None  # the pointer that last failed, and when
         self._task: asyncio.Task | None = None
-        self._warned_backwards: int | None = None
 
     def start(self) -> None:
         if self._task is None or self._task.done():
@@ -82,12 +82,7 @@ class SnapshotWatcher:
             return None
         current = self.state.current()
         served = current.model_version if current is not None else 0
-        if pointer.version <= served:
-            if pointer.version < served and self._warned_backwards != pointer.version:
-                self._warned_backwards = pointer.version
-                log.warning(
-                    "PROMOTED points back to %d; keep serving %d (versions only move forward)", pointer.version, served
-                )
+        if pointer.version == served:
             return None
         if self._failed is not None:
             failed_pointer, failed_at = self._failed
@@ -109,10 +104,10 @@ class SnapshotWatcher:
             )
             return FAILURE
         self._failed = None
-        if not self.state.swap_if_newer(pair):  # something newer was swapped in meanwhile
-            log.info("loaded snapshot %d but a newer pair is already served; dropped it", pair.model_version)
-            return None
+        self.state.swap(pair)  # only this watcher changes the model; index refreshes never do
         self._report(SUCCESS, started)
+        if served and pair.model_version < served:
+            log.warning("rolled back from snapshot %d to %d (the pointer moved back)", served, pair.model_version)
         log.info("hot-swapped to snapshot %d in %.2fs", pair.model_version, time.perf_counter() - started)
         return SUCCESS
 

@@ -1,4 +1,5 @@
-"""The snapshot watcher: follows the PROMOTED pointer, swaps under load, refuses corrupt snapshots, never goes back."""
+"""The snapshot watcher: follows the PROMOTED pointer both ways (rollbacks too), swaps under load, refuses corrupt
+snapshots."""
 
 from __future__ import annotations
 
@@ -112,22 +113,39 @@ def test_watcher_swaps_to_new_promotions_under_load(tmp_path, world, models, bod
                 await wait_for(lambda v=manifest.version: served_version(app) == v)
                 seen = len(outcomes)
                 await wait_for(lambda seen=seen: len(outcomes) >= seen + 20)
-            store.promote(1)  # a pointer moved back is not followed
-            await asyncio.sleep(0.2)
+            rolled_back_from = len(outcomes)
+            store.promote(1)  # the runbook's rollback: the pointer moves back and is followed
+            await wait_for(lambda: served_version(app) == 1)
+            seen = len(outcomes)
+            await wait_for(lambda: len(outcomes) >= seen + 20)
             stop.set()
             await asyncio.gather(*workers)
-            assert served_version(app) == 3
-            metrics_text = (await client.get("/metrics")).text
-        assert 'hsnn_api_reloads_total{outcome="success"} 3.0' in metrics_text
-        assert 'hsnn_api_reloads_total{outcome="failure"} 0.0' in metrics_text
+            assert served_version(app) == 1
+            return rolled_back_from
 
-    asyncio.run(scenario())
+    rolled_back_from = asyncio.run(scenario())
+    assert 'hsnn_api_reloads_total{outcome="success"} 4.0' in metrics_text_of(app)
+    assert 'hsnn_api_reloads_total{outcome="failure"} 0.0' in metrics_text_of(app)
     assert not errors, errors[:3]
     assert {(m, i) for _, m, i in outcomes} == {(1, 1), (2, 2), (3, 3)}
-    for number in range(6):  # every client saw versions only move forward
+    assert outcomes[-1][1] == 1  # answered by the rolled-back model at the end
+    for number in range(6):  # every client saw the promotions in order: 1, 2, 3, then back to 1
         versions = [m for w, m, _ in outcomes if w == number]
-        assert versions == sorted(versions), versions
-    assert metric(app, "hsnn_api_served_snapshot_timestamp_seconds") == store.manifest(3).created_at
+        changes = [v for i, v in enumerate(versions) if i == 0 or v != versions[i - 1]]
+        assert is_subsequence(changes, [1, 2, 3, 1]), changes
+    assert outcomes[rolled_back_from - 1][1] == 3  # the newest model served right up to the rollback
+    assert metric(app, "hsnn_api_served_snapshot_timestamp_seconds") == store.manifest(1).created_at
+
+
+def metrics_text_of(app) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(app.state.metrics.registry).decode()
+
+
+def is_subsequence(items: list[int], sequence: list[int]) -> bool:
+    remaining = iter(sequence)
+    return all(any(item == candidate for candidate in remaining) for item in items)
 
 
 def test_corrupt_promotion_is_refused_counted_and_old_pair_keeps_serving(tmp_path, world, models, bodies, caplog):
