@@ -191,7 +191,7 @@ def create_app(
         follower = RedisIndexFollower(
             redis_lib.Redis.from_url(settings.redis_url),
             store,
-            settings.index_key_prefix,
+            settings.key_prefix,
             settings.resolved_device(),
         )
         watcher = SnapshotWatcher(
