@@ -10,22 +10,17 @@ unless HSNN_REQUIRE_SERVERS=1 (then it fails).
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import torch
 import uvicorn
+from prometheus_support import query, running_prometheus, targets_up, wait_for
 
+from devservers._proc import free_port
 from hsnn.model import HSNN
 from hsnn.planted import make_world, tiny_hsnn_config
 from hsnn.snapshots import SnapshotStore
@@ -35,38 +30,7 @@ from retrieval_api.state import Catalog, CatalogIndexSource
 
 pytestmark = pytest.mark.integration
 
-REQUIRE = os.environ.get("HSNN_REQUIRE_SERVERS", "") == "1"
 PROMOTED = 2
-
-
-def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        reason = "prometheus is not installed (bash scripts/install_ops_tools.sh)"
-        if REQUIRE:
-            pytest.fail(f"HSNN_REQUIRE_SERVERS=1 but {reason}", pytrace=False)
-        pytest.skip(reason)
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = condition()
-        except httpx.HTTPError:
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.25)
 
 
 @pytest.fixture(scope="module")
@@ -97,71 +61,17 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Snapsho
 
 @pytest.fixture
 def prometheus(api, tmp_path: Path) -> Iterator[str]:
-    """Prometheus scraping the API every second; yields its base URL and stops it with SIGTERM."""
-    binary = prometheus_binary()
+    """Prometheus scraping the API every second; yields its base URL."""
     api_port, _ = api
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n"
-        "  scrape_interval: 1s\n"
-        "  evaluation_interval: 1s\n"
-        "scrape_configs:\n"
-        "  - job_name: hsnn-api\n"
-        "    metrics_path: /metrics\n"
-        "    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{api_port}']\n"
-    )
-    log = (tmp_path / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(
-                    f"prometheus exited {process.returncode}:\n{(tmp_path / 'prometheus.log').read_text()}"
-                )
-            return httpx.get(f"{base}/-/ready", timeout=2).status_code == 200
-
-        wait_for(ready, 60, "prometheus to be ready")
+    with running_prometheus({"hsnn-api": f"127.0.0.1:{api_port}"}, tmp_path / "prometheus") as base:
         yield base
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        log.close()
-
-
-def query(base: str, expr: str) -> list[dict[str, Any]]:
-    answer = httpx.get(f"{base}/api/v1/query", params={"query": expr}, timeout=5).json()
-    assert answer["status"] == "success", answer
-    return answer["data"]["result"]
 
 
 def test_prometheus_scrapes_the_served_snapshot_time(api, prometheus: str) -> None:
     _, store = api
     manifest = store.manifest(PROMOTED)
 
-    def target_up() -> bool:
-        targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
-        return any(t["labels"]["job"] == "hsnn-api" and t["health"] == "up" for t in targets)
-
-    wait_for(target_up, 60, "the API target to be up")
+    wait_for(lambda: targets_up(prometheus).get("hsnn-api"), 60, "the API target to be up")
     result = wait_for(lambda: query(prometheus, "hsnn_api_served_snapshot_timestamp_seconds"), 30, "a sample")
     assert len(result) == 1 and result[0]["metric"]["job"] == "hsnn-api"
     assert float(result[0]["value"][1]) == pytest.approx(manifest.created_at, rel=0, abs=1e-6)
