@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -370,8 +371,11 @@ class DeadLetter(EventModel):
     offset: int | None = None
     reason: str
     failed_at: float
-    raw_base64: str
+    raw_base64: str = Field(description="The original bytes, or their first DEAD_LETTER_RAW_BYTES if truncated.")
     key_base64: str | None = None
+    raw_length: int | None = Field(None, description="Length of the original value in bytes.")
+    raw_sha256: str | None = Field(None, description="sha256 hex of the whole original value.")
+    raw_truncated: bool = False
 
     @property
     def raw(self) -> bytes:
@@ -380,6 +384,10 @@ class DeadLetter(EventModel):
     @property
     def key(self) -> bytes | None:
         return None if self.key_base64 is None else base64.b64decode(self.key_base64, validate=True)
+
+
+DEAD_LETTER_RAW_BYTES = 16 << 10  # prefix of the original kept in a letter: far below any broker's message limit
+DEAD_LETTER_REASON_CHARS = 1000
 
 
 def dead_letter_record(
@@ -393,17 +401,26 @@ def dead_letter_record(
 ) -> bytes:
     """The DLQ record value: the original bytes (base64, so any bytes survive) plus where and why they failed.
 
+    Only the first DEAD_LETTER_RAW_BYTES of the original (and of its key) are kept, with the full
+    length and sha256: a letter that embedded a near-1 MiB record whole would exceed the broker's
+    message size, fail every send and stall whoever waits for the DLQ acknowledgement. The source
+    partition and offset still point at the whole record while it is retained.
     `partition`/`offset` are None for records that never had a Kafka position (e.g. a simulator feed).
     `key` is the original record key, kept so a replay can re-publish under the same key.
     """
+    raw = bytes(raw)
+    kept = raw[:DEAD_LETTER_RAW_BYTES]
     record = DeadLetter(
         source_topic=source_topic,
         partition=partition,
         offset=offset,
-        reason=reason,
+        reason=reason[:DEAD_LETTER_REASON_CHARS],
         failed_at=time.time() if failed_at is None else failed_at,
-        raw_base64=base64.b64encode(bytes(raw)).decode("ascii"),
-        key_base64=None if key is None else base64.b64encode(bytes(key)).decode("ascii"),
+        raw_base64=base64.b64encode(kept).decode("ascii"),
+        key_base64=None if key is None else base64.b64encode(bytes(key)[:DEAD_LETTER_RAW_BYTES]).decode("ascii"),
+        raw_length=len(raw),
+        raw_sha256=hashlib.sha256(raw).hexdigest(),
+        raw_truncated=len(kept) < len(raw),
     )
     return record.model_dump_json(exclude_none=True).encode("utf-8")
 

@@ -1,4 +1,4 @@
-"""`python -m indexer`: run the indexer loop and serve its Prometheus metrics."""
+"""`python -m indexer`: run the indexer loop; serve /metrics and /livez (the main loop's heartbeat)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import logging
 import signal
 import threading
 
-from prometheus_client import start_http_server
-
+from hsnn.health import serve_metrics_and_liveness
 from indexer.service import Indexer
 from indexer.settings import IndexerSettings
 
@@ -17,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     indexer = Indexer(settings)
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, registry=indexer.metrics.registry)
+        serve_metrics_and_liveness(settings.metrics_port, indexer.heartbeat, registry=indexer.metrics.registry)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -10,8 +10,15 @@ Three steps, each callable on its own (tests drive them one by one; `run` loops 
   changes the scan may have missed, garbage-collect.
 - `consume_once()`: one Kafka poll of `hsnn.items`: decode, dead-letter what is malformed (or does
   not fit the model's schema), apply the rest atomically to the catalogue and the current version's
-  delta, then commit the offsets. A crash before the commit replays events, which is harmless:
-  applying an item event is idempotent.
+  delta, then checkpoint: once every dead letter is acknowledged, the next offsets are written to
+  Redis beside the catalogue (`catalog:offsets`) and committed to the group (for lag only). A crash
+  before the checkpoint replays events, which is harmless: applying an item event is idempotent.
+
+Redis holds the catalogue *and* how far into `hsnn.items` it has read, so the two cannot disagree:
+after a FLUSHALL or a restart without persistence the offsets are gone with the catalogue, and the
+indexer replays the topic from the beginning; after an AOF restore that lost the last writes, the
+offsets are as old as the catalogue and the gap is replayed. While a replay runs, no index is built:
+a rebuild from a partial catalogue would serve a shrunken index.
 """
 
 from __future__ import annotations
@@ -23,15 +30,20 @@ from collections.abc import Sequence
 
 import redis as redis_lib
 import torch
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from hsnn.events import ItemEvent, MalformedEvent, SchemaMismatch, dead_letter_record, decode_item
+from hsnn.dead_letters import DeadLetterOutbox, letter_for_record
+from hsnn.events import ItemEvent, MalformedEvent, SchemaMismatch, decode_item
+from hsnn.health import Heartbeat
 from hsnn.index import HierarchicalIndex, build_index
 from hsnn.index_store import (
     APPLIED,
     RETRY,
     SUPERSEDED,
+    IndexKeys,
     ItemEncoder,
     allocate_version,
     apply_item_events,
@@ -51,6 +63,7 @@ from hsnn.index_store import (
 from hsnn.model import HSNN
 from hsnn.service_metrics import service_registry
 from hsnn.snapshots import CorruptSnapshot, SnapshotStore
+from hsnn.streams import assign_all_partitions
 from indexer.settings import IndexerSettings
 
 log = logging.getLogger("hsnn.indexer")
@@ -90,6 +103,48 @@ class IndexerMetrics:
         self.skipped_ads = Counter(
             "hsnn_indexer_rebuild_skipped_ads", "Catalogue ads left out of a rebuild (do not fit the schema)", **kw
         )
+        self.catalogue_replays = Counter(
+            "hsnn_indexer_catalogue_replays",
+            "Replays of the items topic because Redis lost (part of) the catalogue",
+            ["cause"],
+            **kw,
+        )
+        self.replaying = Gauge("hsnn_indexer_catalogue_replaying", "1 while the catalogue is being replayed", **kw)
+        self.deferred_rebuilds = Counter(
+            "hsnn_indexer_rebuilds_deferred", "Rebuilds not done because the catalogue is incomplete", **kw
+        )
+        self.pending_dead_letters = Gauge(
+            "hsnn_indexer_dead_letters_pending", "Dead letters not yet acknowledged (offsets wait for them)", **kw
+        )
+        self.loop_errors = Counter(
+            "hsnn_indexer_loop_errors", "Kafka or Redis errors the loop survived", ["system"], **kw
+        )
+
+
+def catalogue_offsets_key(prefix: str) -> str:
+    """Redis hash `topic:partition` -> next offset of the items topic the catalogue reflects."""
+    return f"{IndexKeys(prefix).catalog}:offsets"
+
+
+def read_catalogue_offsets(redis: redis_lib.Redis, topic: str, prefix: str) -> dict[int, int] | None:
+    """Where the catalogue stands in `topic`; None when Redis has no record (lost, flushed or never read)."""
+    stored = redis.hgetall(catalogue_offsets_key(prefix))
+    if not stored:
+        return None
+    out = {}
+    for field, value in stored.items():
+        name, _, partition = (field.decode() if isinstance(field, bytes) else field).rpartition(":")
+        if name == topic:
+            out[int(partition)] = int(value)
+    return out
+
+
+def write_catalogue_offsets(redis: redis_lib.Redis, topic: str, offsets: dict[int, int], prefix: str) -> None:
+    """Declare the catalogue complete up to `offsets` (also used by tools that load a catalogue directly)."""
+    redis.hset(
+        catalogue_offsets_key(prefix),
+        mapping={"written_at": repr(time.time()), **{f"{topic}:{p}": o for p, o in offsets.items()}},
+    )
 
 
 def node_size_max_over_mean(index: HierarchicalIndex) -> list[float]:
@@ -111,7 +166,12 @@ class Indexer:
     ):
         self.settings = settings
         self.prefix = settings.key_prefix
-        self.redis = redis or redis_lib.Redis.from_url(settings.redis_url)
+        self.redis = redis or redis_lib.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_socket_timeout_s,
+            socket_connect_timeout=settings.redis_connect_timeout_s,
+            health_check_interval=30,
+        )
         self.store = SnapshotStore(settings.store_dir)
         self.metrics = metrics or IndexerMetrics()
         self.encoder: ItemEncoder | None = None  # model of the current index version: encodes deltas
@@ -120,7 +180,14 @@ class Indexer:
         self.model_version: int | None = None
         self.refused: set[int] = set()  # snapshot versions that failed verification (not retried)
         self._consumer: KafkaConsumer | None = None
+        self._partitions: list[TopicPartition] = []
         self._producer: KafkaProducer | None = None
+        self._outbox: DeadLetterOutbox | None = None
+        self._offsets: dict[int, int] | None = None  # what Redis held (or we wrote) last: catalogue position
+        self._replay_target: dict[int, int] | None = None  # end offsets a running replay must reach
+        self._rewind = False  # a failed batch: seek back to the catalogue's offsets before the next poll
+        self._last_flipped = 0  # highest index version this process flipped (survives a FLUSHALL of the counter)
+        self.heartbeat = Heartbeat(settings.heartbeat_max_age_s)
 
     # ---------------------------------------------------------------- snapshot and rebuild
 
@@ -167,15 +234,29 @@ class Indexer:
         self.metrics.model_version.set(model_version)
 
     def check_snapshot(self) -> bool:
-        """Load a newly promoted snapshot and rebuild the index with it; True when a new version went live."""
+        """Load a newly promoted snapshot and rebuild the index with it; True when a new version went live.
+
+        Also rebuilds when the index under the pointer vanished (Redis flushed or restarted empty), but
+        only once the catalogue is complete again: never from a catalogue that is still being replayed.
+        """
         pointer = self.store.promoted()
         if pointer is not None and pointer.version != self.model_version and pointer.version not in self.refused:
             model = self._load(pointer.version)
             if model is not None:
                 self.model, self.model_version = model, pointer.version
+        if self.encoder is not None and current_version(self.redis, self.prefix) != self.encoder.index_version:
+            self._adopt_current()  # another indexer flipped, or the index is gone
         if self.model is None or (self.encoder is not None and self.encoder_model_version == self.model_version):
             return False
+        if not self.catalogue_complete():
+            self.metrics.deferred_rebuilds.inc()
+            log.info("rebuild for snapshot %s deferred: the catalogue is incomplete (replaying)", self.model_version)
+            return False
         return self.rebuild(self.model, self.model_version) is not None
+
+    def catalogue_complete(self) -> bool:
+        """Redis records how far the catalogue has read the items topic, and no replay is running."""
+        return self._replay_target is None and bool(self.redis.exists(catalogue_offsets_key(self.prefix)))
 
     def rebuild(self, model: HSNN, model_version: int) -> int | None:
         """Full rebuild over every live ad; returns the new index version, or None if nothing went live."""
@@ -202,13 +283,18 @@ class Indexer:
             model_version,
             prefix=self.prefix,
             chunk_bytes=self.settings.chunk_bytes,
-            extra_meta={"catalog_changes_since": since, "skipped_ads": len(entries) - len(usable)},
+            extra_meta={
+                "catalog_changes_since": since,
+                "skipped_ads": len(entries) - len(usable),
+                "catalog_offsets": read_catalogue_offsets(self.redis, self.settings.items_topic, self.prefix) or {},
+            },
         )
         if not flip_pointer(self.redis, expected, version, self.prefix):
             log.warning("index pointer moved during the rebuild (expected %s); dropping version %d", expected, version)
             delete_version(self.redis, version, self.prefix)
             self._adopt_current()
             return None
+        self._last_flipped = max(self._last_flipped, version)
         self.encoder = ItemEncoder(model, version, self.settings.batch_size)
         self.encoder_model_version = model_version
         caught_up = catch_up(self.redis, since, self.encoder, self.prefix)
@@ -232,70 +318,146 @@ class Indexer:
         return version
 
     def _allocate(self) -> int:
-        return allocate_version(self.redis, self.prefix)
+        """A fresh version number, above every version this process flipped even if Redis lost its counter."""
+        version = allocate_version(self.redis, self.prefix)
+        if version <= self._last_flipped:
+            self.redis.set(IndexKeys(self.prefix).next_version, self._last_flipped + 1)
+            version = allocate_version(self.redis, self.prefix)
+        return version
 
     # ---------------------------------------------------------------- item events
 
     def _get_consumer(self) -> KafkaConsumer:
+        """The items consumer, every partition assigned; it seeks to the catalogue's offsets, never by policy."""
         if self._consumer is None:
-            self._consumer = KafkaConsumer(
-                self.settings.items_topic,
+            consumer = KafkaConsumer(
                 bootstrap_servers=self.settings.kafka_bootstrap_servers,
                 group_id=self.settings.group_id,
                 enable_auto_commit=False,
-                auto_offset_reset="earliest",
+                auto_offset_reset="earliest",  # never used: every partition is sought explicitly before a poll
+                request_timeout_ms=15_000,
+                reconnect_backoff_max_ms=2000,
             )
+            try:
+                self._partitions = assign_all_partitions(consumer, self.settings.items_topic)
+            except Exception:
+                consumer.close()
+                raise
+            self._consumer = consumer
+            self._offsets = None
+            self._rewind = True
         return self._consumer
 
-    def _get_producer(self) -> KafkaProducer:
-        if self._producer is None:
-            self._producer = KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap_servers, acks="all")
-        return self._producer
+    def _get_outbox(self) -> DeadLetterOutbox:
+        if self._outbox is None:
+            self._producer = KafkaProducer(
+                bootstrap_servers=self.settings.kafka_bootstrap_servers, acks="all", max_block_ms=2000, linger_ms=5
+            )
+            self._outbox = DeadLetterOutbox(self._producer)
+        return self._outbox
+
+    def _sync_with_catalogue(self, consumer: KafkaConsumer) -> None:
+        """Position the consumer where Redis says the catalogue stands; replay from the start if Redis lost it."""
+        stored = read_catalogue_offsets(self.redis, self.settings.items_topic, self.prefix)
+        if stored is None:
+            if self._replay_target is None or self._rewind:
+                self._start_replay(consumer, "start" if self._offsets is None else "lost")
+            return
+        if stored == self._offsets and not self._rewind:
+            return
+        if self._offsets is not None and any(stored.get(p, 0) < o for p, o in self._offsets.items()):
+            log.warning("Redis catalogue offsets %s older than written %s: replaying the gap", stored, self._offsets)
+            self.metrics.catalogue_replays.labels(cause="rolled_back").inc()
+        for tp in self._partitions:
+            if tp.partition in stored:
+                consumer.seek(tp, stored[tp.partition])
+            else:
+                consumer.seek_to_beginning(tp)
+        self._offsets = stored
+        self._replay_target = None
+        self._rewind = False
+        self.metrics.replaying.set(0)
+
+    def _start_replay(self, consumer: KafkaConsumer, cause: str) -> None:
+        if cause == "lost":
+            log.error("Redis has no catalogue offsets any more (FLUSHALL or restart without data): replaying")
+        consumer.seek_to_beginning(*self._partitions)
+        end = consumer.end_offsets(self._partitions, timeout_ms=15_000)
+        self._replay_target = {tp.partition: end[tp] for tp in self._partitions}
+        self._offsets = None
+        self._rewind = False
+        self.metrics.catalogue_replays.labels(cause=cause).inc()
+        self.metrics.replaying.set(1)
+        log.info("replaying %s up to %s before any rebuild", self.settings.items_topic, self._replay_target)
 
     def consume_once(self, timeout_ms: int | None = None) -> int:
-        """One poll: apply what it returned, dead-letter the bad records, commit. Returns records handled."""
+        """One poll: apply what it returned, dead-letter the bad records, checkpoint. Returns records handled.
+
+        Any error after the poll (Redis away, pointer race) rewinds the consumer to the catalogue's offsets
+        before it propagates, so no polled record is skipped.
+        """
         consumer = self._get_consumer()
+        self._sync_with_catalogue(consumer)
         timeout = self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms
         polled = consumer.poll(timeout_ms=timeout, max_records=self.settings.max_poll_records)
         records = [record for tp in sorted(polled, key=lambda t: (t.topic, t.partition)) for record in polled[tp]]
-        if not records:
-            return 0
+        try:
+            if records:
+                self._handle(records)
+            self._checkpoint(consumer)
+        except BaseException:
+            self._rewind = True
+            raise
+        return len(records)
+
+    def _handle(self, records: list) -> None:
         model = self.encoder.model if self.encoder is not None else self.model
         schema = model.config.features if model is not None else None
         events: list[ItemEvent] = []
-        dead = 0
+        outbox = self._get_outbox()
         for record in records:
             try:
                 event = decode_item(record.value)
                 if schema is not None:
                     check_event_schema(event, schema)
             except MalformedEvent as err:
-                self._dead_letter(record, err.reason)
-                dead += 1
+                self._dead_letter(outbox, record, err.reason)
             except SchemaMismatch as err:
-                self._dead_letter(record, f"does not fit the model's feature schema: {err}")
-                dead += 1
+                self._dead_letter(outbox, record, f"does not fit the model's feature schema: {err}")
             else:
                 events.append(event)
         if events:
             self.apply(events)
-        if dead:
-            self._get_producer().flush(timeout=30)
-        consumer.commit()
-        return len(records)
+        outbox.send()
 
-    def _dead_letter(self, record, reason: str) -> None:
-        value = dead_letter_record(
-            record.value if record.value is not None else b"",
-            reason,
-            record.topic,
-            record.partition,
-            record.offset,
-            key=record.key,
-        )
-        self._get_producer().send(self.settings.dlq_topic, key=record.key, value=value)
+    def _checkpoint(self, consumer: KafkaConsumer) -> None:
+        """Record the consumer's position in Redis (and the group) once every dead letter is acknowledged."""
+        positions = {tp.partition: consumer.position(tp) for tp in self._partitions}
+        if self._replay_target is None and positions == self._offsets:
+            return
+        if self._outbox is not None and len(self._outbox):
+            acknowledged = self._outbox.flush(timeout=self.settings.dlq_flush_timeout_s)
+            self.metrics.pending_dead_letters.set(len(self._outbox))
+            if not acknowledged:
+                log.warning("offsets held back: %d dead letters not acknowledged", len(self._outbox))
+                return
+        if self._replay_target is not None:
+            if any(positions[p] < end for p, end in self._replay_target.items()):
+                return
+            log.info("catalogue replay complete at %s", positions)
+            self._replay_target = None
+            self.metrics.replaying.set(0)
+        write_catalogue_offsets(self.redis, self.settings.items_topic, positions, self.prefix)
+        self._offsets = positions
+        try:
+            consumer.commit({tp: OffsetAndMetadata(positions[tp.partition], "", -1) for tp in self._partitions})
+        except KafkaError as err:  # lag dashboards only: Redis holds the position that matters
+            log.warning("offset commit failed (lag metrics only): %s", err)
+
+    def _dead_letter(self, outbox: DeadLetterOutbox, record, reason: str) -> None:
+        outbox.add(letter_for_record(self.settings.dlq_topic, record, reason))
         self.metrics.dead_letters.inc()
-        log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+        log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason[:300])
 
     def apply(self, events: Sequence[ItemEvent]) -> list[str]:
         """Apply item events (catalogue + current delta); re-encodes with the new model if the pointer moved."""
@@ -326,18 +488,34 @@ class Indexer:
         return self.consume_once()
 
     def run(self, stop: threading.Event) -> None:
-        self.start()
-        last_check = time.monotonic()
+        """Loop until `stop`; Kafka and Redis errors are counted and retried with back-off, never fatal."""
+        backoff = 0.1
+        started = False
+        last_check = 0.0
         while not stop.is_set():
-            if time.monotonic() - last_check >= self.settings.poll_interval_s:
-                self.check_snapshot()
-                last_check = time.monotonic()
-            self.consume_once()
+            self.heartbeat.beat()
+            try:
+                if not started:
+                    self.start()
+                    started = True
+                    last_check = time.monotonic()
+                if time.monotonic() - last_check >= self.settings.poll_interval_s:
+                    self.check_snapshot()
+                    last_check = time.monotonic()
+                self.consume_once()
+                backoff = 0.1
+            except (KafkaError, redis_lib.RedisError) as err:
+                system = "kafka" if isinstance(err, KafkaError) else "redis"
+                self.metrics.loop_errors.labels(system=system).inc()
+                log.warning("%s error, retrying in %.1fs: %s", system, backoff, err)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, self.settings.retry_backoff_max_s)
 
     def close(self) -> None:
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
         if self._producer is not None:
-            self._producer.close()
+            self._producer.close(timeout=5)
             self._producer = None
+            self._outbox = None

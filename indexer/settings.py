@@ -28,3 +28,10 @@ class IndexerSettings(ServiceSettings):
     keep_versions: int = Field(2, ge=1, description="Complete index versions kept by GC (current + previous).")
     metrics_port: int = Field(9103, ge=0, le=65535, description="Port of /metrics; 0 disables it.")
     progress: bool = Field(False, description="Progress bars on stderr during rebuilds.")
+    redis_socket_timeout_s: float = Field(5.0, gt=0, description="Redis read/write timeout (no call hangs for ever).")
+    redis_connect_timeout_s: float = Field(2.0, gt=0, description="Redis connect timeout.")
+    dlq_flush_timeout_s: float = Field(5.0, gt=0, description="Wait for dead-letter acks before a checkpoint.")
+    retry_backoff_max_s: float = Field(5.0, gt=0, description="Cap of the back-off after a Kafka or Redis error.")
+    heartbeat_max_age_s: float = Field(
+        900.0, gt=0, description="/livez fails once the main loop has not turned for this long (a rebuild counts)."
+    )

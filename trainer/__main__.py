@@ -1,4 +1,9 @@
-"""`python -m trainer`: run the online trainer until SIGTERM/SIGINT (then final snapshot, exit 0)."""
+"""`python -m trainer`: run the online trainer until SIGTERM/SIGINT (then final snapshot, exit 0).
+
+Port `metrics_port` serves /metrics and /livez (503 once the main loop stops beating). Exit codes:
+1 final snapshot failed, 2 halted on an out-of-range stored offset (after SIGTERM), 3 another trainer
+holds the store's lease, 4 this trainer was fenced off by a newer one.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,17 @@ import signal
 import sys
 import threading
 
-from prometheus_client import start_http_server
-
-from trainer.service import OnlineTrainer
+from hsnn.health import Heartbeat, serve_metrics_and_liveness
+from hsnn.streams import StoredOffsetOutOfRange
+from trainer.fencing import LeaseHeld, LeaseLost
+from trainer.service import OnlineTrainer, TrainerMetrics
 from trainer.settings import TrainerSettings
 
 log = logging.getLogger("hsnn.trainer")
+
+EXIT_HALTED = 2  # a stored offset is out of range: needs an operator
+EXIT_LEASE_HELD = 3  # another trainer owns the store
+EXIT_LEASE_LOST = 4  # another trainer took the store over while this one ran
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,12 +39,37 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    heartbeat = Heartbeat(settings.heartbeat_max_age_s)
+    metrics = TrainerMetrics()
     if settings.metrics_port:
-        start_http_server(settings.metrics_port)
-    trainer = OnlineTrainer(settings)
-    log.info("trainer ready: %s -> %s", settings.impressions_topic, settings.store_dir)
-    trainer.run(stop.is_set)
+        serve_metrics_and_liveness(settings.metrics_port, heartbeat)
+    try:
+        trainer = OnlineTrainer(settings, heartbeat=heartbeat, metrics=metrics)
+    except LeaseHeld as err:
+        log.critical("not starting: %s", err)
+        return EXIT_LEASE_HELD
+    except StoredOffsetOutOfRange as err:
+        return _halt(stop, heartbeat, metrics, str(err))
+    log.info("trainer ready: %s -> %s, lease %s", settings.impressions_topic, settings.store_dir, trainer.lease.epoch)
+    try:
+        trainer.run(stop.is_set)
+    except LeaseLost as err:
+        log.critical("stepping down without a snapshot: %s", err)
+        trainer.close()
+        return EXIT_LEASE_LOST
+    except StoredOffsetOutOfRange as err:
+        trainer.close()
+        return _halt(stop, heartbeat, metrics, str(err))
     return 0 if trainer.shutdown() else 1
+
+
+def _halt(stop: threading.Event, heartbeat: Heartbeat, metrics: TrainerMetrics, reason: str) -> int:
+    """Stay up, not training, with `hsnn_trainer_halted` = 1 until SIGTERM: an alert, not a crash loop."""
+    log.critical("HALTED, an operator must decide: %s", reason)
+    metrics.halted.set(1)
+    while not stop.wait(5.0):
+        heartbeat.beat()  # halted on purpose, not hung: a restart would only halt again
+    return EXIT_HALTED
 
 
 if __name__ == "__main__":

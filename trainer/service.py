@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -23,10 +24,11 @@ from typing import Any
 
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, OffsetOutOfRangeError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from hsnn.dead_letters import DeadLetterMessage, DeadLetterOutbox, letter_for_record
 from hsnn.events import (
     ImpressionEvent,
     ItemEvent,
@@ -38,14 +40,20 @@ from hsnn.events import (
     dead_letter_record,
     decode_impression,
     decode_item,
+    encode,
+    event_key,
     impressions_to_batch,
     supersedes,
 )
+from hsnn.health import Heartbeat
 from hsnn.metrics import normalized_entropy
 from hsnn.model import HSNN
 from hsnn.snapshots import CorruptSnapshot, Manifest, Pointer, SnapshotStore
+from hsnn.streams import StoredOffsetOutOfRange, assign_all_partitions, offsets_out_of_range
 from hsnn.training import make_optimizer, predict, train_step
 from publisher.publisher import Publisher, PublisherMetrics, PublisherSettings, PublishResult
+from trainer.fencing import TrainerLease
+from trainer.guard import GuardedOptimizer, non_finite_tensors
 from trainer.settings import TrainerSettings
 
 log = logging.getLogger("hsnn.trainer")
@@ -194,7 +202,22 @@ class TrainerMetrics:
         )
         self.item_events = Counter("hsnn_trainer_item_events", "Item records read, by outcome", ["outcome"], **kw)
         self.kafka_errors = Counter("hsnn_trainer_kafka_errors", "Kafka errors survived by the loop", **kw)
-        for outcome in ("trained", "dead_letter", "eval"):  # export zeros, so dashboards see every series
+        self.skipped_steps = Counter(
+            "hsnn_trainer_skipped_steps", "Train steps skipped: non-finite loss or gradient (batch not applied)", **kw
+        )
+        self.clipped_steps = Counter("hsnn_trainer_clipped_steps", "Train steps whose gradients were clipped", **kw)
+        self.grad_norm = Gauge("hsnn_trainer_grad_norm", "Gradient norm of the last step, before clipping", **kw)
+        self.offset_out_of_range = Counter(
+            "hsnn_trainer_offset_out_of_range",
+            "Stored offsets found outside the partition's log (the trainer halts unless told how to reset)",
+            **kw,
+        )
+        self.halted = Gauge("hsnn_trainer_halted", "1 when the trainer stopped itself and needs an operator", **kw)
+        self.lease_epoch = Gauge("hsnn_trainer_lease_epoch", "Fencing epoch of the store lease held", **kw)
+        self.non_finite_snapshots = Counter(
+            "hsnn_trainer_non_finite_snapshots_refused", "Snapshots not written because a weight was NaN/inf", **kw
+        )
+        for outcome in ("trained", "dead_letter", "eval", "skipped"):  # export zeros: dashboards see every series
             self.events.labels(outcome)
         for reason in ("malformed", "schema_mismatch", "unknown_ad"):
             self.dead_letters.labels(reason)
@@ -212,13 +235,6 @@ def _reason_label(reason: str) -> str:
 # --------------------------------------------------------------------------------------------
 # The service
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _DeadLetter:
-    topic: str
-    key: bytes | None
-    value: bytes
 
 
 @dataclass
@@ -256,9 +272,12 @@ class OnlineTrainer:
         settings: TrainerSettings,
         registry: CollectorRegistry | None = None,
         publisher: Publisher | None = None,
+        heartbeat: Heartbeat | None = None,
+        metrics: TrainerMetrics | None = None,
     ):
         self.settings = settings
-        self.metrics = TrainerMetrics(registry)
+        self.metrics = metrics or TrainerMetrics(registry)
+        self.heartbeat = heartbeat or Heartbeat(settings.heartbeat_max_age_s)
         self.publisher = publisher or Publisher(
             PublisherSettings(
                 store_dir=settings.store_dir,
@@ -270,10 +289,14 @@ class OnlineTrainer:
         self.store: SnapshotStore = self.publisher.store
         self.timings = Timings()
         torch.manual_seed(settings.seed)
+        # Fencing first: only the lease holder may read the newest snapshot as its starting point.
+        self.lease = TrainerLease(self.store.root, ttl_s=settings.lease_ttl_s)
+        self.metrics.lease_epoch.set(self.lease.acquire(wait_s=settings.lease_wait_s))
+        self._remove_unfinished_snapshots()
 
         self.model, self.manifest = self._load_or_create()
         self.schema = self.model.config.features
-        self.optimizer = make_optimizer(self.model, settings.lr)
+        self.optimizer = GuardedOptimizer(self.model, make_optimizer(self.model, settings.lr), settings.max_grad_norm)
         self.offsets = OffsetBook.from_manifest(self.manifest.offsets if self.manifest else {})
         self.watermark: float | None = self.manifest.event_time_watermark if self.manifest else None
         metrics = self.manifest.eval_metrics if self.manifest else {}
@@ -288,8 +311,6 @@ class OnlineTrainer:
             self._ids_file = open(settings.trained_ids_path, "a", encoding="utf-8")  # noqa: SIM115 (lives with us)
 
         self._pending: list[Any] = []  # impression records polled but not yet handled (survive a Kafka error)
-        self._outbox: list[_DeadLetter] = []  # dead letters not yet handed to the producer
-        self._in_flight: list[tuple[Any, _DeadLetter]] = []  # handed over, not yet acknowledged
         self._since_snapshot = 0
         self._last_snapshot_at = time.monotonic()
         self._rate_window = (time.monotonic(), 0)
@@ -305,7 +326,7 @@ class OnlineTrainer:
         self.consumer = KafkaConsumer(
             group_id=settings.group_id,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset="none",  # an out-of-range position raises; it is never silently reset
             max_poll_records=settings.max_poll_records,
             client_id=f"{settings.group_id}-impressions",
             **common,
@@ -321,21 +342,40 @@ class OnlineTrainer:
         self.producer = KafkaProducer(
             acks="all", linger_ms=5, max_block_ms=2000, client_id="hsnn-trainer-dlq", **common
         )
+        self.dead_letters = DeadLetterOutbox(self.producer)
         if settings.snapshots_topic:
             self.publisher.notify = self._send_snapshot_notice
-        self.impression_tps = self._assign(self.consumer, settings.impressions_topic)
-        self.item_tps = self._assign(self.items_consumer, settings.items_topic)
+        self.impression_tps = assign_all_partitions(self.consumer, settings.impressions_topic)
+        self.item_tps = assign_all_partitions(self.items_consumer, settings.items_topic)
+        stored_offsets = {}
         for tp in self.impression_tps:
             stored = self.offsets.get(tp.topic, tp.partition)
             if stored is None:
                 self.consumer.seek_to_beginning(tp)
                 log.info("%s[%d]: no stored offset, starting from the beginning", tp.topic, tp.partition)
             else:
+                stored_offsets[tp] = stored
                 self.consumer.seek(tp, stored)
+        self._check_stored_offsets(stored_offsets)
         # The catalogue is not in the snapshot: the compacted items topic *is* the catalogue, re-read from the start.
         self.items_consumer.seek_to_beginning(*self.item_tps)
 
     # ------------------------------------------------------------------ start-up
+    def _remove_unfinished_snapshots(self) -> None:
+        """Delete what a killed writer left: staging dirs, and versions renamed into place without DONE.
+
+        Safe because the lease makes this process the store's only writer; readers never see either
+        (no DONE marker), but they would pile up with every SIGKILL that lands mid-snapshot.
+        """
+        for staging in self.store.tmp_dir.iterdir():
+            shutil.rmtree(staging, ignore_errors=True)
+            log.warning("removed the unfinished snapshot staging dir %s", staging.name)
+        complete = set(self.store.versions())
+        for directory in self.store.versions_dir.iterdir():
+            if directory.name.isdigit() and int(directory.name) not in complete:
+                shutil.rmtree(directory, ignore_errors=True)
+                log.warning("removed snapshot %s: written without its DONE marker", directory.name)
+
     def _load_or_create(self) -> tuple[HSNN, Manifest | None]:
         """Newest *written* snapshot that verifies (promoted or not): its weights and offsets belong together."""
         for version in reversed(self.store.versions()):
@@ -354,18 +394,29 @@ class OnlineTrainer:
         log.info("no snapshot in %s: starting a fresh model", self.store.root)
         return HSNN(self.settings.hsnn_config()), None
 
-    @staticmethod
-    def _assign(consumer: KafkaConsumer, topic: str, timeout: float = 30.0) -> list[TopicPartition]:
-        deadline = time.monotonic() + timeout
-        while True:
-            partitions = consumer.partitions_for_topic(topic)
-            if partitions:
-                tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-                consumer.assign(tps)
-                return tps
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"topic {topic!r} not found on {consumer.config['bootstrap_servers']}")
-            time.sleep(0.2)
+    def _check_stored_offsets(self, stored: dict[TopicPartition, int]) -> None:
+        """A stored offset outside the log halts the trainer, unless `on_offset_out_of_range` says how to reset.
+
+        Past the log end: the topic was recreated or the broker lost data; before the log start: retention
+        deleted events the trainer never read. Either way a silent reset retrains or skips a whole partition.
+        """
+        bad = offsets_out_of_range(self.consumer, stored)
+        if not bad:
+            return
+        self.metrics.offset_out_of_range.inc(len(bad))
+        detail = "; ".join(str(b) for b in bad)
+        policy = self.settings.on_offset_out_of_range
+        if policy == "fail":
+            self.close()
+            raise StoredOffsetOutOfRange(
+                f"{self.settings.impressions_topic}: {detail}. Set HSNN_TRAINER_ON_OFFSET_OUT_OF_RANGE=earliest "
+                "or =latest for one start to reset these partitions deliberately (see docs/trainer.md)."
+            )
+        for item in bad:
+            target = item.beginning if policy == "earliest" else item.end
+            log.error("%s: reset to %s offset %d by the operator's setting", item, policy, target)
+            self.consumer.seek(TopicPartition(self.settings.impressions_topic, item.partition), target)
+            self.offsets.set(self.settings.impressions_topic, item.partition, target)
 
     # ------------------------------------------------------------------ items
     def catch_up_items(self, timeout: float = 30.0) -> int:
@@ -410,10 +461,17 @@ class OnlineTrainer:
         """
         if not self._pending:
             started = time.perf_counter()
-            polled = self.consumer.poll(
-                timeout_ms=self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms,
-                max_records=self.settings.max_poll_records,
-            )
+            try:
+                polled = self.consumer.poll(
+                    timeout_ms=self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms,
+                    max_records=self.settings.max_poll_records,
+                )
+            except OffsetOutOfRangeError as err:  # retention overtook the trainer while it ran
+                self.metrics.offset_out_of_range.inc()
+                raise StoredOffsetOutOfRange(
+                    f"{self.settings.impressions_topic}: position out of the log while running ({err}); "
+                    "see docs/trainer.md for a deliberate reset"
+                ) from None
             self._pending = [record for records in polled.values() for record in records]
             self.timings.poll += time.perf_counter() - started
         if not self._pending and self._items_primed:
@@ -422,7 +480,7 @@ class OnlineTrainer:
         self.catch_up_items()  # after the poll: every ad created before these impressions is now known
         records, self._pending = self._pending, []
         self._handle(records)
-        self._send_dead_letters()
+        self.dead_letters.send()
         self._update_lag()
         return len(records)
 
@@ -472,10 +530,26 @@ class OnlineTrainer:
                     self._dead_letter_event(event, f"batch conversion failed: {err}")
                 continue
             t1 = time.perf_counter()
-            stats = train_step(self.model, batch, self.optimizer)
+            self.optimizer.arm()
+            stats = train_step(self.model, batch, self.optimizer)  # type: ignore[arg-type] (guarded optimizer)
             t2 = time.perf_counter()
             self.timings.batch += t1 - t0
             self.timings.train += t2 - t1
+            self.metrics.grad_norm.set(self.optimizer.last_grad_norm)
+            if self.optimizer.skipped:
+                # The events are consumed (offsets advance) but not trained: counted, never written.
+                self.metrics.skipped_steps.inc()
+                self.metrics.events.labels("skipped").inc(len(chunk))
+                log.error(
+                    "train step skipped: non-finite loss %s / gradient norm %s over %d events (ids %s ...)",
+                    stats.get("total"),
+                    self.optimizer.last_grad_norm,
+                    len(chunk),
+                    [e.event_id for e in chunk[:3]],
+                )
+                continue
+            if self.optimizer.clipped:
+                self.metrics.clipped_steps.inc()
             self.metrics.loss.set(stats["total"])
             self.metrics.events.labels("trained").inc(len(chunk))
             self.trained_total += len(chunk)
@@ -488,54 +562,23 @@ class OnlineTrainer:
 
     # ------------------------------------------------------------------ dead letters
     def _dead_letter(self, topic: str, record: Any, reason: str) -> None:
-        value = dead_letter_record(
-            record.value or b"", reason, record.topic, record.partition, record.offset, key=record.key
-        )
-        self._queue_dead_letter(topic, record.key, value, reason)
+        self._queue_dead_letter(letter_for_record(topic, record, reason), reason)
 
     def _dead_letter_event(self, event: ImpressionEvent, reason: str) -> None:
-        from hsnn.events import encode, event_key
+        key = event_key(event)
+        value = dead_letter_record(encode(event), reason, self.settings.impressions_topic, None, None, key=key)
+        self._queue_dead_letter(DeadLetterMessage(self.settings.impressions_dlq_topic, key, value), reason)
 
-        value = dead_letter_record(
-            encode(event), reason, self.settings.impressions_topic, None, None, key=event_key(event)
-        )
-        self._queue_dead_letter(self.settings.impressions_dlq_topic, event_key(event), value, reason)
-
-    def _queue_dead_letter(self, topic: str, key: bytes | None, value: bytes, reason: str) -> None:
-        self._outbox.append(_DeadLetter(topic, key, value))
+    def _queue_dead_letter(self, letter: DeadLetterMessage, reason: str) -> None:
+        self.dead_letters.add(letter)
         self.metrics.dead_letters.labels(_reason_label(reason)).inc()
-        if topic == self.settings.impressions_dlq_topic:
+        if letter.topic == self.settings.impressions_dlq_topic:
             self.metrics.events.labels("dead_letter").inc()
-        log.debug("dead letter to %s: %s", topic, reason)
-
-    def _send_dead_letters(self) -> None:
-        """Hand queued dead letters to the producer; on a Kafka error keep the rest for later (never raise)."""
-        while self._outbox:
-            letter = self._outbox[0]
-            try:
-                future = self.producer.send(letter.topic, key=letter.key, value=letter.value)
-            except KafkaError as err:
-                log.warning("dead-letter send deferred: %s", err)
-                return
-            self._in_flight.append((future, letter))
-            self._outbox.pop(0)
+        log.debug("dead letter to %s: %s", letter.topic, reason)
 
     def flush_dead_letters(self, timeout: float = 10.0) -> bool:
         """True once every dead letter so far is acknowledged by the broker (the snapshot depends on it)."""
-        self._send_dead_letters()
-        if self._outbox:
-            return False
-        try:
-            self.producer.flush(timeout=timeout)
-        except KafkaError as err:
-            log.warning("dead-letter flush failed: %s", err)
-        failed = []
-        for future, letter in self._in_flight:
-            if not future.is_done or future.failed():
-                failed.append(letter)
-        self._in_flight = []
-        self._outbox = failed + self._outbox
-        return not self._outbox
+        return self.dead_letters.flush(timeout)
 
     # ------------------------------------------------------------------ metrics
     def _update_lag(self) -> None:
@@ -584,13 +627,18 @@ class OnlineTrainer:
             return None
         started = time.perf_counter()
         if not self.flush_dead_letters():
-            log.warning("snapshot postponed: %d dead letters not acknowledged", len(self._outbox))
+            log.warning("snapshot postponed: %d dead letters not acknowledged", len(self.dead_letters))
             return None
         if not self._items_primed:
             self.catch_up_items()
         if self._ids_file is not None:
             self._ids_file.flush()
             os.fsync(self._ids_file.fileno())  # durable *before* the snapshot that counts these lines
+        poisoned = non_finite_tensors(self.model)
+        if poisoned:  # the step guard should make this impossible; a snapshot with NaN is never written
+            self.metrics.non_finite_snapshots.inc()
+            raise FloatingPointError(f"refusing to snapshot non-finite weights: {poisoned[:5]}")
+        self.lease.renew(force=True)  # raises LeaseLost if another trainer took the store: write nothing
         result = self.publisher.publish(
             self.model,
             offsets=self.offsets.as_manifest(),
@@ -647,6 +695,8 @@ class OnlineTrainer:
         backoff = 0.1
         idle = 0
         while not should_stop():
+            self.heartbeat.beat()
+            self.lease.renew()
             try:
                 handled = self.poll_once()
                 self.maybe_snapshot()
@@ -691,6 +741,7 @@ class OnlineTrainer:
         if self._ids_file is not None:
             self._ids_file.close()
             self._ids_file = None
+        self.lease.release()
 
 
 def _sleep_unless(should_stop: Any, seconds: float) -> None:

@@ -37,10 +37,18 @@ class TrainerSettings(ServiceSettings):
     max_poll_records: int = Field(2048, ge=1)
     poll_timeout_ms: int = Field(200, ge=0)
     retry_backoff_max_seconds: float = Field(5.0, gt=0, description="Cap of the back-off after a Kafka error.")
+    on_offset_out_of_range: Literal["fail", "earliest", "latest"] = Field(
+        "fail",
+        description="A stored offset outside the log: halt (default), or reset those partitions to the log start "
+        "or end. Set a reset only for one deliberate start.",
+    )
 
     # Training
     batch_size: int = Field(1024, ge=1, description="Impressions per train step (a poll's last one may be smaller).")
     lr: float = Field(3e-3, gt=0)
+    max_grad_norm: float = Field(
+        10.0, ge=0, description="Clip the gradient norm to this before each step (0: no clipping, still guarded)."
+    )
     model_config_path: str | None = Field(None, description="JSON file holding an HSNNConfig; wins over the preset.")
     model_preset: Literal["tiny", "default"] = Field(
         "default", description="tiny: hsnn.planted.tiny_hsnn_config(); default: HSNNConfig()."
@@ -64,6 +72,15 @@ class TrainerSettings(ServiceSettings):
     # Operations
     metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus /metrics; 0 disables the server.")
     log_level: str = "INFO"
+    heartbeat_max_age_s: float = Field(
+        300.0, gt=0, description="/livez fails once the main loop has not turned for this long."
+    )
+    lease_ttl_s: float = Field(
+        30.0, gt=0, description="A store lease not renewed for this long is free (the owner is presumed dead)."
+    )
+    lease_wait_s: float = Field(
+        60.0, ge=0, description="How long a starting trainer waits for a held lease before refusing to start."
+    )
     trained_ids_path: str | None = Field(
         None, description="Debug: append every trained event id to this file (exact across restarts)."
     )

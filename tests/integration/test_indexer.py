@@ -22,6 +22,7 @@ from hsnn.index_store import (
     gc,
     load_index,
     previous_version,
+    read_catalog,
     read_index,
     read_meta,
     rollback,
@@ -31,7 +32,7 @@ from hsnn.model import HSNN
 from hsnn.planted import make_batches, make_world, tiny_hsnn_config
 from hsnn.snapshots import SnapshotStore
 from hsnn.training import train
-from indexer.service import Indexer, IndexerMetrics
+from indexer.service import Indexer, IndexerMetrics, read_catalogue_offsets, write_catalogue_offsets
 from indexer.settings import IndexerSettings
 
 pytestmark = pytest.mark.integration
@@ -102,6 +103,7 @@ def _setup(tmp_path: Path, redis, world, model: HSNN, kafka=None, seed_ads: int 
         kafka.create_topics([settings.items_topic, settings.dlq_topic])
     events = [_event(world, row, 1, event_time=1.7e9) for row in range(seed_ads)]
     assert set(apply_item_events(redis, events, None, settings.key_prefix)) == {"applied"}
+    write_catalogue_offsets(redis, settings.items_topic, {}, settings.key_prefix)  # loaded whole, not from Kafka
     return Indexer(settings, redis=redis, metrics=IndexerMetrics())
 
 
@@ -324,3 +326,123 @@ def test_corrupt_snapshot_is_refused_and_a_good_one_replaces_the_index(tmp_path,
     assert second != first and read_meta(redis, second, indexer.prefix)["model_version"] == good
     assert previous_version(redis, indexer.prefix) == first
     assert rollback(redis, indexer.prefix) == first
+
+
+# ------------------------------------------------------------------------------ lost Redis state, DLQ failures
+def _kafka_fed_settings(tmp_path, model, kafka, *, dlq: bool = True) -> IndexerSettings:
+    """Settings for an indexer whose catalogue comes only from the items topic (nothing written behind its back)."""
+    tag = uuid.uuid4().hex[:8]
+    store = SnapshotStore(tmp_path / "store")
+    store.promote(store.write(model).version)
+    settings = IndexerSettings(
+        redis_url="redis://unused",
+        kafka_bootstrap_servers=kafka.bootstrap_servers,
+        items_topic=f"items-{tag}",
+        dlq_topic=f"items-dlq-{tag}",
+        group_id=f"indexer-{tag}",
+        store_dir=str(store.root),
+        key_prefix=f"test-{tag}:",
+        chunk_bytes=4096,
+        poll_timeout_ms=50,
+        dlq_flush_timeout_s=2.0,
+    )
+    kafka.create_topics([settings.items_topic] + ([settings.dlq_topic] if dlq else []), partitions=2)
+    return settings
+
+
+def _wipe(redis, prefix: str) -> None:
+    """FLUSHALL, limited to this test's keys (the session's Redis is shared)."""
+    keys = list(redis.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        redis.delete(*keys)
+
+
+def _live_count(redis, prefix: str) -> int | None:
+    version = current_version(redis, prefix)
+    return None if version is None else int(read_meta(redis, version, prefix)["num_live"])
+
+
+def test_after_redis_loses_everything_the_catalogue_is_replayed_before_any_index(
+    tmp_path, redis, world, models, kafka_server
+):
+    model = models[0]
+    settings = _kafka_fed_settings(tmp_path, model, kafka_server)
+    ads = NUM_ADS - 50
+    events = [_event(world, row, 1, event_time=1.7e9) for row in range(ads)]
+    _produce(kafka_server, settings.items_topic, [(event_key(e), encode(e)) for e in events])
+    indexer = Indexer(settings, redis=redis, metrics=IndexerMetrics())
+    seen: list[int] = []
+
+    def turn() -> None:
+        indexer.consume_once(timeout_ms=50)
+        indexer.check_snapshot()
+        live = _live_count(redis, indexer.prefix)
+        if live is not None:
+            seen.append(live)
+
+    try:
+        indexer.start()  # nothing read yet: no index from an empty catalogue
+        assert current_version(redis, indexer.prefix) is None
+        deadline = time.monotonic() + 30
+        while _live_count(redis, indexer.prefix) != ads:
+            turn()
+            assert time.monotonic() < deadline, seen
+        assert set(seen) == {ads}  # the first index already had every ad
+
+        _wipe(redis, indexer.prefix)  # Redis lost everything (FLUSHALL, or a restart without persistence)
+        seen.clear()
+        deadline = time.monotonic() + 30
+        while _live_count(redis, indexer.prefix) != ads:
+            turn()
+            assert time.monotonic() < deadline, seen
+        assert set(seen) == {ads}  # never a shrunken index in between
+        reg = indexer.metrics.registry
+        assert reg.get_sample_value("hsnn_indexer_catalogue_replays_total", {"cause": "lost"}) == 1
+        assert reg.get_sample_value("hsnn_indexer_rebuilds_deferred_total") >= 1
+        assert len(read_catalog(redis, indexer.prefix)) == ads
+    finally:
+        indexer.close()
+
+
+def test_offsets_wait_for_dead_letters_and_a_failing_dlq_does_not_stop_the_loop(
+    tmp_path, redis, world, models, kafka_server
+):
+    model = models[0]
+    settings = _kafka_fed_settings(tmp_path, model, kafka_server, dlq=False)  # the DLQ topic does not exist yet
+    good = _event(world, 1, 1, event_time=1.7e9)
+    huge_bad = b'{"schema_version": 1, "junk": "' + b"x" * 900_000 + b'"}'
+    producer = KafkaProducer(bootstrap_servers=kafka_server.bootstrap_servers, acks="all", max_request_size=2 << 20)
+    try:
+        producer.send(settings.items_topic, key=b"1", value=encode(good), partition=0).get(timeout=10)
+        producer.send(settings.items_topic, key=b"bad", value=huge_bad, partition=0).get(timeout=10)
+    finally:
+        producer.close()
+    indexer = Indexer(settings, redis=redis, metrics=IndexerMetrics())
+    try:
+        deadline = time.monotonic() + 30
+        while indexer.metrics.registry.get_sample_value("hsnn_indexer_dead_letters_total") < 1:
+            indexer.consume_once(timeout_ms=100)
+            assert time.monotonic() < deadline
+        indexer.consume_once(timeout_ms=50)  # survives the failing send; offsets are held back
+        assert read_catalogue_offsets(redis, settings.items_topic, indexer.prefix) is None
+        assert catalog_entry(redis, good.ad_id, indexer.prefix) is not None  # applied all the same
+        assert indexer.metrics.registry.get_sample_value("hsnn_indexer_dead_letters_pending") == 1
+
+        kafka_server.create_topics([settings.dlq_topic])
+        deadline = time.monotonic() + 30
+        while read_catalogue_offsets(redis, settings.items_topic, indexer.prefix) is None:
+            indexer.consume_once(timeout_ms=50)
+            assert time.monotonic() < deadline
+        assert read_catalogue_offsets(redis, settings.items_topic, indexer.prefix) == {0: 2, 1: 0}
+    finally:
+        indexer.close()
+    reader = KafkaConsumer(
+        settings.dlq_topic,
+        bootstrap_servers=kafka_server.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+    )
+    letters = [read_dead_letter(r.value) for r in reader]
+    reader.close()
+    assert len(letters) >= 1  # at least once: a send that timed out may have landed too
+    assert {(lt.offset, lt.raw_length, lt.raw_truncated) for lt in letters} == {(1, len(huge_bad), True)}

@@ -29,8 +29,11 @@ from hsnn.events import (
     event_key,
     read_dead_letter,
 )
+from hsnn.model import HSNN
 from hsnn.planted import tiny_hsnn_config
 from hsnn.snapshots import SnapshotStore
+from hsnn.streams import StoredOffsetOutOfRange
+from trainer.fencing import LeaseHeld
 from trainer.service import OnlineTrainer, consumed_ids, is_held_out
 from trainer.settings import TrainerSettings
 
@@ -364,3 +367,85 @@ def test_broker_restart_mid_stream_loses_nothing(kafka_server: KafkaServer, tmp_
     assert len(ids) == len(set(ids)) and set(ids) == expected
     manifest = trainer.store.manifest(trainer.store.latest_version())
     assert manifest.offsets[topics["impressions"]] == _end_offsets(bootstrap, topics["impressions"])
+
+
+def test_stored_offset_past_the_log_end_halts_instead_of_retraining(kafka_server: KafkaServer, tmp_path: Path) -> None:
+    topics = _topics(kafka_server)
+    bootstrap = kafka_server.bootstrap_servers
+    _produce_events(bootstrap, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
+    events = [_impression(i, prefix="oor") for i in range(40)]
+    _produce_events(bootstrap, topics["impressions"], events)
+    end = _end_offsets(bootstrap, topics["impressions"])
+    settings = _settings(kafka_server, topics, tmp_path)
+    # A snapshot from before the topic was recreated: partition 0 claims far more than the log holds.
+    stored = {"0": end["0"] + 1000, "1": 0}
+    SnapshotStore(settings.store_dir).write(HSNN(tiny_hsnn_config()), offsets={topics["impressions"]: stored})
+
+    registry = CollectorRegistry()
+    with pytest.raises(StoredOffsetOutOfRange, match="partition 0"):
+        OnlineTrainer(settings, registry=registry)
+    assert registry.get_sample_value("hsnn_trainer_offset_out_of_range_total") == 1
+    assert not (Path(settings.store_dir) / "versions" / "000000000002").exists()
+
+    # The operator's deliberate choice for one start: partition 0 from its log start.
+    trainer = OnlineTrainer(settings.model_copy(update={"on_offset_out_of_range": "earliest"}))
+    try:
+        assert trainer.offsets.topic(topics["impressions"]) == {0: 0, 1: 0}
+        _drain(trainer, topics["impressions"], end)
+    finally:
+        trainer.close()
+    assert sorted(consumed_ids(settings.trained_ids_path)) == sorted(_expected_trained(events))
+
+
+def test_a_second_trainer_on_the_same_store_refuses_to_start(kafka_server: KafkaServer, tmp_path: Path) -> None:
+    topics = _topics(kafka_server)
+    settings = _settings(kafka_server, topics, tmp_path, lease_wait_s=0.0)
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen([sys.executable, "-m", "trainer"], env=_env(settings), cwd=REPO, stderr=log)
+    try:
+        leases = Path(settings.store_dir) / "leases"
+        _wait(lambda: any(leases.glob("*.json")) if leases.exists() else False, 60, "the first trainer's lease")
+        with pytest.raises(LeaseHeld, match=f"pid {first.pid}"):
+            OnlineTrainer(settings, registry=CollectorRegistry())
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()[-2000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+        log.close()
+    second = OnlineTrainer(settings, registry=CollectorRegistry())  # released on a clean stop: no TTL wait
+    try:
+        assert second.lease.epoch == 2
+    finally:
+        second.close()
+
+
+def test_a_900_kb_malformed_impression_is_dead_lettered_and_snapshots_keep_flowing(
+    kafka_server: KafkaServer, tmp_path: Path
+) -> None:
+    topics = _topics(kafka_server, partitions=1)
+    bootstrap = kafka_server.bootstrap_servers
+    _produce_events(bootstrap, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
+    huge = b'{"schema_version": 1, "event_id": "' + b"z" * 900_000 + b'"}'
+    good = [_impression(i, prefix="big") for i in range(30)]
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=2 << 20)
+    try:
+        for event in good[:10]:
+            producer.send(topics["impressions"], key=event_key(event), value=encode(event))
+        producer.send(topics["impressions"], key=b"huge", value=huge).get(timeout=10)
+        for event in good[10:]:
+            producer.send(topics["impressions"], key=event_key(event), value=encode(event))
+        producer.flush(timeout=30)
+    finally:
+        producer.close()
+    end = _end_offsets(bootstrap, topics["impressions"])
+    trainer = OnlineTrainer(_settings(kafka_server, topics, tmp_path), registry=CollectorRegistry())
+    try:
+        _drain(trainer, topics["impressions"], end)
+        result = trainer.maybe_snapshot(force=True)
+    finally:
+        trainer.close()
+    assert result is not None and result.manifest.offsets[topics["impressions"]] == end
+    [letter] = map(read_dead_letter, _read_topic(bootstrap, topics["impressions_dlq"], 1))
+    assert letter.key == b"huge" and letter.offset == 10
+    assert letter.raw_truncated and letter.raw_length == len(huge) and letter.raw == huge[: len(letter.raw)]
