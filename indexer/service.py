@@ -106,7 +106,7 @@ class IndexerMetrics:
         self.catalogue_replays = Counter(
             "hsnn_indexer_catalogue_replays",
             "Replays of the items topic because Redis lost (part of) the catalogue",
-            ["cause"],
+            ["reason"],
             **kw,
         )
         self.replaying = Gauge("hsnn_indexer_catalogue_replaying", "1 while the catalogue is being replayed", **kw)
@@ -367,7 +367,7 @@ class Indexer:
             return
         if self._offsets is not None and any(stored.get(p, 0) < o for p, o in self._offsets.items()):
             log.warning("Redis catalogue offsets %s older than written %s: replaying the gap", stored, self._offsets)
-            self.metrics.catalogue_replays.labels(cause="rolled_back").inc()
+            self.metrics.catalogue_replays.labels(reason="rolled_back").inc()
         for tp in self._partitions:
             if tp.partition in stored:
                 consumer.seek(tp, stored[tp.partition])
@@ -386,7 +386,7 @@ class Indexer:
         self._replay_target = {tp.partition: end[tp] for tp in self._partitions}
         self._offsets = None
         self._rewind = False
-        self.metrics.catalogue_replays.labels(cause=cause).inc()
+        self.metrics.catalogue_replays.labels(reason=cause).inc()
         self.metrics.replaying.set(1)
         log.info("replaying %s up to %s before any rebuild", self.settings.items_topic, self._replay_target)
 

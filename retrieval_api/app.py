@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from hsnn.events import MAX_ID
 from hsnn.service_metrics import service_registry
 from hsnn.snapshots import SnapshotStore
+from hsnn.version import package_version
 from retrieval_api.batcher import (
     Batcher,
     ConfigurationError,
@@ -39,6 +40,7 @@ from retrieval_api.catalogs import catalog_source
 from retrieval_api.items import ItemForwarder, RecordProducer, check_authorization_header, check_token
 from retrieval_api.limits import RequestGate
 from retrieval_api.redis_index import RedisIndexFollower
+from retrieval_api.schema_route import schema_router
 from retrieval_api.schemas import (
     Cost,
     ItemEventsAccepted,
@@ -251,7 +253,7 @@ def create_app(
     app = FastAPI(
         title="HSNN retrieval API",
         summary="Top-k ads for a user by layer-wise HSNN scoring over a learned hierarchical index.",
-        version="0.1.0",
+        version=package_version(),
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -392,6 +394,7 @@ def create_app(
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(status_router(state, metrics, settings))
+    app.include_router(schema_router(state, settings.retry_after_s))
 
     default_openapi = app.openapi
 

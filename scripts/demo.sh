@@ -6,5 +6,6 @@
 # `.venv/bin/python -m hsnn.demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+# Only what the demo runs: the [serve] extra, Kafka and Redis (no test tools: no promtool, no Chromium).
+HSNN_EXTRAS=serve HSNN_TEST_TOOLS=0 bash scripts/setup.sh
 exec .venv/bin/python -m demo "$@"

@@ -13,9 +13,10 @@ from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings
 from trainer.service import TrainerMetrics
 
-# The label names a service metric may carry. The result of a request or an event is always `outcome`
-# (never status, kind or result), so one dashboard query shape works for every service.
-LABEL_VOCABULARY = frozenset({"outcome", "reason", "partition", "level"})
+# The label names a service metric may carry, one per idea: the result of a request or an event is always
+# `outcome` (never status, kind or result), why something happened is `reason` (never cause), the dependency
+# that failed is `system`. One dashboard query shape then works for every service.
+LABEL_VOCABULARY = frozenset({"outcome", "reason", "system", "partition", "level"})
 
 
 def _metric_holders() -> dict[str, list[object]]:

@@ -397,7 +397,7 @@ def test_after_redis_loses_everything_the_catalogue_is_replayed_before_any_index
             assert time.monotonic() < deadline, seen
         assert set(seen) == {ads}  # never a shrunken index in between
         reg = indexer.metrics.registry
-        assert reg.get_sample_value("hsnn_indexer_catalogue_replays_total", {"cause": "lost"}) == 1
+        assert reg.get_sample_value("hsnn_indexer_catalogue_replays_total", {"reason": "lost"}) == 1
         assert reg.get_sample_value("hsnn_indexer_rebuilds_deferred_total") >= 1
         assert len(read_catalog(redis, indexer.prefix)) == ads
     finally:
