@@ -227,7 +227,8 @@ def implicit_feedback_data(
         notes={
             "protocol": f"batches of {batch_size} rows: train positives + {negatives} uniform negatives each;"
             f" eval on {eval_source}; "
-            f"train items excluded from retrieval; NE on one held-out positive + {negatives} negatives per user",
+            f"train{' and valid' if masked_also is not None else ''} items excluded from retrieval;"
+            f" NE on one held-out positive + {negatives} negatives per user",
             **(notes or {}),
         },
     )

@@ -15,11 +15,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 HEADLINE_K = {"gowalla": 20, "movielens": 20}
+# the cut-offs each data set's protocol reports in the table (the first one is plotted)
+TABLE_KS = {"gowalla": (20,), "movielens": (20, 10)}
+
+
+def _base_name(report: dict) -> str:
+    return report["dataset"].split("_")[0]  # gowalla_official, movielens_newest20 share their set's K
 
 
 def headline_k(report: dict) -> int:
-    base = report["dataset"].split("_")[0]  # gowalla_official, movielens_newest20 share their set's K
-    return HEADLINE_K.get(base, 100)
+    return HEADLINE_K.get(_base_name(report), 100)
+
+
+def table_ks(report: dict) -> tuple[int, ...]:
+    return TABLE_KS.get(_base_name(report), (headline_k(report),))
 
 
 def value(entry: dict, key: str, spec: str = ".4f", scale: float = 1.0) -> str:
@@ -62,11 +71,11 @@ def markdown(report: dict) -> str:
         )
     for name, b in report.get("baselines", {}).items():
         lines.append(f"| {name} | - | - | - | - | {value(b, 'train_seconds', '.0f')} |")
-    header = f"| method | setting | items scored | share | recall@{k} |"
-    rule = "| --- | --- | ---: | ---: | ---: |"
-    if has_ndcg:
-        header += f" NDCG@{k} |"
-        rule += " ---: |"
+    header = "| method | setting | items scored | share |"
+    rule = "| --- | --- | ---: | ---: |"
+    for cut in table_ks(report):
+        header += f" recall@{cut} |" + (f" NDCG@{cut} |" if has_ndcg else "")
+        rule += " ---: |" * (2 if has_ndcg else 1)
     header += f" recall@{k} vs MoNN exhaustive |"
     rule += " ---: |"
     if has_truth:
@@ -80,12 +89,9 @@ def markdown(report: dict) -> str:
         rule + " ---: | ---: | ---: |",
     ]
     for p in report["points"]:
-        row = (
-            f"| {p['method']} | {p['knob']} | {p['items_scored']:.0f} | {100 * p['items_scored_share']:.2f}% |"
-            f" {value(p, f'recall@{k}')} |"
-        )
-        if has_ndcg:
-            row += f" {value(p, f'ndcg@{k}')} |"
+        row = f"| {p['method']} | {p['knob']} | {p['items_scored']:.0f} | {100 * p['items_scored_share']:.2f}% |"
+        for cut in table_ks(report):
+            row += f" {value(p, f'recall@{cut}')} |" + (f" {value(p, f'ndcg@{cut}')} |" if has_ndcg else "")
         row += f" {value(p, f'recall@{k}_vs_monn_exhaustive')} |"
         if has_truth:
             row += f" {value(p, f'recall@{k}_vs_truth')} |"
