@@ -5,8 +5,9 @@
     hsnn-ops health [--api URL]
 
 Where things are comes from flags, else `HSNN_OPS_*` environment variables, else the "ops" section of
-`$HSNN_CONFIG_FILE`, else the settings the indexer itself reads (`HSNN_INDEXER_STORE_DIR`, `..._REDIS_URL`,
-`..._KEY_PREFIX`), so inside the trainer or indexer container no flag is needed. Every command prints a short
+`$HSNN_CONFIG_FILE`, else what the service containers set (`HSNN_INDEXER_STORE_DIR` or
+`HSNN_TRAINER_STORE_DIR`; the indexer's `REDIS_URL` and `KEY_PREFIX`), so inside the trainer or indexer
+container no flag is needed. Every command prints a short
 human summary, or with `--json` one JSON document on stdout. Exit status: 0 done, 1 refused or unhealthy,
 2 usage error.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -51,9 +53,16 @@ class Context:
     as_json: bool
 
     def store(self) -> Any:
+        """The store named by the flag, else the one the service container at hand mounts."""
         from hsnn.snapshots import SnapshotStore
 
-        return SnapshotStore(self.settings.store_dir or self._indexer().store_dir)
+        root = (
+            self.settings.store_dir
+            or os.environ.get("HSNN_INDEXER_STORE_DIR")
+            or os.environ.get("HSNN_TRAINER_STORE_DIR")
+            or self._indexer().store_dir
+        )
+        return SnapshotStore(root)
 
     def redis(self) -> Any:
         import redis

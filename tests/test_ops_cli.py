@@ -73,8 +73,12 @@ def test_promote_and_rollback_to_a_named_version(store: SnapshotStore, capsys) -
     assert status == 1 and "9" in answer["error"] and store.promoted().version == 3
 
 
-def test_store_dir_falls_back_to_the_indexer_setting(store: SnapshotStore, capsys, monkeypatch) -> None:
-    monkeypatch.setenv("HSNN_INDEXER_STORE_DIR", str(store.root))
+@pytest.mark.parametrize("variable", ["HSNN_INDEXER_STORE_DIR", "HSNN_TRAINER_STORE_DIR"])
+def test_store_dir_falls_back_to_the_service_container_setting(
+    variable: str, store: SnapshotStore, capsys, monkeypatch
+) -> None:
+    monkeypatch.delenv("HSNN_INDEXER_STORE_DIR", raising=False)
+    monkeypatch.setenv(variable, str(store.root))
     assert run_json(capsys, "snapshots", "list")[1]["promoted"] == 3
 
 
