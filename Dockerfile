@@ -1,10 +1,16 @@
 # syntax=docker/dockerfile:1
 # One image for every HSNN-Serve service; the command picks the service:
-#   python -m trainer | python -m indexer | python -m retrieval_api | python -m feed --bootstrap ... --rate ...
+#   hsnn-trainer | hsnn-indexer | hsnn-api | hsnn-feed --kafka-bootstrap-servers ... --rate ... | hsnn-ops ...
 # Build: docker build -t hsnn-serve:dev .
+# CPU-only image (no CUDA libraries; about 1 GB instead of 5): torch from the PyTorch CPU wheel index:
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t hsnn-serve:cpu .
+# BASE_IMAGE: any Debian-based image with Python 3.11 as `python` (scripts/compose_smoke.sh builds one
+# from Debian packages where Docker Hub cannot be reached).
+ARG BASE_IMAGE=python:3.11-slim
 
 # ---- build stage: resolve and install dependencies into a virtual environment ----
-FROM python:3.11-slim AS build
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_INDEX_URL=
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -16,16 +22,19 @@ WORKDIR /src
 
 # Dependencies first (torch from PyPI is the big layer): install the project's metadata with empty
 # packages so this layer is reused until pyproject.toml changes.
-COPY pyproject.toml README.md ./
-RUN for pkg in hsnn trainer publisher indexer retrieval_api devservers bench feed; do \
+COPY pyproject.toml README.md LICENSE ./
+RUN for pkg in hsnn hsnn_ops hsnn_client trainer publisher indexer retrieval_api devservers bench feed; do \
         mkdir -p "$pkg" && touch "$pkg/__init__.py"; \
     done \
     && pip install --upgrade pip \
-    && pip install . \
+    && if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL" torch; fi \
+    && pip install ".[serve]" \
     && pip uninstall -y hsnn-serve
 
 # Then the sources; --no-deps so nothing is resolved again.
 COPY hsnn ./hsnn
+COPY hsnn_ops ./hsnn_ops
+COPY hsnn_client ./hsnn_client
 COPY trainer ./trainer
 COPY publisher ./publisher
 COPY indexer ./indexer
@@ -33,10 +42,12 @@ COPY retrieval_api ./retrieval_api
 COPY devservers ./devservers
 COPY bench ./bench
 COPY feed ./feed
-RUN pip install --no-deps . && python -c "import hsnn, trainer, indexer, publisher, retrieval_api, feed"
+RUN pip install --no-deps . \
+    && python -c "import hsnn, hsnn_ops, hsnn_client, trainer, indexer, publisher, retrieval_api, feed, fastapi" \
+    && hsnn-api --help > /dev/null
 
 # ---- runtime stage: the venv, no build tools, a non-root user ----
-FROM python:3.11-slim AS runtime
+FROM ${BASE_IMAGE} AS runtime
 
 ARG UID=10001
 ARG GID=10001
@@ -63,4 +74,4 @@ VOLUME ["/var/lib/hsnn/snapshots"]
 EXPOSE 8000 9102 9103
 
 # No default service-specific healthcheck: compose and k8s define one per service.
-CMD ["python", "-m", "retrieval_api"]
+CMD ["hsnn-api"]

@@ -14,7 +14,13 @@ from hsnn.simulator import MarketplaceConfig
 
 def parse_args(argv: list[str] | None = None) -> FeedConfig:
     parser = argparse.ArgumentParser(prog="python -m feed", description="Stream simulated ad events into Kafka.")
-    parser.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
+    parser.add_argument(
+        "--kafka-bootstrap-servers",
+        "--bootstrap",
+        dest="bootstrap",
+        default="127.0.0.1:9092",
+        help="Kafka brokers, comma separated (the services\x27 kafka_bootstrap_servers; --bootstrap is the old name)",
+    )
     parser.add_argument("--rate", type=float, default=2000.0, help="records per second (0: unlimited)")
     parser.add_argument("--impressions", type=int, default=100_000)
     parser.add_argument("--ads", type=int, default=10_000, help="live ads (simulator slots)")

@@ -471,7 +471,10 @@ def test_compose_prometheus_scrapes_every_service():
 def test_dockerfile_shape():
     text = (ROOT / "Dockerfile").read_text()
     froms = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
-    assert froms and all(f.startswith("python:3.11-slim") for f in froms)
+    assert froms and all(f == "${BASE_IMAGE}" for f in froms)
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, flags=re.M), "users get the official image"
+    assert 'pip install ".[serve]"' in text, "the API needs the [serve] extra (fastapi, uvicorn)"
+    assert "TORCH_INDEX_URL" in text, "a CPU-only torch build must be possible"
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
     assert users and users[-1].split(":")[0] not in {"root", "0"}, "the image must run as a non-root user"
     assert "pip install" in text
