@@ -677,3 +677,24 @@ def test_deployed_setting_exists_in_the_service(name: str):
     fields = _settings_fields(prefix)
     assert fields is not None, f"{SETTINGS_CLASSES[prefix]} cannot be imported"
     assert name[len(prefix) :].lower() in fields, f"{name}: not a field of {SETTINGS_CLASSES[prefix][1]}"
+
+
+# ----------------------------------------------------------------------------------------- compose model
+@pytest.mark.parametrize("preset", ["default", "tiny"])
+def test_compose_model_reads_what_the_compose_feed_sends(preset: str):
+    """Otherwise every impression and item event is dead-lettered as a schema mismatch and nothing is served."""
+    from feed.__main__ import parse_args
+    from feed.feed import marketplace_for
+    from hsnn.config import HSNNConfig
+    from hsnn.simulator import feature_schema
+
+    services = _compose()["services"]
+    assert "HSNN_MODEL_PRESET:-default}.json" in COMPOSE_FILE.read_text()
+    path = services["trainer"]["environment"]["HSNN_TRAINER_MODEL_CONFIG_PATH"]
+    assert path == "/etc/hsnn/model-default.json"
+    mounts = [str(v) for v in services["trainer"]["volumes"]]
+    assert any("ops/compose" in m and "/etc/hsnn" in m for m in mounts), mounts
+    feed_args = [a for a in services["feed"]["command"][3:] if "${" not in a and a != "--no-create-topics"]
+    feed = parse_args([a for a in feed_args if not a.startswith("--no-progress")])
+    config = HSNNConfig.model_validate_json((ROOT / "ops" / "compose" / f"model-{preset}.json").read_text())
+    assert config.features == feature_schema(marketplace_for(feed).config)
