@@ -6,7 +6,14 @@ Layout under the root:
 
 A version is written into a temporary directory, every file fsynced, then renamed into
 place, and only then gets its DONE marker: a reader that sees DONE sees whole files. The
-manifest lists the sha256 of every file, and readers refuse a snapshot whose bytes differ.
+manifest lists the sha256 of every file and carries the sha256 of its own canonical content
+(`manifest_sha256`), so a flipped byte in the offsets or a dropped `files` entry is caught too.
+A reader loads exactly the bytes it checksummed, from the files the manifest lists, and refuses
+a snapshot whose manifest does not list every file the model needs.
+
+Eval metrics that are not finite (a diverged model's NaN NE) are stored as null, never as a
+value JSON cannot carry, so such a manifest still loads (and the publisher's gate refuses it).
+
 Writers are the publisher; readers are the indexer, the API and a restarting trainer,
 which is why this lives in the core package.
 """
@@ -15,24 +22,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors import SafetensorError
 
 from hsnn.model import HSNN
 from hsnn.monn import MoNN
-from hsnn.weights import load_model, save_model
+from hsnn.weights import CONFIG_FILE, WEIGHTS_FILE, model_from_bytes, save_model
+
+log = logging.getLogger("hsnn.snapshots")
 
 MANIFEST_FILE = "manifest.json"
 DONE_MARKER = "DONE"
 POINTER_FILE = "PROMOTED"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: self-checksummed (manifest_sha256); 1: before it (still read, with a warning)
+MODEL_FILES = (WEIGHTS_FILE, CONFIG_FILE)  # what loading needs: the manifest must list (and so checksum) each
 
 
 class CorruptSnapshot(Exception):
@@ -51,8 +65,28 @@ class Manifest(BaseModel):
         default_factory=dict, description="Kafka topic -> partition -> next offset to consume."
     )
     config: dict[str, Any] = Field(default_factory=dict)
-    eval_metrics: dict[str, float] = Field(default_factory=dict)
+    eval_metrics: dict[str, float | None] = Field(
+        default_factory=dict, description="Held-out metrics; null where the value was not finite (NaN, inf)."
+    )
     files: dict[str, str] = Field(default_factory=dict, description="File name -> sha256 hex digest.")
+    manifest_sha256: str | None = Field(None, description="sha256 of `canonical_manifest(self)` (format 2).")
+
+    @field_validator("eval_metrics", mode="before")
+    @classmethod
+    def _non_finite_is_null(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in value.items()}
+        return value
+
+
+def canonical_manifest(manifest: Manifest) -> bytes:
+    """The bytes `manifest_sha256` covers: every other field, sorted keys, no whitespace, no NaN."""
+    content = manifest.model_dump(mode="json", exclude={"manifest_sha256"})
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    return hashlib.sha256(canonical_manifest(manifest)).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -139,6 +173,7 @@ class SnapshotStore:
                     eval_metrics=eval_metrics or {},
                     files={p.name: sha256_file(p) for p in written},
                 )
+                manifest.manifest_sha256 = manifest_digest(manifest)
                 _write_atomically(staging / MANIFEST_FILE, manifest.model_dump_json(indent=2))
                 try:
                     os.rename(staging, self.path(version))
@@ -156,28 +191,60 @@ class SnapshotStore:
         return [int(p.name) for p in self.versions_dir.iterdir() if p.name.isdigit()]
 
     def manifest(self, version: int) -> Manifest:
+        """The manifest of a complete version, its own checksum verified; raises CorruptSnapshot otherwise."""
         directory = self.path(version)
         if not (directory / DONE_MARKER).exists():
             raise CorruptSnapshot(f"snapshot {version} is missing or incomplete (no {DONE_MARKER} marker)")
-        return Manifest.model_validate_json((directory / MANIFEST_FILE).read_text())
-
-    def verify(self, version: int) -> Manifest:
-        """Recompute every file's sha256 against the manifest; raise CorruptSnapshot on any difference."""
-        manifest = self.manifest(version)
-        directory = self.path(version)
-        for name, expected in manifest.files.items():
-            path = directory / name
-            if not path.exists():
-                raise CorruptSnapshot(f"snapshot {version}: {name} is missing")
-            actual = sha256_file(path)
-            if actual != expected:
-                raise CorruptSnapshot(f"snapshot {version}: {name} sha256 {actual[:12]}… != manifest {expected[:12]}…")
+        try:
+            manifest = Manifest.model_validate_json((directory / MANIFEST_FILE).read_bytes())
+        except (OSError, ValidationError) as err:
+            raise CorruptSnapshot(f"snapshot {version}: unreadable manifest: {str(err).splitlines()[0]}") from None
+        if manifest.version != version:
+            raise CorruptSnapshot(f"snapshot {version}: its manifest says version {manifest.version}")
+        if manifest.format_version >= 2 or manifest.manifest_sha256 is not None:
+            actual = manifest_digest(manifest)
+            if manifest.manifest_sha256 != actual:
+                raise CorruptSnapshot(
+                    f"snapshot {version}: manifest content sha256 {actual[:12]}… != its manifest_sha256 "
+                    f"{(manifest.manifest_sha256 or 'none')[:12]}… (the manifest was altered)"
+                )
+        else:
+            log.warning("snapshot %d has a format-1 manifest without its own checksum", version)
         return manifest
 
+    def _verified_files(self, version: int) -> tuple[Manifest, dict[str, bytes]]:
+        """The manifest and the bytes of exactly the files it lists, each read once and checked against its sha256."""
+        manifest = self.manifest(version)
+        unlisted = [name for name in MODEL_FILES if name not in manifest.files]
+        if unlisted:
+            raise CorruptSnapshot(f"snapshot {version}: the manifest does not list {', '.join(unlisted)}")
+        directory = self.path(version)
+        contents: dict[str, bytes] = {}
+        for name, expected in manifest.files.items():
+            if Path(name).name != name or name in (MANIFEST_FILE, DONE_MARKER):
+                raise CorruptSnapshot(f"snapshot {version}: the manifest lists an invalid file name {name!r}")
+            try:
+                data = (directory / name).read_bytes()
+            except FileNotFoundError:
+                raise CorruptSnapshot(f"snapshot {version}: {name} is missing") from None
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != expected:
+                raise CorruptSnapshot(f"snapshot {version}: {name} sha256 {actual[:12]}… != manifest {expected[:12]}…")
+            contents[name] = data
+        return manifest, contents
+
+    def verify(self, version: int) -> Manifest:
+        """Check the manifest's own checksum and every listed file's sha256; raise CorruptSnapshot on any difference."""
+        return self._verified_files(version)[0]
+
     def load(self, version: int, device: str = "cpu") -> tuple[HSNN | MoNN, Manifest]:
-        """Verify, then load the model (safetensors; never unpickled)."""
-        manifest = self.verify(version)
-        return load_model(self.path(version), device=device), manifest
+        """Verify, then load the model from exactly the verified bytes (safetensors; never unpickled)."""
+        manifest, contents = self._verified_files(version)
+        try:
+            model = model_from_bytes(contents[CONFIG_FILE], contents[WEIGHTS_FILE], device=device)
+        except (ValueError, KeyError, RuntimeError, SafetensorError) as err:  # checksummed, yet unusable
+            raise CorruptSnapshot(f"snapshot {version}: cannot load the model: {type(err).__name__}: {err}") from None
+        return model, manifest
 
     def promote(self, version: int) -> Pointer:
         """Point readers at `version` (atomic replace of the pointer file)."""
@@ -186,20 +253,40 @@ class SnapshotStore:
         _write_atomically(self.root / POINTER_FILE, json.dumps(pointer.__dict__))
         return pointer
 
-    def promoted(self) -> Pointer | None:
+    def read_pointer(self) -> Pointer | None:
+        """The PROMOTED pointer (None if nothing was ever promoted); raises CorruptSnapshot if it is unreadable."""
         path = self.root / POINTER_FILE
-        if not path.exists():
+        try:
+            data = json.loads(path.read_bytes())
+            return Pointer(version=int(data["version"]), promoted_at=float(data["promoted_at"]))
+        except FileNotFoundError:
             return None
-        data = json.loads(path.read_text())
-        return Pointer(version=int(data["version"]), promoted_at=float(data["promoted_at"]))
+        except (ValueError, KeyError, TypeError) as err:
+            raise CorruptSnapshot(f"the {POINTER_FILE} pointer under {self.root} is unreadable: {err}") from None
 
-    def prune(self, keep: int) -> list[int]:
-        """Delete all but the newest `keep` versions, never the promoted one; returns what was deleted."""
+    def promoted(self) -> Pointer | None:
+        """What readers should serve; an unreadable pointer reads as None (logged): readers keep what they serve."""
+        try:
+            return self.read_pointer()
+        except CorruptSnapshot as err:
+            log.error("%s; keeping what is served until the next promotion rewrites it", err)
+            return None
+
+    def prune(self, keep: int, protect: Iterable[int] = ()) -> list[int]:
+        """Delete all but the newest `keep` versions, never the promoted one nor any in `protect`; returns the deleted.
+
+        `protect` names versions still in use elsewhere (the snapshots behind the current and previous index).
+        An unreadable pointer prunes nothing: the promoted version cannot be told apart.
+        """
         if keep < 1:
             raise ValueError("retention must keep at least one version")
-        promoted = self.promoted()
-        versions = self.versions()
-        doomed = [v for v in versions[:-keep] if promoted is None or v != promoted.version]
+        try:
+            promoted = self.read_pointer()
+        except CorruptSnapshot as err:
+            log.error("not pruning: %s", err)
+            return []
+        kept = set(protect) | ({promoted.version} if promoted is not None else set())
+        doomed = [v for v in self.versions()[:-keep] if v not in kept]
         for version in doomed:
             shutil.rmtree(self.path(version))
         return doomed

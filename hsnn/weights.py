@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from hsnn.config import FeatureSchema, HSNNConfig, MoNNConfig
@@ -40,15 +40,20 @@ def save_model(model: HSNN | MoNN, directory: str | Path) -> list[Path]:
 def load_model(directory: str | Path, device: str = "cpu") -> HSNN | MoNN:
     """Rebuild the model from its JSON config and load the safetensors weights (strict)."""
     directory = Path(directory)
-    meta = json.loads((directory / CONFIG_FILE).read_text())
+    return model_from_bytes((directory / CONFIG_FILE).read_bytes(), (directory / WEIGHTS_FILE).read_bytes(), device)
+
+
+def model_from_bytes(config: bytes, weights: bytes, device: str = "cpu") -> HSNN | MoNN:
+    """`load_model` from the two files' bytes, so a caller can load exactly the bytes it has checksummed."""
+    meta = json.loads(config)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported model format {meta.get('format_version')!r} in {directory}")
+        raise ValueError(f"unsupported model format {meta.get('format_version')!r}")
     model: nn.Module
     if meta["kind"] == "hsnn":
         model = HSNN(HSNNConfig.model_validate(meta["config"]))
     elif meta["kind"] == "monn":
         model = MoNN(MoNNConfig.model_validate(meta["config"]), FeatureSchema.model_validate(meta["features"]))
     else:
-        raise ValueError(f"unknown model kind {meta['kind']!r} in {directory}")
-    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=device), strict=True)
+        raise ValueError(f"unknown model kind {meta['kind']!r}")
+    model.load_state_dict(load(weights), strict=True)
     return model.to(device).eval()

@@ -220,9 +220,7 @@ def test_kafka_outage_answers_503_in_time_and_never_holds_up_retrieve(pair, bodi
         release.wait(30)
         raise ConnectionError("Unable to bootstrap")
 
-    settings = ApiSettings(
-        beams=BEAMS, items_token=TOKEN, kafka_ack_timeout_s=0.5, kafka_workers=2, max_wait_ms=1
-    )
+    settings = ApiSettings(beams=BEAMS, items_token=TOKEN, kafka_ack_timeout_s=0.5, kafka_workers=2, max_wait_ms=1)
     app = create_app(settings, ServingState(pair))
     app.state.forwarder._factory = slow_bootstrap
     events = {"events": [EXPIRE] * 1000}
@@ -267,17 +265,9 @@ def test_a_silent_broker_is_bounded_too(pair):
     release = threading.Event()
     settings = ApiSettings(beams=BEAMS, items_token=TOKEN, kafka_ack_timeout_s=0.3)
     app = create_app(settings, ServingState(pair), item_producer=StuckProducer(release))
-    try:
-        started = time.monotonic()
-        (response,) = post_all(app, [("/items/events", {"events": [EXPIRE] * 10})])
-        elapsed = time.monotonic() - started
-    finally:
-        release.set()
-    assert response.status_code == 401  # post_all sends no token: the gate refuses before the body
-    app2 = create_app(settings, ServingState(pair), item_producer=StuckProducer(release := threading.Event()))
 
     async def scenario():
-        async with client_for(app2) as client:
+        async with client_for(app) as client:
             return await client.post("/items/events", json={"events": [EXPIRE] * 10}, headers=AUTH)
 
     try:
