@@ -9,6 +9,7 @@
 #
 #   sudo bash scripts/compose_smoke.sh            # summary at the end and in $HSNN_SMOKE_DIR/summary.txt
 #
+# scripts/compose_smoke/override.yml tunes the trainer for a short run (tiny model, 30 s snapshots).
 # Knobs: HSNN_SMOKE_DIR (work dir, default /var/tmp/hsnn-smoke), HSNN_SMOKE_TIMEOUT_S (wait for a promoted
 # snapshot, default 1200), HSNN_SMOKE_KEEP=1 (leave the stack up), HSNN_TORCH_INDEX_URL (CPU-only torch).
 set -euo pipefail
@@ -24,7 +25,12 @@ mkdir -p "$WORK"
 log() { echo "[compose-smoke $(date +%H:%M:%S)] $*" >&2; }
 
 compose() {
-    if docker compose version >/dev/null 2>&1; then docker compose -p "$PROJECT" "$@"; else docker-compose -p "$PROJECT" "$@"; fi
+    local files=(-f docker-compose.yml -f scripts/compose_smoke/override.yml)
+    if docker compose version >/dev/null 2>&1; then
+        docker compose -p "$PROJECT" "${files[@]}" "$@"
+    else
+        docker-compose -p "$PROJECT" "${files[@]}" "$@"
+    fi
 }
 
 ensure_docker() {
