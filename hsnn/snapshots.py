@@ -153,12 +153,22 @@ class SnapshotStore:
         event_time_watermark: float | None = None,
         eval_metrics: dict[str, float] | None = None,
         parent: int | None = None,
+        extra_files: dict[str, bytes] | None = None,
     ) -> Manifest:
-        """Write the next version atomically and return its manifest. Versions only grow."""
+        """Write the next version atomically and return its manifest. Versions only grow.
+
+        `extra_files` (name -> bytes, e.g. the trainer's optimizer state) go into the same version directory
+        and are checksummed in the manifest like the model's files.
+        """
         staging = self.tmp_dir / uuid.uuid4().hex
         staging.mkdir()
         try:
             written = save_model(model, staging)
+            for name, data in (extra_files or {}).items():
+                if Path(name).name != name or name in (MANIFEST_FILE, DONE_MARKER, *MODEL_FILES):
+                    raise ValueError(f"invalid extra snapshot file name {name!r}")
+                (staging / name).write_bytes(data)
+                written.append(staging / name)
             for path in written:
                 _fsync_file(path)
             while True:
@@ -239,12 +249,17 @@ class SnapshotStore:
 
     def load(self, version: int, device: str = "cpu") -> tuple[HSNN | MoNN, Manifest]:
         """Verify, then load the model from exactly the verified bytes (safetensors; never unpickled)."""
+        model, manifest, _ = self.load_with_files(version, device)
+        return model, manifest
+
+    def load_with_files(self, version: int, device: str = "cpu") -> tuple[HSNN | MoNN, Manifest, dict[str, bytes]]:
+        """`load`, plus the verified bytes of every file the manifest lists (the trainer reads its state there)."""
         manifest, contents = self._verified_files(version)
         try:
             model = model_from_bytes(contents[CONFIG_FILE], contents[WEIGHTS_FILE], device=device)
         except (ValueError, KeyError, RuntimeError, SafetensorError) as err:  # checksummed, yet unusable
             raise CorruptSnapshot(f"snapshot {version}: cannot load the model: {type(err).__name__}: {err}") from None
-        return model, manifest
+        return model, manifest, contents
 
     def promote(self, version: int) -> Pointer:
         """Point readers at `version` (atomic replace of the pointer file)."""

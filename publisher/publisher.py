@@ -117,6 +117,7 @@ class Publisher:
         offsets: dict[str, dict[str, int]],
         event_time_watermark: float | None,
         eval_metrics: dict[str, float],
+        extra_files: dict[str, bytes] | None = None,
     ) -> PublishResult:
         earlier = self.store.versions()
         try:
@@ -130,6 +131,7 @@ class Publisher:
             event_time_watermark=event_time_watermark,
             eval_metrics=eval_metrics,
             parent=self.store.latest_version(),
+            extra_files=extra_files,
         )
         self.metrics.published.inc()
         self.metrics.last_published.set(manifest.created_at)

@@ -55,6 +55,7 @@ from publisher.publisher import Publisher, PublisherMetrics, PublisherSettings, 
 from trainer.fencing import TrainerLease
 from trainer.guard import GuardedOptimizer, non_finite_tensors
 from trainer.settings import TrainerSettings
+from trainer.state import OPTIMIZER_FILE, STATE_FILE, dump_trainer_state, restore_trainer_state
 
 log = logging.getLogger("hsnn.trainer")
 
@@ -294,7 +295,7 @@ class OnlineTrainer:
         self.metrics.lease_epoch.set(self.lease.acquire(wait_s=settings.lease_wait_s))
         self._remove_unfinished_snapshots()
 
-        self.model, self.manifest = self._load_or_create()
+        self.model, self.manifest, snapshot_files = self._load_or_create()
         self.schema = self.model.config.features
         self.optimizer = GuardedOptimizer(self.model, make_optimizer(self.model, settings.lr), settings.max_grad_norm)
         self.offsets = OffsetBook.from_manifest(self.manifest.offsets if self.manifest else {})
@@ -303,6 +304,7 @@ class OnlineTrainer:
         self.trained_total = int(metrics.get(TRAINED_TOTAL_METRIC, 0))
         self.catalogue = Catalogue()
         self.eval_buffer: deque[tuple[ImpressionEvent, ItemFeatures]] = deque(maxlen=settings.eval_buffer_size)
+        self._restore_trainer_state(snapshot_files)
 
         self._ids_file = None
         self._ids_lines = 0
@@ -376,11 +378,24 @@ class OnlineTrainer:
                 shutil.rmtree(directory, ignore_errors=True)
                 log.warning("removed snapshot %s: written without its DONE marker", directory.name)
 
-    def _load_or_create(self) -> tuple[HSNN, Manifest | None]:
+    def _restore_trainer_state(self, files: dict[str, bytes]) -> None:
+        """Adam moments, RNG and eval buffer from the snapshot: a resumed run continues the uninterrupted one."""
+        if STATE_FILE not in files or OPTIMIZER_FILE not in files:
+            if self.manifest is not None:
+                log.warning("snapshot %d has no trainer state: fresh optimiser, no eval buffer", self.manifest.version)
+            return
+        try:
+            self.eval_buffer.extend(restore_trainer_state(self.optimizer.inner, files))
+        except (ValueError, KeyError, RuntimeError) as err:
+            log.warning("trainer state of the snapshot unusable (%s): fresh optimiser, empty eval buffer", err)
+            self.optimizer.inner.state.clear()
+            self.eval_buffer.clear()
+
+    def _load_or_create(self) -> tuple[HSNN, Manifest | None, dict[str, bytes]]:
         """Newest *written* snapshot that verifies (promoted or not): its weights and offsets belong together."""
         for version in reversed(self.store.versions()):
             try:
-                model, manifest = self.store.load(version)
+                model, manifest, files = self.store.load_with_files(version)
             except (CorruptSnapshot, ValueError, OSError) as err:
                 log.error("snapshot %d unusable, trying the one before: %s", version, err)
                 continue
@@ -390,9 +405,9 @@ class OnlineTrainer:
             if model.config != wanted:
                 log.warning("snapshot %d has a different model config than the settings; continuing it", version)
             log.info("resuming from snapshot %d (offsets %s)", version, manifest.offsets)
-            return model, manifest
+            return model, manifest, files
         log.info("no snapshot in %s: starting a fresh model", self.store.root)
-        return HSNN(self.settings.hsnn_config()), None
+        return HSNN(self.settings.hsnn_config()), None, {}
 
     def _check_stored_offsets(self, stored: dict[TopicPartition, int]) -> None:
         """A stored offset outside the log halts the trainer, unless `on_offset_out_of_range` says how to reset.
@@ -461,18 +476,7 @@ class OnlineTrainer:
         """
         if not self._pending:
             started = time.perf_counter()
-            try:
-                polled = self.consumer.poll(
-                    timeout_ms=self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms,
-                    max_records=self.settings.max_poll_records,
-                )
-            except OffsetOutOfRangeError as err:  # retention overtook the trainer while it ran
-                self.metrics.offset_out_of_range.inc()
-                raise StoredOffsetOutOfRange(
-                    f"{self.settings.impressions_topic}: position out of the log while running ({err}); "
-                    "see docs/trainer.md for a deliberate reset"
-                ) from None
-            self._pending = [record for records in polled.values() for record in records]
+            self._pending = self._poll_full(self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms)
             self.timings.poll += time.perf_counter() - started
         if not self._pending and self._items_primed:
             self._update_lag()
@@ -483,6 +487,37 @@ class OnlineTrainer:
         self.dead_letters.send()
         self._update_lag()
         return len(records)
+
+    def _poll_full(self, timeout_ms: int) -> list[Any]:
+        """Up to `max_poll_records` records: polls again (without waiting) while the fetched data has more.
+
+        A Kafka poll returns what one fetch buffered, so its size depends on where fetches happened to
+        start; filling up makes the batches a function of the stream alone, and a resumed trainer forms
+        the same batches as an uninterrupted one.
+        """
+        wanted = self.settings.max_poll_records
+        out: list[Any] = []
+        wait = timeout_ms
+        try:
+            while len(out) < wanted:
+                try:
+                    polled = self.consumer.poll(timeout_ms=wait, max_records=wanted - len(out))
+                except KafkaError as err:
+                    if out and not isinstance(err, OffsetOutOfRangeError):
+                        break  # the consumer has moved past `out`: hand those over, the error comes back next poll
+                    raise
+                got = [record for records in polled.values() for record in records]
+                if not got:
+                    break
+                out += got
+                wait = 0
+        except OffsetOutOfRangeError as err:  # retention overtook the trainer while it ran
+            self.metrics.offset_out_of_range.inc()
+            raise StoredOffsetOutOfRange(
+                f"{self.settings.impressions_topic}: position out of the log while running ({err}); "
+                "see docs/trainer.md for a deliberate reset"
+            ) from None
+        return out
 
     def _handle(self, records: list[Any]) -> None:
         started = time.perf_counter()
@@ -644,6 +679,7 @@ class OnlineTrainer:
             offsets=self.offsets.as_manifest(),
             event_time_watermark=self.watermark,
             eval_metrics=self.eval_metrics(),
+            extra_files=dump_trainer_state(self.optimizer.inner, self.eval_buffer),
         )
         self.manifest = result.manifest
         self._since_snapshot = 0
