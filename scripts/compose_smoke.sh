@@ -24,12 +24,13 @@ SERVICES=(kafka kafka-init redis trainer indexer retrieval_api prometheus feed)
 mkdir -p "$WORK"
 log() { echo "[compose-smoke $(date +%H:%M:%S)] $*" >&2; }
 
+V1_FILE=.compose-smoke-v1.yml  # Debian's docker-compose 1.29 rejects the top-level `name:`; -p names the project
 compose() {
-    local files=(-f docker-compose.yml -f scripts/compose_smoke/override.yml)
     if docker compose version >/dev/null 2>&1; then
-        docker compose -p "$PROJECT" "${files[@]}" "$@"
+        docker compose -p "$PROJECT" -f docker-compose.yml -f scripts/compose_smoke/override.yml "$@"
     else
-        docker-compose -p "$PROJECT" "${files[@]}" "$@"
+        [ -f "$V1_FILE" ] || sed '/^name: /d' docker-compose.yml >"$V1_FILE"
+        docker-compose -p "$PROJECT" -f "$V1_FILE" -f scripts/compose_smoke/override.yml "$@"
     fi
 }
 
@@ -59,7 +60,11 @@ build_local_images() {
     fi
     local dir=scripts/compose_smoke
     log "local python:3.11 base, redis, prometheus"
-    docker build -q -t local/python:3.11 -f "$dir/python.Dockerfile" "$dir" >&2
+    local python_context="$WORK/python-context"
+    rm -rf "$python_context" && mkdir -p "$python_context"
+    cp "$dir/python.Dockerfile" "$python_context/"
+    cp "${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}" "$python_context/host-ca-certificates.crt"
+    docker build -q -t local/python:3.11 -f "$python_context/python.Dockerfile" "$python_context" >&2
     docker build -q -t "$(image_of redis)" -f "$dir/redis.Dockerfile" "$dir" >&2
     docker build -q -t "$(image_of prometheus)" -f "$dir/prometheus.Dockerfile" "$dir" >&2
     log "kafka from Maven Central jars"
@@ -84,6 +89,7 @@ up_and_check() {
 
 ensure_docker
 : >"$WORK/summary.txt"
+trap 'compose logs --no-color >"$WORK/compose.log" 2>&1 || true; rm -f "$V1_FILE"' EXIT
 export HSNN_API_ITEMS_TOKEN=${HSNN_API_ITEMS_TOKEN:-$(openssl rand -hex 16)}
 export GRAFANA_ADMIN_PASSWORD=${GRAFANA_ADMIN_PASSWORD:-$(openssl rand -hex 16)}
 export HSNN_PUBLISH_API=127.0.0.1:$API_PORT HSNN_PUBLISH_PROMETHEUS=127.0.0.1:$PROMETHEUS_PORT
@@ -100,7 +106,6 @@ compose build "${build_args[@]}" trainer >"$WORK/build.log" 2>&1 || { tail -40 "
 echo "image build: $(( $(date +%s) - started ))s, $(docker image inspect -f '{{.Size}}' hsnn-serve:dev | numfmt --to=iec)" \
     | tee -a "$WORK/summary.txt" >&2
 
-trap 'compose logs --no-color >"$WORK/compose.log" 2>&1 || true' EXIT
 up_and_check first
 log "compose down (volumes kept), then up again"
 compose down >&2
