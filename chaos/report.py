@@ -1,77 +1,81 @@
-"""Results of the fault-injection experiments: reports/reliability.json (merged by key) and its table.
-
-The JSON is the record; the table in docs/reliability.md between the two markers is rendered from
-it, so every experiment (whoever wrote it) shows up the same way and a rerun replaces its own row.
-"""
+"""Experiment results: reports/reliability.json (merged by experiment key) and the table in docs/reliability.md."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-REPORT_JSON = REPO / "reports" / "reliability.json"
-DOC = REPO / "docs" / "reliability.md"
-BEGIN, END = "<!-- chaos-results:begin -->", "<!-- chaos-results:end -->"
-COLUMNS = ("experiment", "runs", "faults injected", "lost", "duplicated", "5xx", "passed", "command")
+REPO = Path(__file__).resolve().parent.parent
+REPORT_PATH = REPO / "reports" / "reliability.json"
+DOCS_PATH = REPO / "docs" / "reliability.md"
+TABLE_START = "<!-- chaos:table:start (written by python -m chaos; do not edit by hand) -->"
+TABLE_END = "<!-- chaos:table:end -->"
 
 
-def record(key: str, result: dict[str, Any], report: Path = REPORT_JSON, doc: Path = DOC) -> None:
-    """Store `result` under `key` (replacing an earlier run of it) and re-render the table.
+@dataclass
+class ExperimentResult:
+    """What one experiment did and found. `lost`/`duplicated` count records; `http_5xx`/`timeouts` answers."""
 
-    `result` should carry: title, runs, faults (a short text), lost, duplicated, http_5xx (None when the
-    experiment serves no HTTP), passed, command, and any experiment-specific figures.
-    """
-    data = json.loads(report.read_text()) if report.exists() else {}
-    data[key] = {**result, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    report.parent.mkdir(parents=True, exist_ok=True)
-    _write(report, json.dumps(data, indent=2, sort_keys=True) + "\n")
-    render_table(data, doc)
+    experiment: str
+    title: str
+    command: str
+    runs: int = 0
+    faults_injected: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    http_5xx: int = 0
+    timeouts: int = 0
+    passed: bool = False
+    checks: dict[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+    finished_at: float = 0.0
 
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "**no**"
-    return str(value).replace("|", "\\|")
-
-
-def render_table(data: dict[str, dict[str, Any]], doc: Path = DOC) -> None:
-    rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for key in sorted(data, key=lambda k: (len(k), k)):
-        r = data[key]
-        cells = [
-            f"{key.upper()}: {r.get('title', '')}",
-            r.get("runs"),
-            r.get("faults"),
-            r.get("lost"),
-            r.get("duplicated"),
-            r.get("http_5xx"),
-            r.get("passed"),
-            f"`{r['command']}`" if r.get("command") else None,
-        ]
-        rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    table = "\n".join(rows)
-    text = doc.read_text() if doc.exists() else _NEW_DOC
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    _write(doc, f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    def finish(self, passed: bool, started: float) -> ExperimentResult:
+        self.passed = passed
+        self.duration_s = round(time.monotonic() - started, 2)
+        self.finished_at = round(time.time(), 1)
+        return self
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def record(result: ExperimentResult, report_path: Path = REPORT_PATH, docs_path: Path | None = DOCS_PATH) -> None:
+    """Merge `result` into the JSON report under its experiment key, then rewrite the docs table from the JSON."""
+    report: dict[str, Any] = {}
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+    report.setdefault("experiments", {})[result.experiment] = asdict(result)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if docs_path is not None and docs_path.exists():
+        write_table(report, docs_path)
 
 
-_NEW_DOC = """# Reliability: fault-injection experiments
+def table(report: dict[str, Any]) -> str:
+    lines = [
+        "| experiment | what | runs | faults injected | lost | duplicated | 5xx | timeouts | pass | command |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for key in sorted(report.get("experiments", {}), key=_order):
+        r = report["experiments"][key]
+        lines.append(
+            f"| {key.upper()} | {r['title']} | {r['runs']} | {r['faults_injected']} | {r['lost']} | "
+            f"{r['duplicated']} | {r['http_5xx']} | {r['timeouts']} | {'yes' if r['passed'] else '**no**'} | "
+            f"`{r['command']}` |"
+        )
+    return "\n".join(lines)
 
-`python -m chaos <experiment>` runs one experiment against real Kafka and Redis (devservers) and
-records it in reports/reliability.json; the table below is rendered from that file.
-"""
+
+def write_table(report: dict[str, Any], docs_path: Path) -> None:
+    text = docs_path.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        return
+    head, rest = text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    docs_path.write_text(f"{head}{TABLE_START}\n{table(report)}\n{TABLE_END}{tail}")
+
+
+def _order(key: str) -> tuple[int, str]:
+    digits = "".join(ch for ch in key if ch.isdigit())
+    return (int(digits) if digits else 99, key)

@@ -40,6 +40,7 @@ from retrieval_api.catalogs import catalog_source
 from retrieval_api.items import ItemForwarder, RecordProducer, check_authorization_header, check_token
 from retrieval_api.limits import RequestGate
 from retrieval_api.redis_index import RedisIndexFollower
+from retrieval_api.routing import ApiRoute
 from retrieval_api.schema_route import schema_router
 from retrieval_api.schemas import (
     Cost,
@@ -150,6 +151,7 @@ def _problem(code: int, detail: str, retry_after_s: int | None = None) -> JSONRe
 
 
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+NOT_JSON = {"model": Problem, "description": "The body is not UTF-8 text."}
 TOO_LARGE = {
     "model": Problem,
     "description": "The body is over `max_body_bytes` (declared or streamed); refused before it is buffered.",
@@ -256,6 +258,7 @@ def create_app(
         version=package_version(),
         lifespan=lifespan,
     )
+    app.router.route_class = ApiRoute  # bodies read with JSON Schema's integers (5.0 is 5); set before any route
     app.state.settings = settings
     app.state.serving = state
     app.state.batcher = batcher
@@ -267,6 +270,7 @@ def create_app(
         "/retrieve",
         response_model=RetrieveResponse,
         responses={
+            400: NOT_JSON,
             413: TOO_LARGE,
             422: {"description": "The request is malformed or does not fit the served model's features."},
             429: {"model": Problem, "description": "Too many requests wait; retry later.", "headers": RETRY_AFTER},
@@ -335,6 +339,7 @@ def create_app(
         responses={
             401: {"model": Problem, "description": "No bearer token was sent (checked before the body is read)."},
             403: {"model": Problem, "description": "The bearer token is wrong (checked before the body is read)."},
+            400: NOT_JSON,
             413: TOO_LARGE,
             422: {"description": "An event breaks the contract of docs/events.md (the error names the field)."},
             503: {

@@ -61,7 +61,8 @@ def post_all(app, requests: list[tuple[str, dict]]) -> list[httpx.Response]:
         ({"exclude_ad_ids": [-1]}, "exclude_ad_ids"),
         ({"exclude_ad_ids": [False]}, "exclude_ad_ids"),  # a JSON bool is not an integer
         ({"k": True}, "k"),
-        ({"k": 5.0}, "k"),
+        ({"k": 5.5}, "k"),
+        ({"k": "5"}, "k"),
         ({"deadline_ms": True}, "deadline_ms"),
     ],
 )
@@ -79,6 +80,13 @@ def test_dense_values_that_overflow_float32_or_pass_the_bound_are_422(pair, bodi
     (response,) = post_all(app, [("/retrieve", body)])
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["loc"][-2:] == ["dense", 0]
+
+
+def test_integral_numbers_are_integers_as_in_json_schema(pair, bodies):
+    app = create_app(ApiSettings(beams=BEAMS), ServingState(pair))
+    (response,) = post_all(app, [("/retrieve", {**bodies[0], "k": 5.0, "exclude_ad_ids": [7e0]})])
+    assert response.status_code == 200, response.text
+    assert len(response.json()["ads"]) == 5 and 7 not in {ad["ad_id"] for ad in response.json()["ads"]}
 
 
 def test_the_dense_bound_is_configurable(pair, bodies):
