@@ -18,11 +18,12 @@ import shutil
 import tempfile
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from chaos.harness import Service, create_topics, end_offsets, kafka_bootstrap, produce, read_topic, wait_for
-from chaos.report import record
+from chaos.report import ExperimentResult, record
 from hsnn.events import ImpressionEvent, UserFeatures, encode, event_key, read_dead_letter
 from hsnn.planted import tiny_hsnn_config
 from hsnn.snapshots import SnapshotStore
@@ -54,7 +55,7 @@ def build_feed(args: argparse.Namespace) -> tuple[list[Any], list[tuple[bytes, b
     return items, records
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> ExperimentResult:
     rng = random.Random(args.seed + 1)
     work = Path(args.work or tempfile.mkdtemp(prefix="chaos-e1-"))
     items, records = build_feed(args)
@@ -141,15 +142,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "no_unfinished_snapshots": not unfinished,
         "trained_total_matches": int(final.eval_metrics.get("trained_events_total", -1)) == len(set(trained)),
     }
-    result = {
-        "title": "trainer SIGKILLs during a feed with 1% malformed, then SIGTERM drain",
-        "runs": 1,
+    details = {
         "faults": f"{args.kills} SIGKILL ({mid_snapshot} mid-snapshot), {len(positions) - len(good_ids)} malformed",
-        "lost": lost,
-        "duplicated": duplicated,
-        "http_5xx": None,
-        "passed": all(checks.values()),
-        "checks": checks,
         "produced": len(positions),
         "trained": len(set(trained)),
         "held_out": len(held_positions),
@@ -162,12 +156,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "unfinished_snapshots": unfinished,
         "model": args.model,
         "seconds": round(time.monotonic() - started, 1),
-        "command": args.command,
     }
-    if not args.keep and result["passed"]:
+    result = ExperimentResult(
+        experiment=args.report_key or "e1",
+        title=f"trainer SIGKILLs ({mid_snapshot} mid-snapshot) during a feed with 1% malformed, then SIGTERM drain",
+        command=args.command,
+        runs=1,
+        faults_injected=args.kills + (len(positions) - len(good_ids)),
+        lost=lost,
+        duplicated=duplicated,
+        checks={**checks, "details": details},
+    ).finish(all(checks.values()), started)
+    if not args.keep and result.passed:
         shutil.rmtree(work, ignore_errors=True)
     else:
-        result["work_dir"] = str(work)
+        details["work_dir"] = str(work)
     return result
 
 
@@ -221,6 +224,6 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     result = run(args)
     if args.report_key:
-        record(args.report_key, result)
-    print(json.dumps(result, indent=2))
-    return 0 if result["passed"] else 1
+        record(result)
+    print(json.dumps(asdict(result), indent=2, default=str))
+    return 0 if result.passed else 1
