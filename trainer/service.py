@@ -330,6 +330,7 @@ class OnlineTrainer:
             enable_auto_commit=False,
             auto_offset_reset="none",  # an out-of-range position raises; it is never silently reset
             max_poll_records=settings.max_poll_records,
+            max_partition_fetch_bytes=settings.max_partition_fetch_bytes,  # a whole batch per fetch, not 1 MiB
             client_id=f"{settings.group_id}-impressions",
             **common,
         )

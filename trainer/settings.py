@@ -36,6 +36,9 @@ class TrainerSettings(ServiceSettings):
     )
     max_poll_records: int = Field(2048, ge=1)
     poll_timeout_ms: int = Field(200, ge=0)
+    max_partition_fetch_bytes: int = Field(
+        8 << 20, ge=1 << 16, description="Bytes one fetch may return per partition (Kafka's default is 1 MiB)."
+    )
     retry_backoff_max_seconds: float = Field(5.0, gt=0, description="Cap of the back-off after a Kafka error.")
     on_offset_out_of_range: Literal["fail", "earliest", "latest"] = Field(
         "fail",
