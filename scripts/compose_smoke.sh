@@ -83,7 +83,7 @@ up_and_check() {
     local phase=$1
     log "$phase: compose up ${SERVICES[*]}"
     compose up -d "${SERVICES[@]}" >&2
-    .venv/bin/python scripts/compose_smoke_check.py --phase "$phase" --api "http://127.0.0.1:$API_PORT" \
+    PYTHONPATH="$PWD" .venv/bin/python scripts/compose_smoke_check.py --phase "$phase" --api "http://127.0.0.1:$API_PORT" \
         --prometheus "http://127.0.0.1:$PROMETHEUS_PORT" --timeout-s "$TIMEOUT_S" --summary "$WORK/summary.txt"
 }
 
