@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", help="record the result under this name in reports/trainer_throughput.*")
     args = parser.parse_args(argv)
+    commit = _git_commit()  # the code that runs is the code at start
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             "batch_size": args.batch_size,
             "partitions": args.partitions,
             "threads": torch.get_num_threads(),
-            "commit": _git_commit(),
+            "commit": commit,
             "command": "python -m trainer.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
         print(f"threads={result['threads']} batch={args.batch_size} source={args.source} dead letters={int(dead)}")
