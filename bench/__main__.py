@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--seeds", type=int, default=1, help="run with seeds seed..seed+N-1 and report mean ± std per row"
     )
-    parser.add_argument("--mf-epochs", type=int, help="mf_softmax baseline: training epochs (default 30)")
+    parser.add_argument("--mf-epochs", type=int, help="mf_softmax baseline: training epochs (default 10)")
     parser.add_argument("--no-mf", action="store_true", help="skip the mf_softmax baseline")
     parser.add_argument("--data-root", help="real data sets: data directory (default: under ../shared/datasets)")
     parser.add_argument("--builders", default=",".join(BUILDERS), help=f"HSNN index builders, from {BUILDERS}")
