@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-users", type=int, help="gowalla valid / movielens newest20: users evaluated")
     parser.add_argument("--data-root")
     parser.add_argument("--epochs", type=int, default=MFSoftmaxConfig().epochs)
+    parser.add_argument(
+        "--temperature", type=float, default=MFSoftmaxConfig().temperature, help="cosine / T; 0: plain dot product"
+    )
+    parser.add_argument("--learning-rate", type=float, default=MFSoftmaxConfig().learning_rate)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -157,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
         protocol = args.protocol or "recbole"
         users = None if protocol == "recbole" else args.eval_users
         data = movielens_data(args.data_root, users, seed=args.seed, protocol=protocol)
-    config = MFSoftmaxConfig(epochs=args.epochs, seed=args.seed)
+    config = MFSoftmaxConfig(
+        epochs=args.epochs, temperature=args.temperature or None, learning_rate=args.learning_rate, seed=args.seed
+    )
     point, seconds = mf_softmax(data, config)
     started = time.perf_counter()
     result = evaluate(point, data, {}, k_values=(10, 20), latency_users=10)
