@@ -261,9 +261,9 @@ def test_kafka_outage_answers_503_in_time_and_never_holds_up_retrieve(pair, bodi
     for response, elapsed in answers:
         assert response.status_code == 503, response.text
         assert response.headers["retry-after"] == "1"
-        assert elapsed < 0.5 + 1.0, elapsed  # the timeout plus scheduling slack, never the 30 s bootstrap
+        assert elapsed < 0.5 + 3.0, elapsed  # the timeout plus slack for a busy machine, never the 30 s bootstrap
         assert len(response.json()["not_acknowledged"]) == 1000
-    assert max(latencies) < 0.5, latencies  # /retrieve never waited for Kafka
+    assert max(latencies) < 3.0, latencies  # /retrieve never waited for Kafka (blocked for 30 s)
     assert len(created) == 1  # one bootstrap attempt for all 8 batches
     details = " ".join(r.json()["not_acknowledged"][0]["error"] for r, _ in answers)
     assert "already waiting for Kafka" in details  # more batches than Kafka threads: refused at once
@@ -284,7 +284,7 @@ def test_a_silent_broker_is_bounded_too(pair):
         elapsed = time.monotonic() - started
     finally:
         release.set()
-    assert response.status_code == 503 and elapsed < 1.3, elapsed
+    assert response.status_code == 503 and elapsed < 0.3 + 3.0, elapsed  # the send blocks for 30 s
     assert response.json()["not_acknowledged"][0]["error"] == "not acknowledged within 0.3s"
 
 
