@@ -10,7 +10,7 @@
 #   sudo bash scripts/compose_smoke.sh            # summary at the end and in $HSNN_SMOKE_DIR/summary.txt
 #
 # scripts/compose_smoke/override.yml tunes the trainer for a short run (tiny model, 30 s snapshots).
-# Knobs: HSNN_SMOKE_DIR (work dir, default /var/tmp/hsnn-smoke), HSNN_SMOKE_TIMEOUT_S (wait for a promoted
+# Knobs: HSNN_SMOKE_DIR (work dir, default /var/tmp/hsnn-smoke), HSNN_SMOKE_BUILD=0 (reuse the built image), HSNN_SMOKE_TIMEOUT_S (wait for a promoted
 # snapshot, default 1200), HSNN_SMOKE_KEEP=1 (leave the stack up), HSNN_TORCH_INDEX_URL (CPU-only torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -100,11 +100,13 @@ if [ "$IMAGES" = local ]; then
     build_args+=(--build-arg BASE_IMAGE=local/python:3.11)
 fi
 [ -n "${HSNN_TORCH_INDEX_URL:-}" ] && build_args+=(--build-arg "TORCH_INDEX_URL=$HSNN_TORCH_INDEX_URL")
-log "building hsnn-serve (log: $WORK/build.log)"
-started=$(date +%s)
-compose build "${build_args[@]}" trainer >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log" >&2; exit 1; }
-echo "image build: $(( $(date +%s) - started ))s, $(docker image inspect -f '{{.Size}}' hsnn-serve:dev | numfmt --to=iec)" \
-    | tee -a "$WORK/summary.txt" >&2
+if [ "${HSNN_SMOKE_BUILD:-1}" != 0 ]; then
+    log "building hsnn-serve (log: $WORK/build.log)"
+    started=$(date +%s)
+    compose build "${build_args[@]}" trainer >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log" >&2; exit 1; }
+    echo "image build: $(( $(date +%s) - started ))s, $(docker image inspect -f '{{.Size}}' hsnn-serve:dev | numfmt --to=iec)" \
+        | tee -a "$WORK/summary.txt" >&2
+fi
 
 up_and_check first
 log "compose down (volumes kept), then up again"
