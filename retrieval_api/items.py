@@ -118,7 +118,7 @@ class ItemForwarder:
         self._lock = threading.Lock()
         self._failed_at: float | None = None  # when creating the producer last failed
         self._failure = ""
-        self._executor = ThreadPoolExecutor(max_workers=settings.kafka_workers, thread_name_prefix="hsnn-kafka")
+        self._executor: ThreadPoolExecutor | None = None  # created on first use, again after `close`
         self._busy = 0  # batches handed to the executor and not finished (abandoned ones included)
 
     def producer(self, deadline: float | None = None) -> RecordProducer:
@@ -153,6 +153,8 @@ class ItemForwarder:
         timeout_s = self.settings.kafka_ack_timeout_s
         if self._busy >= self.settings.kafka_workers:
             return [], _all_failed(events, f"{self._busy} batches are already waiting for Kafka; retry later")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.settings.kafka_workers, thread_name_prefix="hsnn-kafka")
         self._busy += 1
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, self.forward, events, timeout_s)
@@ -207,7 +209,9 @@ class ItemForwarder:
     def close(self) -> None:
         with self._lock:
             producer, self._producer = self._producer, None
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
         if producer is not None:
             try:
                 producer.close(timeout=5)

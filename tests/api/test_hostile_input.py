@@ -301,3 +301,28 @@ def test_openapi_discriminates_item_events_by_op_and_documents_limits():
         assert "413" in responses and "Retry-After" in responses["503"]["headers"]
     ids = components["RetrieveRequest"]["properties"]["exclude_ad_ids"]["items"]
     assert ids["minimum"] == 1 and ids["maximum"] == 2**63 - 1
+
+
+class AckingProducer:
+    class Acked:
+        partition, offset = 0, 0
+
+        def get(self, timeout=None):
+            return self
+
+    def send(self, topic, *, key, value):
+        return self.Acked()
+
+    def close(self, timeout=None):
+        pass
+
+
+def test_item_events_still_work_after_the_app_restarts():
+    """The Kafka threads are released on shutdown and created again on the next start."""
+    from fastapi.testclient import TestClient
+
+    app = create_app(ApiSettings(items_token=TOKEN), item_producer=AckingProducer())
+    for _ in range(2):
+        with TestClient(app) as client:
+            response = client.post("/items/events", json={"events": [EXPIRE]}, headers=AUTH)
+            assert response.status_code == 202, response.text
