@@ -321,7 +321,8 @@ def test_item_events_still_work_after_the_app_restarts():
     """The Kafka threads are released on shutdown and created again on the next start."""
     from fastapi.testclient import TestClient
 
-    app = create_app(ApiSettings(items_token=TOKEN), item_producer=AckingProducer())
+    app = create_app(ApiSettings(items_token=TOKEN))
+    app.state.forwarder._factory = lambda settings: AckingProducer()  # a new producer after each close
     for _ in range(2):
         with TestClient(app) as client:
             response = client.post("/items/events", json={"events": [EXPIRE]}, headers=AUTH)
