@@ -171,9 +171,7 @@ def test_unacknowledged_events_are_503_and_named():
     assert response.status_code == 503
     body = response.json()
     assert body["detail"].startswith("1 of 3 events were not acknowledged by Kafka; retry the batch")
-    assert body["not_acknowledged"] == [
-        {"index": 1, "ad_id": 88, "error": "not acknowledged within 2s (TimeoutError)"}
-    ]
+    assert body["not_acknowledged"] == [{"index": 1, "ad_id": 88, "error": "not acknowledged within 2s (TimeoutError)"}]
     assert response.headers["retry-after"] == "1"
     metrics = client.get("/metrics").text
     assert 'hsnn_api_item_events_total{outcome="not_acknowledged"} 1.0' in metrics
