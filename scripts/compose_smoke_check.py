@@ -77,7 +77,8 @@ def check_item_create(client: RetrievalClient, schema: Any, api: str, report: An
     ad_id = 1_900_000_000 + random.randrange(1_000_000)
     features = {
         "dense": [0.5] * schema.item_dense_dim,
-        "sparse": {name: min(7, cardinality - 1) for name, cardinality in schema.item_sparse.items()},
+        # item_id is the ad id itself (hsnn.events): not sent
+        "sparse": {name: min(7, size - 1) for name, size in schema.item_sparse.items() if name != "item_id"},
     }
     event = {"schema_version": 1, "op": "create", "ad_id": ad_id, "event_time": time.time(), "sequence": 1}
     accepted = client.send_item_events([event | {"features": features}])
