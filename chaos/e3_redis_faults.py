@@ -32,8 +32,9 @@ from chaos.report import ExperimentResult, record
 from hsnn.events import ItemEvent, encode, event_key, supersedes
 from hsnn.index_store import current_version, load_index, read_catalog, read_meta
 from hsnn.model import HSNN
-from hsnn.planted import tiny_hsnn_config
+from hsnn.planted import make_batches, make_world, tiny_hsnn_config
 from hsnn.snapshots import SnapshotStore
+from hsnn.training import train
 from trainer.bench import make_events
 
 
@@ -56,6 +57,15 @@ class PointerSampler(threading.Thread):
                     self.seen.append((version, int(read_meta(client, version, self.prefix)["num_live"])))
             except (redis_lib.RedisError, KeyError, LookupError, ValueError):
                 self.unreachable += 1
+
+
+def trained_model(seed: int) -> HSNN:
+    """A tiny HSNN after a few steps on the planted world: an untrained LTI puts most ads in a few nodes,
+    which the index builder rightly refuses."""
+    torch.manual_seed(seed)
+    model = HSNN(tiny_hsnn_config())
+    train(model, make_batches(make_world(num_items=300, seed=seed), 8, 128, seed=seed, users_per_batch=32))
+    return model.eval()
 
 
 def expected_catalogue(events: list[ItemEvent]) -> dict[int, tuple[int, float]]:
@@ -84,7 +94,7 @@ def run(args: argparse.Namespace) -> ExperimentResult:
     prefix = f"e3-{tag}:"
     torch.manual_seed(args.seed)
     store = SnapshotStore(work / "store")
-    model = HSNN(tiny_hsnn_config()).eval()
+    model = trained_model(args.seed)
     store.promote(store.write(model).version)
     redis_server = RedisServer(work / "redis", appendonly=True).start()
     client = redis_server.client(socket_timeout=5)

@@ -508,10 +508,10 @@ class OnlineTrainer:
                         break  # the consumer has moved past `out`: hand those over, the error comes back next poll
                     raise
                 got = [record for records in polled.values() for record in records]
-                if not got:
+                if not got and (wait > 0 or not self._log_has_more()):
                     break
                 out += got
-                wait = 0
+                wait = 0 if got else timeout_ms  # the log has more than was fetched: wait for that fetch
         except OffsetOutOfRangeError as err:  # retention overtook the trainer while it ran
             self.metrics.offset_out_of_range.inc()
             raise StoredOffsetOutOfRange(
@@ -519,6 +519,14 @@ class OnlineTrainer:
                 "see docs/trainer.md for a deliberate reset"
             ) from None
         return out
+
+    def _log_has_more(self) -> bool:
+        """Whether some partition's log (as of the last fetch) extends past the consumer's position."""
+        for tp in self.impression_tps:
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None and self.consumer.position(tp) < highwater:
+                return True
+        return False
 
     def _handle(self, records: list[Any]) -> None:
         started = time.perf_counter()

@@ -174,7 +174,7 @@ def _lines(path: str | Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def _drain(trainer: OnlineTrainer, topic: str, end: dict[str, int], timeout: float = 30.0) -> None:
+def _drain(trainer: OnlineTrainer, topic: str, end: dict[str, int], timeout: float = 240.0) -> None:
     deadline = time.monotonic() + timeout
     while {str(p): o for p, o in trainer.offsets.topic(topic).items()} != end:
         assert time.monotonic() < deadline, f"not drained: {trainer.offsets.topic(topic)} vs {end}"
@@ -297,8 +297,8 @@ def test_sigkill_between_snapshots_then_restart_trains_every_event_once(
     log1 = (tmp_path / "run1.log").open("w")
     run1 = subprocess.Popen(cmd, env=_env(settings), cwd=REPO, stderr=log1)
     try:
-        _wait(lambda: _lines(ids_path) >= len(_expected_trained(first)), 60, "run 1 to train everything")
-        _wait(lambda: store.latest_version() is not None, 10, "a snapshot")
+        _wait(lambda: _lines(ids_path) >= len(_expected_trained(first)), 300, "run 1 to train everything")
+        _wait(lambda: store.latest_version() is not None, 60, "a snapshot")
     finally:
         run1.send_signal(signal.SIGKILL)
         run1.wait(timeout=10)
@@ -318,7 +318,7 @@ def test_sigkill_between_snapshots_then_restart_trains_every_event_once(
     run2 = subprocess.Popen(cmd, env=_env(settings, snapshot_every_events=10**9), cwd=REPO, stderr=log2)
     try:
         expected = _expected_trained(first + second)
-        _wait(lambda: _lines(ids_path) >= len(expected), 60, "run 2 to drain")
+        _wait(lambda: _lines(ids_path) >= len(expected), 300, "run 2 to drain")
         run2.send_signal(signal.SIGTERM)
         run2.wait(timeout=60)
     finally:
@@ -350,7 +350,7 @@ def test_broker_restart_mid_stream_loses_nothing(kafka_server: KafkaServer, tmp_
     ids_path = settings.trained_ids_path
     assert ids_path is not None
     try:
-        _wait(lambda: _lines(ids_path) >= len(_expected_trained(first)), 30, "the first batch to train")
+        _wait(lambda: _lines(ids_path) >= len(_expected_trained(first)), 240, "the first batch to train")
         try:
             kafka_server.stop()
             time.sleep(2.0)  # the trainer polls (and snapshots nothing new) against a dead broker
@@ -359,7 +359,7 @@ def test_broker_restart_mid_stream_loses_nothing(kafka_server: KafkaServer, tmp_
         second = [_impression(i, prefix="br") for i in range(300, 600)]
         _produce_events(bootstrap, topics["impressions"], second)
         expected = _expected_trained(first + second)
-        _wait(lambda: _lines(ids_path) >= len(expected), 60, "training after the restart")
+        _wait(lambda: _lines(ids_path) >= len(expected), 300, "training after the restart")
     finally:
         stop.set()
         worker.join(timeout=30)
