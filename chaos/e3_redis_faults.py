@@ -29,13 +29,12 @@ import torch
 
 from chaos.harness import Service, create_topics, kafka_bootstrap, produce, wait_for
 from chaos.report import ExperimentResult, record
-from hsnn.events import ItemEvent, encode, event_key, supersedes
+from hsnn.events import ItemEvent, ItemFeatures, encode, event_key, supersedes
 from hsnn.index_store import current_version, load_index, read_catalog, read_meta
 from hsnn.model import HSNN
 from hsnn.planted import make_batches, make_world, tiny_hsnn_config
 from hsnn.snapshots import SnapshotStore
 from hsnn.training import train
-from trainer.bench import make_events
 
 
 class PointerSampler(threading.Thread):
@@ -59,13 +58,29 @@ class PointerSampler(threading.Thread):
                 self.unreachable += 1
 
 
-def trained_model(seed: int) -> HSNN:
-    """A tiny HSNN after a few steps on the planted world: an untrained LTI puts most ads in a few nodes,
-    which the index builder rightly refuses."""
+def planted_ads(ads: int, seed: int) -> tuple[HSNN, list[ItemEvent]]:
+    """Ads of the planted world and a tiny HSNN trained a few steps on it.
+
+    The index builder refuses an unbalanced index, and an untrained LTI puts most ads in a few nodes.
+    """
+    world = make_world(num_items=ads, seed=seed)
     torch.manual_seed(seed)
-    model = HSNN(tiny_hsnn_config())
-    train(model, make_batches(make_world(num_items=300, seed=seed), 8, 128, seed=seed, users_per_batch=32))
-    return model.eval()
+    model = HSNN(tiny_hsnn_config(num_nodes=(8, 4)))
+    train(model, make_batches(world, 4, 128, seed=seed, users_per_batch=32))
+    events = [
+        ItemEvent(
+            op="create",
+            ad_id=int(world.item_ids[row]),
+            event_time=1.7e9,
+            sequence=1,
+            features=ItemFeatures(
+                dense=world.items.dense[row].tolist(),
+                sparse={name: int(world.items.sparse[name][row]) for name in ("advertiser", "category")},
+            ),
+        )
+        for row in range(ads)
+    ]
+    return model.eval(), events
 
 
 def expected_catalogue(events: list[ItemEvent]) -> dict[int, tuple[int, float]]:
@@ -82,7 +97,7 @@ def run(args: argparse.Namespace) -> ExperimentResult:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="chaos-e3-"))
     started = time.monotonic()
-    items, _ = make_events(0, args.ads, seed=args.seed)
+    model, items = planted_ads(args.ads, args.seed)
     updates = [
         e.model_copy(update={"op": "update", "sequence": 2, "event_time": e.event_time + 1})
         for e in items[:: max(1, len(items) // (args.ads // 10 or 1))]
@@ -94,7 +109,6 @@ def run(args: argparse.Namespace) -> ExperimentResult:
     prefix = f"e3-{tag}:"
     torch.manual_seed(args.seed)
     store = SnapshotStore(work / "store")
-    model = trained_model(args.seed)
     store.promote(store.write(model).version)
     redis_server = RedisServer(work / "redis", appendonly=True).start()
     client = redis_server.client(socket_timeout=5)
