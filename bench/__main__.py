@@ -24,7 +24,7 @@ from bench.data import (
     simulator_data,
 )
 from bench.report import aggregate_seeds, write_report
-from bench.run import BUILDERS, RunConfig, run_benchmark
+from bench.run import ABLATIONS, BUILDERS, RunConfig, run_benchmark
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,9 +58,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mf-epochs", type=int, help="mf_softmax baseline: training epochs (default 10)")
     parser.add_argument("--no-mf", action="store_true", help="skip the mf_softmax baseline")
     parser.add_argument("--data-root", help="real data sets: data directory (default: under ../shared/datasets)")
-    parser.add_argument("--builders", default=",".join(BUILDERS), help=f"HSNN index builders, from {BUILDERS}")
+    parser.add_argument(
+        "--builders",
+        default=",".join(BUILDERS),
+        help=f"HSNN index builders, from {BUILDERS} and the ablations {tuple(ABLATIONS)}",
+    )
     parser.add_argument("--batch-size", type=int, default=250, help="gowalla / movielens: rows per training batch")
     parser.add_argument("--epochs", type=int, help="open_bandit: passes over the training impressions (default 8)")
+    parser.add_argument(
+        "--sparse-dim", type=int, help="id embedding width of user/item towers (default: 64 on gowalla/movielens)"
+    )
     parser.add_argument("--out", default="reports")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -114,8 +121,6 @@ def _run_once(args: argparse.Namespace, protocol: str | None, seed: int) -> dict
         mf_epochs=args.mf_epochs,
     )
     if quick:
-        run.level_nodes = (16, 8)
-        run.beams = [[2, 2], [4, 4], [8, 8], [16, 32]]
         run.nprobes = (1, 2, 4, 8)
         run.ef_searches = (200, 800)
     eval_users = args.eval_users or (100 if quick else 200)

@@ -202,7 +202,11 @@ def _catalog_vectors(model: HSNN, data: BenchData) -> Tensor:
 
 
 def build_hsnn(builder: str, config: HSNNConfig, data: BenchData, steps: int, seed: int, em_rounds: int = 3):
-    """Train an HSNN with one of the index builders; returns (model, fixed paths or None, train seconds)."""
+    """Train an HSNN with one of the index builders; returns (model, fixed paths or None, train seconds).
+
+    Every builder gets the same number of training batches; batch seeds differ per phase, so a later
+    phase continues the stream instead of replaying the first batches.
+    """
     torch.manual_seed(seed)
     sizes = [level.num_nodes for level in config.levels]
     if builder == "joint":
@@ -220,15 +224,18 @@ def build_hsnn(builder: str, config: HSNNConfig, data: BenchData, steps: int, se
         )
         return model, paths, seconds
     if builder == "em":
-        # EM alternation: re-cluster the current embeddings, train on that index, repeat
-        model = HSNN(config)
-        seconds, paths = 0.0, None
-        per_round = max(1, steps // em_rounds)
+        # EM alternation: train, re-cluster the trained embeddings, train on that index, repeat (the first
+        # round trains before it clusters, so no round clusters an untrained item tower)
+        model = HSNN(config.model_copy(update={"use_joint_index": False}))
+        per_round = max(1, steps // (em_rounds + 1))
+        seconds = train_for(model, data, per_round, seed, "hsnn EM warm-up")
+        paths = None
         for round_ in range(em_rounds):
             paths, books = residual_kmeans(_catalog_vectors(model, data), sizes, seed + round_)
             _set_codebooks(model, books)
+            budget = per_round if round_ < em_rounds - 1 else steps - per_round * em_rounds
             seconds += train_for(
-                model, data, per_round, seed + round_, f"hsnn EM round {round_ + 1}", transform=with_paths(data, paths)
+                model, data, budget, seed + 1 + round_, f"hsnn EM round {round_ + 1}", transform=with_paths(data, paths)
             )
         return model, paths, seconds
     if builder == "hierarchy":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -20,12 +20,38 @@ from bench.methods import (
 )
 from bench.methods_mf import MFSoftmaxConfig, mf_softmax
 from hsnn.config import HSNNConfig, LTIConfig, MoNNConfig, preset
+from hsnn.lti import beams_for_budget, index_shape
 from hsnn.monn import MoNN
 from hsnn.planted import tiny_monn
 
-# joint_no_balance: LTI without the balance aids; joint_flops_target: the FLOPs regulariser applied to the
-# assignment at alpha_max (an LTI switch, off by default in LTIConfig)
-BUILDERS = ("joint", "joint_no_balance", "joint_flops_target", "kmeans", "em", "hierarchy")
+# joint: the LTI with every default aid (the index freezes, capped, for the second half of the steps);
+# joint_plain: the first LTI (soft only, FLOPs regulariser and dead-code re-seeding, random codebook trained by
+# gradient alone, index gradients into the item tower, no ranking losses at the node levels, never frozen);
+# ABLATIONS: the default LTI with one aid switched off each (run them with --builders).
+BUILDERS = ("joint", "joint_plain", "kmeans", "em", "hierarchy")
+ABLATIONS: dict[str, tuple[dict, dict]] = {  # name -> (LTIConfig updates, HSNNConfig updates)
+    "joint_plain": (
+        {
+            "use_balance_prices": False,
+            "use_kmeans_init": False,
+            "use_hard_assignment": False,
+            "use_flops_regularizer": True,
+            "use_dead_code_reseed": True,
+            "use_ema_codebook": False,
+        },
+        {"index_stop_gradient": False, "node_ranking_weight": 0.0, "index_freeze_step": None},
+    ),
+    "joint_training_prices": ({"use_balance_prices": True}, {}),
+    "joint_codes_by_members": ({"node_losses_move_codes": False}, {}),
+    "joint_no_ema": ({"use_ema_codebook": False}, {}),
+    "joint_no_freeze": ({}, {"index_freeze_step": None}),
+    "joint_freeze_late": ({}, {"index_freeze_step": -4}),  # -n: freeze n-th of the steps before the end
+    "joint_no_kmeans_init": ({"use_kmeans_init": False}, {}),
+    "joint_no_hardening": ({"use_hard_assignment": False}, {}),
+    "joint_no_stop_gradient": ({}, {"index_stop_gradient": False}),
+    "joint_no_node_ranking": ({}, {"node_ranking_weight": 0.0}),
+    "joint_flops_target": ({"use_flops_regularizer": True, "flops_at_target_temperature": True}, {}),
+}
 
 
 @dataclass
@@ -33,8 +59,10 @@ class RunConfig:
     steps: int = 1500
     seed: int = 0
     quick: bool = False
-    level_nodes: tuple[int, ...] = (32, 16)
-    beams: list[list[int]] = field(default_factory=lambda: [[2, 4], [4, 8], [8, 16], [16, 48]])
+    level_nodes: tuple[int, ...] | None = None  # None: from the corpus size (hsnn.lti.index_shape)
+    item_budgets: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)  # shares of the corpus scored per query
+    sparse_dim: int | None = None  # id embedding width of the user and item towers (None: the preset's)
+    beams: list[list[int]] | None = None  # explicit beams instead of the budgets
     nprobes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     ef_searches: tuple[int, ...] = (200, 400, 800, 1600)  # >= the 200 results asked for
     dr_beams: tuple[int, ...] = (8, 32, 128)
@@ -49,37 +77,63 @@ class RunConfig:
     mf_epochs: int | None = None  # None: MFSoftmaxConfig's default
 
 
-def _model_config(name: str, quick: bool) -> MoNNConfig:
-    if quick:
-        return tiny_monn(name, dot_product=name == "two_tower", interaction=name != "two_tower")
-    return preset(name)
+def _model_config(name: str, quick: bool, sparse_dim: int | None = None) -> MoNNConfig:
+    """A preset (tiny in quick mode); `sparse_dim` widens the user and item id embeddings (ID-only data
+    sets need about 64 dims: everything the model knows about an item is its id's embedding)."""
+    two_tower = name == "two_tower"
+    config = tiny_monn(name, dot_product=two_tower, interaction=not two_tower) if quick else preset(name)
+    if sparse_dim is not None:
+        config.user.sparse_dim = sparse_dim
+        config.item.sparse_dim = sparse_dim
+    return config
+
+
+def level_sizes(data: BenchData, run: RunConfig, builder: str) -> list[int]:
+    if builder == "hierarchy" and data.hierarchy is not None:
+        return [int(data.hierarchy[:, level].max()) + 1 for level in range(data.hierarchy.shape[1])]
+    return list(run.level_nodes) if run.level_nodes else index_shape(data.num_items)
+
+
+def beam_settings(data: BenchData, run: RunConfig, sizes: list[int]) -> list[list[int]]:
+    """Explicit beams, or one beam setting per items-scored budget (duplicates dropped)."""
+    if run.beams:
+        return run.beams
+    settings: list[list[int]] = []
+    for share in run.item_budgets:
+        beam = beams_for_budget(sizes, data.num_items, max(1, round(share * data.num_items)))
+        if beam not in settings:
+            settings.append(beam)
+    return settings
+
+
+def _freeze_fraction(updates: dict, steps: int) -> dict:
+    """An ablation's negative freeze step -n means "with steps / n left"."""
+    step = updates.get("index_freeze_step")
+    return {"index_freeze_step": max(1, steps - steps // -step)} if step is not None and step < 0 else {}
 
 
 def hsnn_config(data: BenchData, run: RunConfig, builder: str) -> HSNNConfig:
-    sizes = list(run.level_nodes)
-    if builder == "hierarchy" and data.hierarchy is not None:
-        sizes = [int(data.hierarchy[:, level].max()) + 1 for level in range(data.hierarchy.shape[1])]
-    balance = builder != "joint_no_balance"
-    schedule = max(1, run.steps * 2 // 3)
-    levels = [
-        LTIConfig(
-            num_nodes=n,
-            schedule_steps=schedule,
-            use_flops_regularizer=balance,
-            use_dead_code_reseed=balance,
-            flops_at_target_temperature=run.flops_at_target_temperature or builder == "joint_flops_target",
-        )
-        for n in sizes
-    ]
+    sizes = level_sizes(data, run, builder)
+    lti_updates, hsnn_updates = ABLATIONS.get(builder, ({}, {}))
+    # the index warms up over the first quarter (k-means seeding half-way through it) and is hard for the last half
+    lti_updates = {
+        "schedule_steps": max(1, run.steps // 2),
+        "flops_at_target_temperature": run.flops_at_target_temperature,
+        **lti_updates,
+    }
+    levels = [LTIConfig(num_nodes=n, **lti_updates) for n in sizes]
     level_models = [
-        _model_config(run.level_models[min(i, len(run.level_models) - 1)], run.quick) for i in range(len(sizes))
+        _model_config(run.level_models[min(i, len(run.level_models) - 1)], run.quick, run.sparse_dim)
+        for i in range(len(sizes))
     ]
     return HSNNConfig(
         features=data.schema,
         levels=levels,
         level_models=level_models,
-        item_model=_model_config(run.item_model, run.quick),
-        index_warmup_steps=max(1, run.steps // 10),
+        item_model=_model_config(run.item_model, run.quick, run.sparse_dim),
+        **{"index_warmup_steps": max(2, run.steps // 4), "index_freeze_step": max(1, run.steps // 2)}
+        | hsnn_updates
+        | _freeze_fraction(hsnn_updates, run.steps),
     )
 
 
@@ -90,14 +144,14 @@ def run_benchmark(data: BenchData, run: RunConfig) -> dict:
     models: dict[str, dict] = {}
     points = []
 
-    two_tower = MoNN(_model_config("two_tower", run.quick), data.schema)
+    two_tower = MoNN(_model_config("two_tower", run.quick, run.sparse_dim), data.schema)
     seconds = train_for(two_tower, data, run.steps, run.seed, "two tower")
     models["two_tower"] = {**quality(two_tower, data), "train_seconds": seconds}
     points += two_tower_points(two_tower, data, run.nprobes, run.ef_searches)
 
     points += deep_retrieval_points(data, run.steps, run.seed, run.dr_beams, two_tower, run.quick)
 
-    monn = MoNN(_model_config(run.item_model, run.quick), data.schema)
+    monn = MoNN(_model_config(run.item_model, run.quick, run.sparse_dim), data.schema)
     seconds = train_for(monn, data, run.steps, run.seed, "monn")
     models["monn"] = {**quality(monn, data), "train_seconds": seconds}
     brute = monn_brute_force_point(monn, data)
@@ -120,18 +174,16 @@ def run_benchmark(data: BenchData, run: RunConfig) -> dict:
     for builder in run.builders:
         if builder == "hierarchy" and data.hierarchy is None:
             continue
+        config = hsnn_config(data, run, builder)
         model, paths, seconds = build_hsnn(
-            "joint" if builder.startswith("joint") else builder,
-            hsnn_config(data, run, builder),
-            data,
-            run.steps,
-            run.seed,
+            "joint" if builder.startswith("joint") else builder, config, data, run.steps, run.seed
         )
         # a fixed-path model is evaluated on its own paths, as it was trained and as it serves
         transform = with_paths(data, paths) if paths is not None else (lambda batch: batch)
         name = f"hsnn_{builder}"
         models[name] = {**quality(model, data, transform), "train_seconds": seconds}
-        sweep, exhaustive, index = hsnn_points(name, model, data, run.beams, paths)
+        beams = beam_settings(data, run, [level.num_nodes for level in config.levels])
+        sweep, exhaustive, index = hsnn_points(name, model, data, beams, paths)
         points += [*sweep, exhaustive] if run.hsnn_exhaustive else sweep
         health[name] = level_health(index)
         if truth is not None:

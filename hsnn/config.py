@@ -129,7 +129,7 @@ class LTIConfig(StrictModel):
     use_temperature_schedule: bool = True
     schedule_steps: int = Field(2000, ge=1, description="T in alpha_max * (t / T)^p.")
     schedule_power: float = Field(2.0, gt=0, description="p in alpha_max * (t / T)^p.")
-    use_flops_regularizer: bool = True
+    use_flops_regularizer: bool = False
     flops_weight: float = Field(0.1, ge=0)
     flops_pool_batches: int = Field(8, ge=1, description="M: soft assignments pooled over the last M batches.")
     flops_at_target_temperature: bool = Field(
@@ -137,11 +137,39 @@ class LTIConfig(StrictModel):
         description="Balance the assignment at alpha_max (what serving's argmin approaches) instead of at the "
         "scheduled alpha, where early soft assignments look balanced even when the hard ones are collapsed.",
     )
+    use_balance_prices: bool = Field(
+        False,
+        description="A price per node is added to its distance; every rebalance_every steps the prices are set "
+        "by an auction on recent item embeddings so no node holds more than capacity_factor x its share (empty "
+        "top-level nodes first split the largest). Hard assignment is argmin(distance + price) in training and "
+        "serving alike, so balance holds per item, not only per batch. Off by default: re-pricing while the "
+        "level models learn moved their targets and cost more node quality than it bought (docs/benchmarks.md); "
+        "the build-time cap balances the served index either way.",
+    )
     use_dead_code_reseed: bool = True
     usage_ema_decay: float = Field(0.95, gt=0, lt=1)
     dead_threshold: float = Field(0.1, ge=0, description="Dead when EMA usage < threshold / num_nodes.")
     reseed_every: int = Field(50, ge=1, description="Check for dead codes every this many steps.")
-    use_kmeans_init: bool = False
+    use_kmeans_init: bool = Field(
+        True, description="Seed the codebook by k-means on recent item embeddings when the index warm-up ends."
+    )
+    use_ema_codebook: bool = Field(
+        True,
+        description="After every step each code moves towards the mean of the batch inputs assigned to it "
+        "(code <- d * code + (1 - d) * mean), as VQ-VAE's EMA codebook: codes keep up with an item tower that "
+        "is still training, where the gradient alone left codes stranded and the index collapsed.",
+    )
+    ema_decay: float = Field(0.9, gt=0, lt=1, description="d in the EMA codebook update.")
+    node_losses_move_codes: bool = Field(
+        True,
+        description="The level losses reach the codebook through c_bar (the paper's supervision of the index). "
+        "False: codes follow their members only (online k-means); the level models still learn on the nodes.",
+    )
+    use_hard_assignment: bool = Field(
+        True,
+        description="Once the schedule reaches alpha_max, the node embedding is the hard (argmin) code, with the "
+        "soft assignment's gradient passed straight through: training then sees exactly the serving path.",
+    )
 
 
 class HSNNConfig(StrictModel):
@@ -151,17 +179,53 @@ class HSNNConfig(StrictModel):
     levels: list[LTIConfig] = Field(default_factory=lambda: [LTIConfig(num_nodes=16), LTIConfig(num_nodes=8)])
     level_models: list[MoNNConfig] = Field(
         default_factory=lambda: [preset("monn_large"), preset("monn_medium")],
-        description="One MoNN per index level, coarsest (largest) first.",
+        description="One MoNN per index level, coarsest (largest) first. Their interaction towers are not "
+        "used: a node has no features of its own, so a level model reads the user and the node embedding only, "
+        "the same inputs in training and at serving.",
     )
     item_model: MoNNConfig = Field(default_factory=lambda: preset("monn_small"))
     task_weights: list[float] | None = Field(None, description="Weight per task; default all 1.")
     use_index_warmup: bool = True
     index_warmup_steps: int = Field(500, ge=1, description="Linear warm-up of the index-loss weight.")
     reconstruction_weight: float = Field(1.0, ge=0)
-    interaction_aux_weight: float = Field(0.1, ge=0, description="MSE of level interaction towers to the item one.")
+    rebalance_every: int = Field(50, ge=1, description="Steps between auctions that re-price the index nodes.")
+    training_capacity_factor: float = Field(
+        1.5, ge=1.0, description="Largest node / mean node allowed by the training-time auctions."
+    )
+    index_freeze_step: int | None = Field(
+        None,
+        ge=1,
+        description="From this step on the index is fixed: one auction on recent embeddings caps it as a build "
+        "would (empty top nodes split the largest first), then codes and prices stay, so the level models spend "
+        "the rest of training on exactly the index serving will walk. None: the index never freezes.",
+    )
+    index_freeze_capacity_factor: float = Field(2.0, ge=1.0, description="The cap applied when the index freezes.")
+    commitment_weight: float = Field(
+        0.0,
+        ge=0,
+        description="VQ commitment: pulls item embeddings towards their codes. With index_stop_gradient this "
+        "is the only index term that reaches the item tower.",
+    )
     distillation_weight: float = Field(0.0, ge=0, description="Log loss on soft labels, when a batch has them.")
     use_joint_index: bool = Field(
         True, description="False stops index/level gradients reaching the item tower (separate index learning)."
+    )
+    index_stop_gradient: bool = Field(
+        True,
+        description="The index reads a detached item embedding (VQ-style): reconstruction, FLOPs and node losses "
+        "shape the codebook and the level models, never the item tower (except the commitment term).",
+    )
+    retrieval_weight: float = Field(
+        1.0,
+        ge=0,
+        description="In-batch sampled softmax (logQ-corrected) over the batch's items for every clicked row, "
+        "beside the log loss: what ranking many items needs.",
+    )
+    node_ranking_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Softmax over a clicked item's node and its siblings at every level: beam search keeps "
+        "the nodes that win this comparison.",
     )
 
     @model_validator(mode="after")

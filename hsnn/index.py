@@ -3,19 +3,24 @@
 Nodes at level l are the distinct hard path prefixes (k_1..k_l) of the live items, kept in
 key order, so the children of a node (and the items of a leaf) are one contiguous range:
 each level stores CSR offsets into the next. Everything a query needs that does not depend
-on the user (item tower outputs, node projections, representative items) is precomputed here.
+on the user (item tower outputs, node projections, representative items, and the item half of
+each MoNN's first over-arch Linear) is precomputed here, once per index version.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from hsnn.features import ItemBatch
+from hsnn.metrics import index_health
 from hsnn.model import HSNN
 from hsnn.progress import progress_bar
+
+DEFAULT_CAPACITY_FACTOR = 2.0  # no node larger than twice its level's mean
 
 
 @dataclass
@@ -26,6 +31,8 @@ class IndexLevel:
     representative: Tensor  # (M,) item row closest to the node embedding among the node's items
     child_offsets: Tensor  # (M + 1,) CSR into the next level's nodes, or into `leaf_items` at the last level
     sizes: Tensor  # (M,) items under the node
+    # (M, hidden) W_i node + b of the level MoNN's first over-arch Linear (None: dot product, or not yet built)
+    first: Tensor | None = None
 
 
 @dataclass
@@ -39,6 +46,8 @@ class HierarchicalIndex:
     leaf_items: Tensor  # (N,) item rows grouped by leaf, in leaf order
     live: Tensor  # (N,) False once an item expired
     codebook_sizes: list[int]
+    # (N, hidden) W_i item + b of the item MoNN's first over-arch Linear (None: dot product, or not yet built)
+    item_first: Tensor | None = None
 
     @property
     def num_items(self) -> int:
@@ -120,17 +129,23 @@ def build_index(
     paths: Tensor | None = None,
     batch_size: int = 8192,
     progress: bool = False,
+    capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
 ) -> HierarchicalIndex:
     """Assign every live item to its hard path and lay the hierarchy out for serving.
 
-    `paths` overrides the learned assignment (used by the other index builders in the
-    benchmark: an existing hierarchy, k-means, EM), keeping the same serving code.
+    With `capacity_factor` c, no node at any level holds more than c x its level's mean, whatever
+    training left: over-full nodes' prices are raised until they fit (`ResidualIndex.assign_with_capacity`),
+    and the prices stay in `model`, so later single-item assignments (the indexer's deltas) follow the
+    same rule. `None` keeps the plain argmin. `paths` overrides the learned assignment (the other index
+    builders in the benchmark: an existing hierarchy, k-means, EM), keeping the same serving code.
     """
     if len(item_ids) == 0:
         raise ValueError("cannot build an index over an empty catalogue")
     item_embeddings = encode_catalog(model, items, batch_size, progress)
     vectors = item_embeddings.flatten(1)
-    if paths is None:
+    if paths is None and capacity_factor is not None:
+        paths = model.index.assign_with_capacity(vectors, capacity_factor)
+    elif paths is None:
         paths = torch.cat([model.index.assign(chunk) for chunk in vectors.split(batch_size)])
     return _layout(model, item_ids.clone(), items, item_embeddings, paths, torch.ones(len(item_ids), dtype=torch.bool))
 
@@ -160,11 +175,13 @@ def _layout(
         ranked = distance if penalty is None else distance + penalty
         representative = _closest_per_group(inverse, ranked, len(node_keys))
         embedding = cumulative[representative]
+        projected = model.level_models[level_idx].project_nodes(embedding)  # (M, num_embed, dim)
         levels.append(
             IndexLevel(
                 keys=node_keys,
                 embedding=embedding,
-                projected=model.level_models[level_idx].project_nodes(embedding),
+                projected=projected,
+                first=model.level_models[level_idx].item_first(projected),
                 representative=representative,
                 child_offsets=torch.empty(0, dtype=torch.long),
                 sizes=torch.bincount(inverse, minlength=len(node_keys)),
@@ -188,4 +205,34 @@ def _layout(
         leaf_items=leaf_items,
         live=live,
         codebook_sizes=codebook_sizes,
+        item_first=model.item_model.item_first(item_embeddings),
+    )
+
+
+def level_health(index: HierarchicalIndex) -> list[dict[str, float]]:
+    """Balance of every level over all its possible nodes (prefixes): used/nodes, max/mean, entropy, gini,
+    and the largest node's size beside the live item count (a cap of c x mean allows ceil(c * items / nodes)).
+
+    Only live items count. The indexer records this with every index and refuses one past its limit.
+    """
+    live = index.live
+    out = []
+    for level_idx in range(len(index.levels)):
+        possible = 1
+        for size in index.codebook_sizes[: level_idx + 1]:
+            possible *= size
+        keys = torch.zeros(int(live.sum()), dtype=torch.long)
+        for upper in range(level_idx + 1):
+            keys = keys * index.codebook_sizes[upper] + index.paths[live, upper]
+        stats = index_health(keys, possible)
+        stats["items"] = float(len(keys))
+        stats["max_size"] = float(torch.bincount(keys).max()) if len(keys) else 0.0
+        out.append(stats)
+    return out
+
+
+def within_capacity(health: list[dict[str, float]], capacity_factor: float) -> bool:
+    """True when no level's largest node exceeds ceil(capacity_factor x its level's mean size)."""
+    return all(
+        level["max_size"] <= math.ceil(capacity_factor * level["items"] / level["nodes"] - 1e-9) for level in health
     )

@@ -1,28 +1,42 @@
 """Learning To Index: a differentiable codebook per level, stacked residually (RQ-style).
 
-For an input v and codes c_1..c_K: d_k = ||v - c_k||^2 / dim, soft assignment
-a = softmax(-alpha * d / mean(d)) (the batch mean makes alpha scale-free), node embedding
-c_bar = sum_k a_k c_k, hard node = argmin_k d_k.
-Level l+1 quantises what level l left over, r_{l+1} = r_l - c_bar_l, so a node at level l
-is the path prefix (k_1 .. k_l) and its embedding is the sum of the codes along it.
+For an input v and codes c_1..c_K: d_k = ||v - c_k||^2 / (dim * s), with s a running mean of
+the distances (so alpha and prices mean the same whatever scale the item tower drifts to).
+Each node also carries a price p_k, raised while it holds more than its share and lowered
+while it holds less (dual ascent on the balance constraint). Cost e_k = d_k + p_k;
+soft assignment a = softmax(-alpha * e); hard node = argmin_k e_k, the same function in
+training and at serving. Node embedding c_bar = sum_k a_k c_k while the schedule is soft,
+the hard code (soft gradient passed straight through) once alpha reaches alpha_max.
+Level l+1 quantises what level l left over, r_{l+1} = r_l - c_bar_l, so a node at level l is
+the path prefix (k_1 .. k_l) and its embedding is the sum of the codes along it; level l+1's
+prices are kept per (parent prefix, code), so every parent's children share its items evenly.
+
+Paper: HSNN (arXiv 2024) §3.2, Algorithm 1 (soft assignment, temperature schedule, FLOPs
+regulariser); the prices, k-means seeding, hardening and the build-time cap are this
+project's answers to the collapse and imbalance measured on the plain version (docs/architecture.md).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hsnn.config import LTIConfig
+
+_PRICE_LIMIT = 8.0  # prices are in mean-distance units; beyond this a node is unreachable anyway
 
 
 @dataclass
 class LevelOutput:
     soft: Tensor  # (N, K) soft assignment
-    node_embedding: Tensor  # (N, dim) c_bar
-    hard: Tensor  # (N,) argmin node
+    node_embedding: Tensor  # (N, dim) c_bar (hard code with straight-through gradient once hardened)
+    hard: Tensor  # (N,) argmin node (code at this level)
     flops_loss: Tensor  # scalar, 0 when the regulariser is off
 
 
@@ -38,6 +52,13 @@ def temperature(config: LTIConfig, step: int) -> float:
         return config.alpha_max
     progress = min(step / config.schedule_steps, 1.0)
     return max(config.alpha_min, config.alpha_max * progress**config.schedule_power)
+
+
+def is_hardened(config: LTIConfig, step: int) -> bool:
+    """True once training uses the hard code (the schedule has reached alpha_max)."""
+    if not config.use_hard_assignment:
+        return False
+    return not config.use_temperature_schedule or step >= config.schedule_steps
 
 
 def kmeans(x: Tensor, k: int, iterations: int = 20, seed: int = 0) -> Tensor:
@@ -57,46 +78,68 @@ def kmeans(x: Tensor, k: int, iterations: int = 20, seed: int = 0) -> Tensor:
 
 
 class LearnedIndexLevel(nn.Module):
-    """One codebook with its balance aids (FLOPs regulariser, dead-code re-seeding)."""
+    """One codebook with its balance aids: per-(parent, node) prices, FLOPs regulariser, dead-code re-seeding."""
 
-    def __init__(self, dim: int, config: LTIConfig):
+    def __init__(self, dim: int, config: LTIConfig, num_parents: int = 1):
         super().__init__()
         self.config = config
+        self.num_parents = num_parents
         self.codebook = nn.Parameter(torch.randn(config.num_nodes, dim) * 0.05)
         self.register_buffer("usage_ema", torch.full((config.num_nodes,), 1.0 / config.num_nodes))
-        self.register_buffer("initialized", torch.tensor(not config.use_kmeans_init))
+        self.register_buffer("price", torch.zeros(num_parents, config.num_nodes))  # (parents, K)
+        self.register_buffer("distance_scale", torch.zeros(()))  # 0 until the first training batch
         self._pooled: deque[tuple[Tensor, int]] = deque(maxlen=max(config.flops_pool_batches - 1, 0))
         self._recent_inputs: Tensor | None = None
+        self._recent_hard: Tensor | None = None
+        self.frozen = False  # set by ResidualIndex.freeze; the index-level buffer is what snapshots keep
 
     @property
     def num_nodes(self) -> int:
         return self.config.num_nodes
 
     def distances(self, x: Tensor) -> Tensor:
-        return squared_distances(x, self.codebook)
+        """(N, K) squared distances in units of the running mean distance."""
+        scale = self.distance_scale if float(self.distance_scale) > 0 else torch.ones(())
+        return squared_distances(x, self.codebook) / scale
 
-    def assign(self, x: Tensor) -> Tensor:
-        """Hard node of each row: argmin of the distances (what serving uses)."""
-        return self.distances(x).argmin(dim=1)
+    def costs(self, x: Tensor, parent: Tensor | None) -> Tensor:
+        """(N, K) distance + the node's price under each row's parent: what the hard assignment minimises."""
+        parent = parent if parent is not None else torch.zeros(len(x), dtype=torch.long, device=x.device)
+        return self.distances(x) + self.price[parent]  # prices stay 0 unless balance or a capped build set them
 
-    def forward(self, x: Tensor, step: int) -> LevelOutput:
-        if self.training and not bool(self.initialized):
-            self.initialize_with_kmeans(x.detach())
-        dist = self.distances(x)
-        # Normalise by the batch's mean distance so alpha means the same whatever scale the
-        # item tower's embeddings drift to (otherwise the model can undo the schedule).
-        scale = dist.mean().detach().clamp(min=1e-12)
-        soft = torch.softmax(-temperature(self.config, step) * dist / scale, dim=1)
-        hard = dist.argmin(dim=1)
+    def assign(self, x: Tensor, parent: Tensor | None = None) -> Tensor:
+        """Hard node of each row: argmin of distance + price (what training's hard path and serving use)."""
+        return self.costs(x, parent).argmin(dim=1)
+
+    def forward(self, x: Tensor, step: int, parent: Tensor | None = None) -> LevelOutput:
+        if self.training:
+            self._update_scale(x.detach())
+        cost = self.costs(x, parent)
+        soft = torch.softmax(-temperature(self.config, step) * cost, dim=1)
+        hard = cost.argmin(dim=1)
+        if is_hardened(self.config, step):
+            one_hot = F.one_hot(hard, self.num_nodes).to(soft.dtype)
+            weights = one_hot + soft - soft.detach()  # forward: the hard code; backward: the soft gradient
+        else:
+            weights = soft
         flops_loss = soft.new_zeros(())
         if self.training:
             balanced = soft
             if self.config.flops_at_target_temperature:
-                balanced = torch.softmax(-self.config.alpha_max * dist / scale, dim=1)
+                balanced = torch.softmax(-self.config.alpha_max * cost, dim=1)
             flops_loss = self._flops_regularizer(balanced)
-        if self.training:
-            self._track_usage(x.detach(), hard)
-        return LevelOutput(soft=soft, node_embedding=soft @ self.codebook, hard=hard, flops_loss=flops_loss)
+            self._track_usage(x.detach(), hard, parent)
+        moving = self.config.node_losses_move_codes and not self.frozen
+        codebook = self.codebook if moving else self.codebook.detach()
+        return LevelOutput(soft=soft, node_embedding=weights @ codebook, hard=hard, flops_loss=flops_loss)
+
+    @torch.no_grad()
+    def _update_scale(self, x: Tensor) -> None:
+        mean = squared_distances(x, self.codebook).mean().clamp(min=1e-12)
+        if float(self.distance_scale) <= 0:
+            self.distance_scale.fill_(float(mean))
+        else:
+            self.distance_scale.mul_(0.99).add_(0.01 * mean)
 
     def _flops_regularizer(self, soft: Tensor) -> Tensor:
         """K * sum_k (mean soft assignment)^2 over this batch and the last M-1 (detached) batches.
@@ -116,11 +159,27 @@ class LearnedIndexLevel(nn.Module):
         return self.num_nodes * (mean * mean).sum()
 
     @torch.no_grad()
-    def _track_usage(self, x: Tensor, hard: Tensor) -> None:
+    def _track_usage(self, x: Tensor, hard: Tensor, parent: Tensor | None) -> None:
         share = torch.bincount(hard, minlength=self.num_nodes).to(x.dtype) / len(hard)
         decay = self.config.usage_ema_decay
         self.usage_ema.mul_(decay).add_(share, alpha=1 - decay)
         self._recent_inputs = x
+        self._recent_hard = hard
+
+    @torch.no_grad()
+    def ema_update(self) -> None:
+        """code_k <- d * code_k + (1 - d) * mean of last batch's inputs whose hard node is k (nodes with members).
+
+        Run after the optimiser step (not inside the forward, whose graph still holds the codebook).
+        """
+        if not self.config.use_ema_codebook or self._recent_inputs is None or self._recent_hard is None:
+            return
+        x, hard = self._recent_inputs, self._recent_hard
+        sums = torch.zeros_like(self.codebook).index_add_(0, hard, x)
+        counts = torch.bincount(hard, minlength=self.num_nodes).unsqueeze(1).to(x.dtype)
+        target = sums / counts.clamp(min=1)
+        decay = self.config.ema_decay
+        self.codebook.copy_(torch.where(counts > 0, decay * self.codebook + (1 - decay) * target, self.codebook))
 
     @torch.no_grad()
     def dead_nodes(self) -> Tensor:
@@ -138,25 +197,20 @@ class LearnedIndexLevel(nn.Module):
         if len(dead) == 0:
             return 0
         x = self._recent_inputs
-        weights = self.usage_ema[self.assign(x)].clamp(min=1e-6)
+        weights = self.usage_ema[self.distances(x).argmin(dim=1)].clamp(min=1e-6)
         rows = torch.multinomial(weights, len(dead), replacement=len(dead) > len(x), generator=generator)
         noise = 0.01 * x.std() * torch.randn(len(dead), x.shape[1], generator=generator, dtype=x.dtype)
         self.codebook[dead] = x[rows] + noise
         self.usage_ema[dead] = 1.0 / self.num_nodes
+        self.price[:, dead] = 0.0
         return len(dead)
-
-    @torch.no_grad()
-    def initialize_with_kmeans(self, x: Tensor) -> None:
-        if len(x) >= self.num_nodes:
-            self.codebook.copy_(kmeans(x, self.num_nodes))
-        self.initialized.fill_(True)
 
 
 @dataclass
 class IndexOutput:
     levels: list[LevelOutput]
     node_embeddings: list[Tensor]  # cumulative sum of c_bar up to each level: the level's node embedding
-    reconstruction_loss: Tensor
+    reconstruction_loss: Tensor  # ||sum_l c_{k_l} - sg(v)||^2 on the hard path: gradient to the codes only
 
 
 class ResidualIndex(nn.Module):
@@ -165,27 +219,47 @@ class ResidualIndex(nn.Module):
     def __init__(self, dim: int, configs: list[LTIConfig]):
         super().__init__()
         self.dim = dim
-        self.levels = nn.ModuleList(LearnedIndexLevel(dim, c) for c in configs)
+        sizes = [c.num_nodes for c in configs]
+        self.levels = nn.ModuleList(
+            LearnedIndexLevel(dim, c, num_parents=math.prod(sizes[:i])) for i, c in enumerate(configs)
+        )
+        self.register_buffer("seeded", torch.tensor(False))
+        self.register_buffer("frozen", torch.tensor(False))
+        self._reservoir: deque[Tensor] = deque(maxlen=64)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [level.num_nodes for level in self.levels]
 
     def forward(self, v: Tensor, step: int) -> IndexOutput:
-        residual, quantized = v, torch.zeros_like(v)
+        if self.training:
+            self._reservoir.append(v.detach())
+        residual, quantized, hard_quantized = v, torch.zeros_like(v), torch.zeros_like(v)
+        parent = torch.zeros(len(v), dtype=torch.long, device=v.device)
         outputs, node_embeddings = [], []
         for level in self.levels:
-            out = level(residual, step)
+            level.frozen = bool(self.frozen)
+            out = level(residual, step, parent)
             quantized = quantized + out.node_embedding
+            hard_quantized = hard_quantized + level.codebook[out.hard]
             residual = residual - out.node_embedding
+            parent = parent * level.num_nodes + out.hard
             outputs.append(out)
             node_embeddings.append(quantized)
-        reconstruction = ((quantized - v) ** 2).mean()
+        # The codebook follows its members like online k-means (the VQ codebook loss on the hard path):
+        # fitted on the near-uniform early soft assignment instead, every code is pulled to the global mean.
+        reconstruction = ((hard_quantized - v.detach()) ** 2).mean()
         return IndexOutput(outputs, node_embeddings, reconstruction)
 
     @torch.no_grad()
     def assign(self, v: Tensor) -> Tensor:
-        """Hard path (N, levels): each level's argmin on the hard residual."""
+        """Hard path (N, levels): each level's argmin(distance + price) on the hard residual."""
         residual, codes = v, []
+        parent = torch.zeros(len(v), dtype=torch.long, device=v.device)
         for level in self.levels:
-            code = level.assign(residual)
+            code = level.assign(residual, parent)
             residual = residual - level.codebook[code]
+            parent = parent * level.num_nodes + code
             codes.append(code)
         return torch.stack(codes, dim=1)
 
@@ -199,6 +273,189 @@ class ResidualIndex(nn.Module):
         return out
 
     @torch.no_grad()
+    def seed_with_kmeans(self, seed: int = 0) -> bool:
+        """Residual k-means over the recent item embeddings (the warmed-up item tower's), level by level.
+
+        A random codebook on a still-moving embedding space is what collapsed the first LTI; seeding
+        from embeddings the item loss has already shaped starts every node on real items.
+        """
+        if not self._reservoir:
+            return False
+        x = torch.cat(list(self._reservoir))
+        if len(x) < max(self.sizes):
+            return False
+        for i, level in enumerate(self.levels):
+            if level.config.use_kmeans_init:
+                level.codebook.copy_(kmeans(x, level.num_nodes, iterations=15, seed=seed + i))
+            level.price.zero_()
+            level.distance_scale.zero_()
+            code = squared_distances(x, level.codebook).argmin(dim=1)
+            x = x - level.codebook[code]
+        self.seeded.fill_(True)
+        return True
+
+    @torch.no_grad()
     def reseed_dead_codes(self, step: int) -> int:
         """Re-seed each level whose check interval divides `step`."""
         return sum(level.reseed_dead_codes() for level in self.levels if step % level.config.reseed_every == 0)
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> int:
+        """Once the codebooks are seeded: EMA code updates every step, dead-code re-seeding on schedule;
+        returns how many codes were re-seeded. Called by the training step after the optimiser step."""
+        if not bool(self.seeded) or bool(self.frozen):
+            return 0
+        for level in self.levels:
+            level.ema_update()
+        return self.reseed_dead_codes(step)
+
+    @torch.no_grad()
+    def freeze(self, capacity_factor: float) -> None:
+        """Cap the index on recent embeddings (as a build would) and fix codes and prices from now on."""
+        self.rebalance(capacity_factor, force=True)
+        self.frozen.fill_(True)
+        for level in self.levels:
+            level.frozen = True
+
+    @torch.no_grad()
+    def rebalance(self, capacity_factor: float, generator: torch.Generator | None = None, force: bool = False) -> int:
+        """Re-price every level on the recent item embeddings so no node holds more than capacity_factor x
+        its share, after splitting the largest top-level node for every empty one; returns codes moved.
+
+        Prices are set afresh from a sample each time (an auction, not per-batch dual ascent, which
+        oscillates: inside a tight cluster every price step moves the whole cluster).
+        """
+        if not self._reservoir or not (force or any(level.config.use_balance_prices for level in self.levels)):
+            return 0
+        x = torch.unique(torch.cat(list(self._reservoir)), dim=0)  # a batch stream repeats items
+        for level in self.levels:
+            level.price.zero_()
+        top = self.levels[0]
+        moved = 0
+        if force or top.config.use_balance_prices:
+            code = top.assign(x)
+            sizes = torch.bincount(code, minlength=top.num_nodes)
+            for empty in torch.nonzero(sizes == 0).flatten().tolist():
+                largest = int(sizes.argmax())
+                members = torch.nonzero(code == largest).flatten()
+                pick = members[torch.randint(len(members), (1,), generator=generator)]
+                top.codebook[empty] = x[pick[0]]  # half of the largest node's members now prefer the new code
+                code = top.assign(x)
+                sizes = torch.bincount(code, minlength=top.num_nodes)
+                moved += 1
+        self.assign_with_capacity(x, capacity_factor)
+        return moved
+
+    @torch.no_grad()
+    def assign_with_capacity(self, v: Tensor, capacity_factor: float, max_rounds: int = 500) -> Tensor:
+        """Hard paths (N, levels) in which no node at any level holds more than capacity_factor x its level's
+        mean, found by raising the prices of over-full nodes (an auction), level by level.
+
+        The prices are kept, so afterwards `assign` reproduces these paths item by item: the index a build
+        lays out, the path training computes and the path a new item gets from the indexer stay one function.
+        """
+        residual = v
+        parent = torch.zeros(len(v), dtype=torch.long, device=v.device)
+        codes = []
+        for i, level in enumerate(self.levels):
+            nodes_here = math.prod(self.sizes[: i + 1])
+            cap = max(1, math.ceil(capacity_factor * len(v) / nodes_here))
+            code = _auction(level, residual, parent, cap, max_rounds)
+            residual = residual - level.codebook[code]
+            parent = parent * level.num_nodes + code
+            codes.append(code)
+        return torch.stack(codes, dim=1)
+
+
+def _auction(level: LearnedIndexLevel, x: Tensor, parent: Tensor, cap: int, max_rounds: int) -> Tensor:
+    """Raise over-full (parent, node) prices until every node holds <= cap rows; returns the codes (N,).
+
+    Each round, an over-full node keeps the `cap` rows that prefer it most (largest margin over their
+    next-best node) and its price rises just past the next row's margin, which moves the rest on.
+    Prices only rise, so rounds end. Rows with identical embeddings cannot be told apart by any price,
+    and cascades can make the auction slow: when the overflow stops shrinking for `patience` rounds, the
+    rows still in excess go greedily to their best node with room (`_place_overflow`); only those rows
+    then differ from what `assign` would give, and the cap holds whatever the input.
+    """
+    k = level.num_nodes
+    dist = level.distances(x)  # (N, K)
+    best_overflow, stale, patience = None, 0, 50
+    for _ in range(max_rounds):
+        cost = dist + level.price[parent]
+        best2 = torch.topk(cost, min(2, k), dim=1, largest=False)
+        code = best2.indices[:, 0]
+        group = parent * k + code
+        counts = torch.bincount(group, minlength=level.num_parents * k)
+        over = counts > cap
+        if not bool(over.any()):
+            return code
+        overflow = int((counts - cap).clamp(min=0).sum())
+        if best_overflow is None or overflow < best_overflow:
+            best_overflow, stale = overflow, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+        margin = (best2.values[:, 1] - best2.values[:, 0]) if k > 1 else torch.zeros(len(x))
+        in_over = over[group]
+        rows = torch.nonzero(in_over).flatten()
+        # sort the rows of over-full groups by (group, margin descending); rank within the group
+        order = rows[torch.argsort(-margin[rows], stable=True)]
+        order = order[torch.argsort(group[order], stable=True)]
+        _, per_group = torch.unique_consecutive(group[order], return_counts=True)
+        first = torch.repeat_interleave(torch.cumsum(per_group, 0) - per_group, per_group)
+        rank = torch.arange(len(order)) - first
+        pivot = order[rank == cap]  # the first row each over-full group lets go
+        raise_by = margin[pivot] + 1e-4
+        flat = level.price.view(-1)
+        flat.index_add_(0, group[pivot], raise_by)
+    return _place_overflow(dist + level.price[parent], parent, k, level.num_parents, cap)
+
+
+def _place_overflow(cost: Tensor, parent: Tensor, k: int, num_parents: int, cap: int) -> Tensor:
+    """argmin codes (N,), then every over-full (parent, code) keeps its `cap` cheapest rows and the rest
+    move, one at a time, to their cheapest code under the same parent that still has room."""
+    code = cost.argmin(dim=1)
+    group = parent * k + code
+    counts = torch.bincount(group, minlength=num_parents * k)
+    if not bool((counts > cap).any()):
+        return code
+    own = cost.gather(1, code.unsqueeze(1)).squeeze(1)
+    order = torch.argsort(own, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    _, per_group = torch.unique_consecutive(group[order], return_counts=True)
+    rank = torch.arange(len(order)) - torch.repeat_interleave(torch.cumsum(per_group, 0) - per_group, per_group)
+    evicted = order[rank >= cap]
+    counts = torch.bincount(group[order[rank < cap]], minlength=num_parents * k)
+    for row in evicted.tolist():
+        room = counts.view(num_parents, k)[parent[row]] < cap
+        choice = int(torch.where(room, cost[row], torch.full_like(cost[row], float("inf"))).argmin())
+        code[row] = choice
+        counts[parent[row] * k + choice] += 1
+    return code
+
+
+def index_shape(num_items: int, levels: int = 2, items_per_leaf: int = 100, min_nodes: int = 2) -> list[int]:
+    """Codebook sizes per level for a corpus: about `items_per_leaf` items per leaf, levels equally wide.
+
+    10^5 items -> [32, 32]; 10^6 -> [100, 100]; the top level stays O(100-1,000) as in the paper's I1.
+    """
+    if num_items < 1 or levels < 1:
+        raise ValueError("need at least one item and one level")
+    leaves = max(min_nodes**levels, math.ceil(num_items / items_per_leaf))
+    width = max(min_nodes, round(leaves ** (1 / levels)))
+    return [width] * levels
+
+
+def beams_for_budget(sizes: Sequence[int], num_items: int, items_budget: int, widening: float = 4.0) -> list[int]:
+    """Beam per level so that about `items_budget` items are scored at the item level.
+
+    Leaves hold num_items / prod(sizes) items on average, so the last beam keeps budget / that many
+    leaves; each level above keeps `widening` x the parents those leaves need, so a good leaf under a
+    second-best parent is still reachable.
+    """
+    per_leaf = num_items / math.prod(sizes)
+    beams = [max(1, math.ceil(items_budget / max(per_leaf, 1e-9)))]
+    for size in reversed(sizes[1:]):
+        beams.insert(0, max(1, math.ceil(widening * beams[0] / size)))
+    return [min(b, math.prod(sizes[: i + 1])) for i, b in enumerate(beams)]

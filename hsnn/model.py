@@ -2,9 +2,11 @@
 
 Index levels run coarsest first; each has a codebook (LTI) and its own MoNN, and the item
 level has the item MoNN. Training scores every impression at every level: the item level
-with the item's own features, each index level with the item's (soft) node embedding in
-place of the item. An ensemble layer turns the outputs along the item's path into one logit
-per level, and every level gets its own supervision.
+with the item's own features, each index level with the item's node embedding (soft early,
+the hard serving node once the schedule ends) in place of the item. An ensemble layer turns
+the outputs along the item's path into one logit per level, and every level gets its own
+supervision: log loss (calibration, NE) plus a ranking loss (the clicked item's node against
+its siblings; the clicked item against the batch's items) that beam search and top-k need.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 from hsnn.config import HSNNConfig
 from hsnn.features import TrainingBatch
 from hsnn.lti import IndexOutput, LevelOutput, ResidualIndex
-from hsnn.monn import MoNN
+from hsnn.monn import MoNN, in_batch_softmax_loss
 
 
 class Ensemble(nn.Module):
@@ -46,6 +48,9 @@ class HSNNOutput:
     losses: dict[str, Tensor]
 
 
+CLICK = 0  # the task retrieval ranks by (the first task of the schema)
+
+
 class HSNN(nn.Module):
     def __init__(self, config: HSNNConfig):
         super().__init__()
@@ -54,17 +59,16 @@ class HSNN(nn.Module):
         self.item_model = MoNN(config.item_model, schema)
         index_dim = self.item_model.item_embedding_size
         self.index = ResidualIndex(index_dim, config.levels)
-        self.level_models = nn.ModuleList(MoNN(c, schema, item_input_dim=index_dim) for c in config.level_models)
+        # A node has no features of its own (its representative item's I2IF would differ from the
+        # training item's), so level models read the user and the node embedding: identical inputs
+        # in training and at serving.
+        self.level_models = nn.ModuleList(
+            MoNN(c.model_copy(update={"interaction": None}), schema, item_input_dim=index_dim)
+            for c in config.level_models
+        )
         self.num_outputs = len(config.levels) + 1
         num_tasks = len(schema.tasks)
         self.ensemble = Ensemble(self.num_outputs, num_tasks)
-        item_interaction = config.item_model.interaction
-        self.aux_projections = nn.ModuleList(
-            nn.Linear(c.interaction.num_embed * c.interaction.dim, item_interaction.num_embed * item_interaction.dim)
-            if c.interaction is not None and item_interaction is not None
-            else nn.Identity()
-            for c in config.level_models
-        )
         # Post-hoc Platt scaling per output level and task, fitted by `fit_calibration`.
         self.register_buffer("calibration_scale", torch.ones(self.num_outputs, num_tasks))
         self.register_buffer("calibration_shift", torch.zeros(self.num_outputs, num_tasks))
@@ -82,6 +86,10 @@ class HSNN(nn.Module):
             return 1.0
         return min(1.0, (int(self.step) + 1) / self.config.index_warmup_steps)
 
+    def seed_step(self) -> int:
+        """The step at which the codebooks are seeded by k-means: half-way through the index warm-up."""
+        return self.config.index_warmup_steps // 2 if self.config.use_index_warmup else 0
+
     def calibrate(self, level: int, logits: Tensor) -> Tensor:
         return logits * self.calibration_scale[level] + self.calibration_shift[level]
 
@@ -89,36 +97,53 @@ class HSNN(nn.Module):
         users, items = batch.users, batch.items
         rows = torch.arange(len(batch), device=batch.labels.device)
         item_model = self.item_model
-        item_emb = item_model.encode_items(items)
+        item_user_emb = item_model.encode_users(users)  # (B, n_user, d)
+        item_emb = item_model.encode_items(items)  # (B, n_item, d)
         item_interaction = item_model.encode_interactions(users, items, rows, rows)
-        z_item = item_model.pair_logits(item_model.encode_users(users), item_emb, item_interaction)
+        z_item = item_model.pair_logits(item_user_emb, item_emb, item_interaction)  # (B, tasks)
 
-        index_input = item_emb.flatten(1)
-        if not self.config.use_joint_index:
+        index_input = item_emb.flatten(1)  # (B, index_dim)
+        if self.config.index_stop_gradient or not self.config.use_joint_index:
             index_input = index_input.detach()
         if batch.item_paths is not None:
             index_out = self._fixed_index(index_input, batch.item_paths)
         else:
-            index_out = self.index(index_input, int(self.step))
+            step = int(self.step)
+            freeze_at = self.config.index_freeze_step
+            if self.training and freeze_at is not None and step >= freeze_at and not bool(self.index.frozen):
+                self.index.freeze(self.config.index_freeze_capacity_factor)
+            elif self.training and not bool(self.index.seeded) and step >= self.seed_step():
+                if self.index.seed_with_kmeans(seed=step):
+                    self.index.rebalance(self.config.training_capacity_factor)
+            elif self.training and bool(self.index.seeded) and step % self.config.rebalance_every == 0:
+                self.index.rebalance(self.config.training_capacity_factor)
+            index_out = self.index(index_input, step)
 
-        level_z, aux_losses = [], []
+        level_z, level_users = [], []
         for level, model in enumerate(self.level_models):
-            node_emb = model.project_nodes(index_out.node_embeddings[level])
-            interaction = model.encode_interactions(users, items, rows, rows)
-            level_z.append(model.pair_logits(model.encode_users(users), node_emb, interaction))
-            if interaction is not None and item_interaction is not None:
-                projected = self.aux_projections[level](interaction.flatten(1))
-                aux_losses.append(F.mse_loss(projected, item_interaction.flatten(1).detach()))
+            user_emb = model.encode_users(users)  # (B, n_user, d)
+            node_emb = model.project_nodes(index_out.node_embeddings[level])  # (B, n_item, d)
+            level_z.append(model.pair_logits(user_emb, node_emb, None))
+            level_users.append(user_emb)
 
         path = torch.stack([*level_z, z_item], dim=1)  # (B, outputs, tasks)
         logits = [self.ensemble(level, path[:, : level + 1]) for level in range(self.num_outputs)]
-        return HSNNOutput(logits=logits, losses=self._losses(batch, logits, index_out, aux_losses))
+        losses = self._losses(batch, logits, index_out, item_emb)
+        clicked = torch.nonzero(batch.labels[:, CLICK] > 0.5).flatten()
+        if self.config.node_ranking_weight > 0:
+            ranking = self._node_ranking_loss(clicked, level_users, index_out, path)
+            losses["node_ranking"] = self.index_warmup() * self.config.node_ranking_weight * ranking
+        if self.config.retrieval_weight > 0:
+            retrieval = in_batch_softmax_loss(item_model, batch, item_user_emb, item_emb, clicked)
+            losses["retrieval"] = self.config.retrieval_weight * retrieval
+        losses["total"] = sum((v for k, v in losses.items() if k != "total"), batch.labels.new_zeros(()))
+        return HSNNOutput(logits=logits, losses=losses)
 
     def _fixed_index(self, v: Tensor, paths: Tensor) -> IndexOutput:
         """Hard, given assignments (an existing hierarchy, k-means, EM): node embeddings are the codes
         along each item's path, still learned by the level losses; no LTI aids apply."""
         node_embeddings = self.index.path_embeddings(paths)
-        reconstruction = ((node_embeddings[-1] - v) ** 2).mean()
+        reconstruction = ((node_embeddings[-1] - v.detach()) ** 2).mean()
         zero = v.new_zeros(())
         levels = [
             LevelOutput(soft=v.new_zeros(len(v), 0), node_embedding=emb, hard=paths[:, i], flops_loss=zero)
@@ -126,9 +151,35 @@ class HSNN(nn.Module):
         ]
         return IndexOutput(levels, node_embeddings, reconstruction)
 
-    def _losses(
-        self, batch: TrainingBatch, logits: list[Tensor], index_out: IndexOutput, aux_losses: list[Tensor]
-    ) -> dict:
+    def _node_ranking_loss(
+        self, clicked: Tensor, level_users: list[Tensor], index_out: IndexOutput, path: Tensor
+    ) -> Tensor:
+        """Per level, softmax over the clicked item's node and its siblings (same parent), target = its node.
+
+        This is the comparison beam search makes: at level l it keeps the children that outscore their
+        siblings. Candidates are scored exactly as serving scores them (ensemble over the path so far).
+        """
+        total = path.new_zeros(())
+        if len(clicked) == 0:
+            return total
+        num_clicked = len(clicked)
+        for level, model in enumerate(self.level_models):
+            codebook = self.index.levels[level].codebook  # (K, dim)
+            k = codebook.shape[0]
+            prefix = (
+                index_out.node_embeddings[level - 1][clicked]
+                if level > 0
+                else codebook.new_zeros(num_clicked, codebook.shape[1])
+            )  # (P, dim)
+            candidates = (prefix.unsqueeze(1) + codebook.unsqueeze(0)).flatten(0, 1)  # (P * K, dim)
+            user_emb = level_users[level][clicked].repeat_interleave(k, dim=0)
+            z = model.pair_logits(user_emb, model.project_nodes(candidates), None)  # (P * K, tasks)
+            ancestors = path[clicked, :level].repeat_interleave(k, dim=0)  # (P * K, level, tasks)
+            scores = self.ensemble(level, torch.cat([ancestors, z.unsqueeze(1)], dim=1))[:, CLICK]
+            total = total + F.cross_entropy(scores.view(num_clicked, k), index_out.levels[level].hard[clicked])
+        return total
+
+    def _losses(self, batch: TrainingBatch, logits: list[Tensor], index_out: IndexOutput, item_emb: Tensor) -> dict:
         warm = self.index_warmup()
         zero = batch.labels.new_zeros(())
         losses = {"item": self.task_loss(logits[-1], batch.labels)}
@@ -138,11 +189,12 @@ class HSNN(nn.Module):
             (lvl.flops_loss * c.flops_weight for lvl, c in zip(index_out.levels, self.config.levels, strict=True)), zero
         )
         losses["reconstruction"] = warm * self.config.reconstruction_weight * index_out.reconstruction_loss
-        losses["interaction_aux"] = self.config.interaction_aux_weight * sum(aux_losses, zero)
+        if self.config.commitment_weight > 0 and self.config.use_joint_index:
+            gap = item_emb.flatten(1) - index_out.node_embeddings[-1].detach()
+            losses["commitment"] = warm * self.config.commitment_weight * (gap**2).mean()
         if batch.soft_labels is not None and self.config.distillation_weight > 0:
             soft = F.binary_cross_entropy_with_logits(logits[-1], batch.soft_labels, reduction="none")
             losses["distillation"] = self.config.distillation_weight * (soft.mean(0) * self.task_weights).sum()
-        losses["total"] = sum(losses.values(), zero)
         return losses
 
     def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hsnn.config import FeatureSchema, MoNNConfig, TowerConfig
-from hsnn.features import ItemBatch, UserBatch, hash_ids, interaction_dense_dim, interaction_features
+from hsnn.features import ItemBatch, TrainingBatch, UserBatch, hash_ids, interaction_dense_dim, interaction_features
+
+FREQUENCY_BUCKETS = 1 << 16  # hashed item counts for the logQ correction of the in-batch softmax
 
 
 def mlp(sizes: list[int], final_activation: bool = False) -> nn.Sequential:
@@ -99,8 +101,11 @@ class DHENLayer(nn.Module):
         self.mlp = mlp([num_embed * dim, hidden, num_embed * dim])
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor) -> Tensor:  # (P, n, dim)
-        update = self.mlp(x.flatten(1))
+    def forward(self, x: Tensor, first: Tensor | None = None) -> Tensor:  # (P, n, dim)
+        """`first`: this layer's first MLP Linear already applied to x, (P, hidden), when the caller
+        assembled it from per-user and per-item halves (serving); None computes it here."""
+        hidden = self.mlp[0](x.flatten(1)) if first is None else first
+        update = self.mlp[1:](hidden)
         if self.dot_mix is not None:
             n = x.shape[1]
             left, right = torch.triu_indices(n, n, offset=1, device=x.device)
@@ -117,9 +122,10 @@ class OverArch(nn.Module):
         self.layers = nn.ModuleList(DHENLayer(num_embed, dim, hidden) for _ in range(layers))
         self.head = mlp([num_embed * dim, hidden, num_tasks])
 
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = layer(x)
+    def forward(self, x: Tensor, first: Tensor | None = None) -> Tensor:
+        """x: (P, n, dim); `first`: the first layer's first Linear on x, (P, hidden), if precomputed."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, first if i == 0 else None)
         return self.head(x.flatten(1))
 
 
@@ -141,6 +147,9 @@ class MoNN(nn.Module):
         if item_input_dim is None:
             self.item_tower: Tower | None = Tower(config.item, schema.item_dense_dim, schema.item_sparse)
             self.node_projection: nn.Linear | None = None
+            # How often each (hashed) item appeared in training rows: the sampling probability q of the
+            # in-batch softmax's negatives, whose log is subtracted so popular items are not over-penalised.
+            self.register_buffer("item_row_counts", torch.zeros(FREQUENCY_BUCKETS))
         else:
             self.item_tower = None
             self.node_projection = nn.Linear(item_input_dim, item_size)
@@ -202,15 +211,77 @@ class MoNN(nn.Module):
         parts = [user_emb, item_emb] + ([interaction_emb] if interaction_emb is not None else [])
         return self.overarch(torch.cat(parts, dim=1))
 
+    def _first_linear(self) -> nn.Linear | None:
+        """The Linear that reads the flattened [user; item; interaction] stack, or None (dot product)."""
+        if self.overarch is None or len(self.overarch.layers) == 0:
+            return None
+        return self.overarch.layers[0].mlp[0]
+
+    def _column_ranges(self) -> tuple[slice, slice, slice]:
+        """Columns of the first Linear fed by the user, item and interaction embeddings."""
+        user = self.config.user.num_embed * self.config.user.dim
+        item = user + self.item_embedding_size
+        return slice(0, user), slice(user, item), slice(item, None)
+
+    def user_first(self, user_emb: Tensor) -> Tensor | None:
+        """(U, hidden) = W_u u: the user columns of the first over-arch Linear, once per user, not per pair."""
+        linear = self._first_linear()
+        if linear is None:
+            return None
+        return user_emb.flatten(1) @ linear.weight[:, self._column_ranges()[0]].T
+
+    def item_first(self, item_emb: Tensor) -> Tensor | None:
+        """(N, hidden) = W_i i + b: the item columns plus the bias, precomputed once per index version."""
+        linear = self._first_linear()
+        if linear is None:
+            return None
+        return F.linear(item_emb.flatten(1), linear.weight[:, self._column_ranges()[1]], linear.bias)
+
+    def pair_logits_split(
+        self,
+        user_emb: Tensor,
+        user_first: Tensor | None,
+        pair_user: Tensor,
+        item_emb: Tensor,
+        item_first: Tensor | None,
+        pair_item: Tensor,
+        interaction_emb: Tensor | None,
+    ) -> Tensor:
+        """`pair_logits` for pairs (pair_user, pair_item) with the first Linear split, W [u; i; x] = W_u u
+        + (W_i i + b) + W_x x: only the interaction part runs per pair, the halves are gathered rows.
+
+        user_emb: (U, n_u, d), user_first: (U, hidden); item_emb: (N, n_i, d), item_first: (N, hidden);
+        interaction_emb: (P, n_x, d) or None. Returns (P, tasks), equal to `pair_logits` within float tolerance.
+        """
+        users, items = user_emb[pair_user], item_emb[pair_item]  # (P, n_u, d), (P, n_i, d)
+        if self.overarch is None or user_first is None or item_first is None:
+            return self.pair_logits(users, items, interaction_emb)
+        first = user_first[pair_user] + item_first[pair_item]  # (P, hidden)
+        parts = [users, items]
+        if interaction_emb is not None:
+            linear = self._first_linear()
+            assert linear is not None
+            first = first + interaction_emb.flatten(1) @ linear.weight[:, self._column_ranges()[2]].T
+            parts.append(interaction_emb)
+        return self.overarch(torch.cat(parts, dim=1), first=first)
+
     def forward(self, users: UserBatch, items: ItemBatch) -> Tensor:
         """Row i of users with row i of items -> (B, tasks) logits."""
         rows = torch.arange(len(items), device=items.dense.device)
         interaction = self.encode_interactions(users, items, rows, rows)
         return self.pair_logits(self.encode_users(users), self.encode_items(items), interaction)
 
-    def pair_flops(self) -> int:
-        """Multiply-adds x 2 spent per scored pair (interaction tower + over-arch), for cost reports."""
+    def pair_flops(self, item_side_precomputed: bool = False) -> int:
+        """Multiply-adds x 2 spent per scored pair (interaction tower + over-arch), for cost reports.
+
+        With `item_side_precomputed`, the user and item columns of the first over-arch Linear are left
+        out (serving gathers them: W_u u once per user, W_i i once per index version).
+        """
         flops = 0
+        linear = self._first_linear()
+        if item_side_precomputed and linear is not None:
+            user, item, _ = self._column_ranges()
+            flops -= 2 * linear.out_features * (user.stop + item.stop - item.start)
         modules = [m for m in (self.interaction_tower, self.overarch) if m is not None]
         for module in modules:
             for layer in module.modules():
@@ -223,3 +294,54 @@ class MoNN(nn.Module):
         else:
             flops += 2 * self.item_embedding_size
         return flops
+
+
+def in_batch_softmax_loss(
+    model: MoNN,
+    batch: TrainingBatch,
+    user_emb: Tensor,
+    item_emb: Tensor,
+    clicked: Tensor,
+    max_candidates: int = 256,
+) -> Tensor:
+    """Sampled softmax for every clicked row over the batch's distinct items, logQ-corrected.
+
+    For clicked row i and candidate item j: s_ij = logit(u_i, j) - log q_j, loss = CE(s_i, own item).
+    q_j is the share of training rows showing item j (a hashed running count, updated here while
+    training). user_emb: (B, n_user, d) and item_emb: (B, n_item, d) are the batch's tower outputs.
+    Log loss on a few negatives ranks poorly on implicit feedback; this is the retrieval objective.
+    """
+    if len(clicked) == 0 or model.item_tower is None:
+        return user_emb.new_zeros(())
+    keys = batch.item_keys if batch.item_keys is not None else batch.items.sparse.get("item_id")
+    if keys is None:
+        raise ValueError("the in-batch softmax needs item keys or an item_id feature to tell items apart")
+    bucket = hash_ids(keys, FREQUENCY_BUCKETS, salt=7) % FREQUENCY_BUCKETS  # (B,)
+    if model.training:
+        with torch.no_grad():
+            model.item_row_counts.index_add_(0, bucket, torch.ones(len(bucket), dtype=model.item_row_counts.dtype))
+    unique_keys, inverse = torch.unique(keys, return_inverse=True)
+    rows = torch.arange(len(keys), device=keys.device)
+    first_row = torch.full((len(unique_keys),), len(keys), device=keys.device).scatter_reduce(0, inverse, rows, "amin")
+    target_unique = inverse[clicked]  # (P,) which distinct item each clicked row showed
+    if len(unique_keys) > max_candidates:
+        must = torch.unique(target_unique)
+        rest = torch.ones(len(unique_keys), dtype=torch.bool, device=keys.device)
+        rest[must] = False
+        others = torch.nonzero(rest).flatten()
+        others = others[torch.randperm(len(others), device=keys.device)[: max(0, max_candidates - len(must))]]
+        chosen = torch.cat([must, others])
+    else:
+        chosen = torch.arange(len(unique_keys), device=keys.device)
+    position = torch.full((len(unique_keys),), -1, dtype=torch.long, device=keys.device)
+    position[chosen] = torch.arange(len(chosen), device=keys.device)
+    candidate_rows = first_row[chosen]  # (M,)
+    counts = model.item_row_counts[bucket[candidate_rows]].clamp(min=1.0)
+    log_q = torch.log(counts / model.item_row_counts.sum().clamp(min=1.0))  # (M,)
+    num_clicked, num_candidates = len(clicked), len(candidate_rows)
+    pair_user = clicked.repeat_interleave(num_candidates)
+    pair_item = candidate_rows.repeat(num_clicked)
+    interaction = model.encode_interactions(batch.users, batch.items, pair_user, pair_item)
+    logits = model.pair_logits(user_emb[pair_user], item_emb[pair_item], interaction)[:, 0]
+    scores = logits.view(num_clicked, num_candidates) - log_q
+    return F.cross_entropy(scores, position[target_unique])

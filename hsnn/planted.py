@@ -168,9 +168,10 @@ def tiny_monn(name: str = "tiny", interaction: bool = True, dim: int = 16, dot_p
 
 
 def tiny_hsnn_config(num_nodes: tuple[int, ...] = (8, 4), **lti_overrides) -> HSNNConfig:
+    lti = {"schedule_steps": 200, "reseed_every": 20, **lti_overrides}
     return HSNNConfig(
         features=SCHEMA,
-        levels=[LTIConfig(num_nodes=n, schedule_steps=200, reseed_every=20, **lti_overrides) for n in num_nodes],
+        levels=[LTIConfig(num_nodes=n, **lti) for n in num_nodes],
         level_models=[tiny_monn(f"level{i}") for i in range(len(num_nodes))],
         item_model=tiny_monn("item"),
         index_warmup_steps=50,

@@ -5,6 +5,10 @@ the children of the nodes the previous level kept (top-b); the item level scores
 items under the kept leaves with the item MoNN; the ensemble combines each candidate's
 outputs along its path. Several users are scored in one pass (pairs carry a user row), which
 is what request batching in the API relies on.
+
+Scoring splits the first over-arch Linear, W [u; i; x] = W_u u + (W_i i + b) + W_x x: the item
+halves are index tables (built with the index, filled here if an index arrived without them),
+W_u u runs once per user, so per pair only the interaction part and the rest of the net run.
 """
 
 from __future__ import annotations
@@ -17,10 +21,8 @@ from torch import Tensor
 
 from hsnn.features import UserBatch
 from hsnn.index import HierarchicalIndex, expand_ranges
-from hsnn.model import HSNN
+from hsnn.model import CLICK, HSNN
 from hsnn.monn import MoNN
-
-CLICK = 0  # the task the retrieval ranks by
 
 
 @dataclass
@@ -38,26 +40,52 @@ class Retrieved:
     cost: QueryCost = field(default_factory=QueryCost)
 
 
+def ensure_score_tables(model: HSNN, index: HierarchicalIndex) -> None:
+    """Fill the item-half tables an index lacks (e.g. one read back from the index store); idempotent."""
+    if index.item_first is None:
+        index.item_first = model.item_model.item_first(index.item_embeddings)
+    for level, level_model in zip(index.levels, model.level_models, strict=True):
+        if level.first is None:
+            level.first = level_model.item_first(level.projected)
+
+
 def _score_nodes(
     model: MoNN,
     level_idx: int,
     index: HierarchicalIndex,
-    users: UserBatch,
     user_emb: Tensor,
     pair_user: Tensor,
     pair_node: Tensor,
+    precomputed: bool = True,
 ) -> Tensor:
-    """Level MoNN on <user, node>: node embedding as the item side, the representative item's I2IF."""
+    """Level MoNN on <user, node> pairs: (P, tasks). Inputs are the user and the node embedding only,
+    exactly what training feeds the level models (HSNN.forward). user_emb: (U, n_u, d)."""
     level = index.levels[level_idx]
-    interaction = model.encode_interactions(users, index.items, pair_user, level.representative[pair_node])
-    return model.pair_logits(user_emb[pair_user], level.projected[pair_node], interaction)
+    if not precomputed:  # the plain reference, kept for the loadgen's before/after measurement
+        return model.pair_logits(user_emb[pair_user], level.projected[pair_node], None)
+    table = level.first if level.first is not None else model.item_first(level.projected)
+    return model.pair_logits_split(
+        user_emb, model.user_first(user_emb), pair_user, level.projected, table, pair_node, None
+    )
 
 
 def _score_items(
-    model: MoNN, index: HierarchicalIndex, users: UserBatch, user_emb: Tensor, pair_user: Tensor, rows: Tensor
+    model: MoNN,
+    index: HierarchicalIndex,
+    users: UserBatch,
+    user_emb: Tensor,
+    pair_user: Tensor,
+    rows: Tensor,
+    precomputed: bool = True,
 ) -> Tensor:
+    """Item MoNN on <user, item row> pairs: (P, tasks), with the pair's I2IF interaction features."""
     interaction = model.encode_interactions(users, index.items, pair_user, rows)
-    return model.pair_logits(user_emb[pair_user], index.item_embeddings[rows], interaction)
+    if not precomputed:
+        return model.pair_logits(user_emb[pair_user], index.item_embeddings[rows], interaction)
+    table = index.item_first if index.item_first is not None else model.item_first(index.item_embeddings)
+    return model.pair_logits_split(
+        user_emb, model.user_first(user_emb), pair_user, index.item_embeddings, table, rows, interaction
+    )
 
 
 def _allowed(index: HierarchicalIndex, rows: Tensor, exclude: Tensor | None) -> Tensor:
@@ -87,15 +115,18 @@ def retrieve(
     k: int,
     beams: Sequence[int],
     exclude: Sequence[Tensor | None] | None = None,
+    precomputed: bool = True,
 ) -> list[Retrieved]:
     """Top-k live items per user by layer-wise beam search; beams[l] nodes kept at level l.
 
     All users of the batch move through each level together: candidates are flat (user, node)
-    pairs, grouped by user, and the per-user top-b is a segmented sort.
+    pairs, grouped by user, and the per-user top-b is a segmented sort. `precomputed=False` scores
+    with the plain `MoNN.pair_logits` (same results; only the loadgen's before/after uses it).
     """
     if len(beams) != model.num_levels:
         raise ValueError(f"need one beam width per index level ({model.num_levels}), got {list(beams)}")
     model.eval()
+    ensure_score_tables(model, index)
     num_users = len(users)
     nodes_scored = torch.zeros(num_users, dtype=torch.long)
     flops = torch.zeros(num_users, dtype=torch.long)
@@ -105,12 +136,12 @@ def retrieve(
     ancestors = torch.empty(len(candidates), 0, model.ensemble.bias.shape[1])
     for level_idx, level_model in enumerate(model.level_models):
         user_emb = level_model.encode_users(users)
-        z = _score_nodes(level_model, level_idx, index, users, user_emb, pair_user, candidates)
+        z = _score_nodes(level_model, level_idx, index, user_emb, pair_user, candidates, precomputed)
         path = torch.cat([ancestors, z.unsqueeze(1)], dim=1)
         score = model.calibrate(level_idx, model.ensemble(level_idx, path))[:, CLICK]
         scored = torch.bincount(pair_user, minlength=num_users)
         nodes_scored += scored
-        flops += scored * level_model.pair_flops()
+        flops += scored * level_model.pair_flops(precomputed)
         kept = _top_per_user(pair_user, score, beams[level_idx])
         children, counts = expand_ranges(index.levels[level_idx].child_offsets, candidates[kept])
         pair_user = torch.repeat_interleave(pair_user[kept], counts)
@@ -125,12 +156,12 @@ def retrieve(
             keep[mine] &= ~torch.isin(index.item_ids[rows[mine]], banned)
     rows, pair_user, ancestors = rows[keep], pair_user[keep], ancestors[keep]
     item_model = model.item_model
-    z = _score_items(item_model, index, users, item_model.encode_users(users), pair_user, rows)
+    z = _score_items(item_model, index, users, item_model.encode_users(users), pair_user, rows, precomputed)
     path = torch.cat([ancestors, z.unsqueeze(1)], dim=1)
     item_level = model.num_outputs - 1
     scores = torch.sigmoid(model.calibrate(item_level, model.ensemble(item_level, path))[:, CLICK])
     items_scored = torch.bincount(pair_user, minlength=num_users)
-    flops += items_scored * item_model.pair_flops()
+    flops += items_scored * item_model.pair_flops(precomputed)
     best = _top_per_user(pair_user, scores, k)
     per_user = best.split(torch.bincount(pair_user[best], minlength=num_users).tolist())
     return [
@@ -159,8 +190,12 @@ def retrieve_exhaustive(
     k: int,
     exclude: Sequence[Tensor | None] | None = None,
 ) -> list[Retrieved]:
-    """Score every live item along its own path (the quality ceiling and the equality reference)."""
+    """Score every live item along its own path (the quality ceiling and the equality reference).
+
+    Same scoring functions (and precomputed tables) as `retrieve`, so wide beams must equal this.
+    """
     model.eval()
+    ensure_score_tables(model, index)
     num_users = len(users)
     exclude = exclude or [None] * num_users
     all_rows = torch.arange(index.num_items)
@@ -169,7 +204,7 @@ def retrieve_exhaustive(
         num_nodes = len(index.levels[level_idx].keys)
         pair_user = torch.arange(num_users).repeat_interleave(num_nodes)
         pair_node = torch.arange(num_nodes).repeat(num_users)
-        z = _score_nodes(level_model, level_idx, index, users, level_model.encode_users(users), pair_user, pair_node)
+        z = _score_nodes(level_model, level_idx, index, level_model.encode_users(users), pair_user, pair_node)
         node_outputs.append(z.view(num_users, num_nodes, -1))
     item_model = model.item_model
     user_emb = item_model.encode_users(users)
@@ -183,8 +218,8 @@ def retrieve_exhaustive(
         cost = QueryCost(
             nodes_scored=nodes,
             items_scored=len(rows),
-            flops=len(rows) * item_model.pair_flops()
-            + sum(len(lv.keys) * m.pair_flops() for lv, m in zip(index.levels, model.level_models, strict=True)),
+            flops=len(rows) * item_model.pair_flops(True)
+            + sum(len(lv.keys) * m.pair_flops(True) for lv, m in zip(index.levels, model.level_models, strict=True)),
         )
         results.append(_top_k(model, index, path, rows, k, cost))
     return results

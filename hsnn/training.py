@@ -9,19 +9,33 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hsnn.features import TrainingBatch
-from hsnn.model import HSNN, platt_fit
-from hsnn.monn import MoNN
+from hsnn.model import CLICK, HSNN, platt_fit
+from hsnn.monn import MoNN, in_batch_softmax_loss
 
 
 def make_optimizer(model: nn.Module, lr: float = 3e-3) -> torch.optim.Optimizer:
-    """Adam for dense layers; embedding tables are updated by the same optimiser (they are small)."""
-    return torch.optim.Adam(model.parameters(), lr=lr)
+    """Adam over every parameter, embedding tables included, in its fused kernel.
+
+    The id tables dominate the parameter count (about 20M floats on Gowalla at 64 dims); the
+    per-tensor Adam loop spent 1.9 s per step on them, the fused one 0.22 s (same update).
+    """
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
-def monn_loss(model: MoNN, batch: TrainingBatch, task_weights: Tensor | None = None) -> Tensor:
-    per_task = F.binary_cross_entropy_with_logits(model(batch.users, batch.items), batch.labels, reduction="none")
-    per_task = per_task.mean(dim=0)
-    return (per_task * task_weights).sum() if task_weights is not None else per_task.sum()
+def monn_loss(
+    model: MoNN, batch: TrainingBatch, task_weights: Tensor | None = None, retrieval_weight: float = 1.0
+) -> Tensor:
+    """Per-task log loss (calibration, NE) + the in-batch softmax over clicked rows (ranking), as HSNN's item level."""
+    rows = torch.arange(len(batch), device=batch.labels.device)
+    user_emb, item_emb = model.encode_users(batch.users), model.encode_items(batch.items)
+    interaction = model.encode_interactions(batch.users, batch.items, rows, rows)
+    logits = model.pair_logits(user_emb, item_emb, interaction)
+    per_task = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(dim=0)
+    loss = (per_task * task_weights).sum() if task_weights is not None else per_task.sum()
+    if retrieval_weight > 0:
+        clicked = torch.nonzero(batch.labels[:, CLICK] > 0.5).flatten()
+        loss = loss + retrieval_weight * in_batch_softmax_loss(model, batch, user_emb, item_emb, clicked)
+    return loss
 
 
 def train_step(model: nn.Module, batch: TrainingBatch, optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -39,7 +53,7 @@ def train_step(model: nn.Module, batch: TrainingBatch, optimizer: torch.optim.Op
     stats = {name: float(value.detach()) for name, value in losses.items()}
     if isinstance(model, HSNN):
         model.step += 1
-        stats["reseeded"] = float(model.index.reseed_dead_codes(int(model.step)))
+        stats["reseeded"] = float(model.index.after_step(int(model.step)))
     return stats
 
 

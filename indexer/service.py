@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from hsnn.dead_letters import DeadLetterOutbox, letter_for_record
 from hsnn.events import ItemEvent, MalformedEvent, SchemaMismatch, decode_item
 from hsnn.health import Heartbeat
-from hsnn.index import HierarchicalIndex, build_index
+from hsnn.index import build_index, level_health, within_capacity
 from hsnn.index_store import (
     APPLIED,
     RETRY,
@@ -89,6 +89,9 @@ class IndexerMetrics:
         )
         self.node_size = Gauge(
             "hsnn_indexer_node_size_max_over_mean", "Largest node / mean node (live items) per level", ["level"], **kw
+        )
+        self.refused_indexes = Counter(
+            "hsnn_indexer_refused_indexes", "Built indexes not flipped live: a node past max_node_over_mean", **kw
         )
         self.dead_letters = Counter("hsnn_indexer_dead_letters", "Item events sent to the dead-letter topic", **kw)
         self.rebuild_seconds = Histogram(
@@ -145,16 +148,6 @@ def write_catalogue_offsets(redis: redis_lib.Redis, topic: str, offsets: dict[in
         catalogue_offsets_key(prefix),
         mapping={"written_at": repr(time.time()), **{f"{topic}:{p}": o for p, o in offsets.items()}},
     )
-
-
-def node_size_max_over_mean(index: HierarchicalIndex) -> list[float]:
-    """Per level, the largest node over the mean node, counting live items and nodes that hold any."""
-    out = []
-    for level_idx, level in enumerate(index.levels):
-        sizes = torch.bincount(index.item_nodes[index.live, level_idx], minlength=len(level.keys)).double()
-        used = sizes[sizes > 0]
-        out.append(float(used.max() / used.mean()) if len(used) else 0.0)
-    return out
 
 
 class Indexer:
@@ -274,7 +267,25 @@ class Indexer:
             return None
         items = catalog_to_batch(usable, schema)
         ad_ids = torch.tensor([e.ad_id for e in usable], dtype=torch.long)
-        index = build_index(model, ad_ids, items, batch_size=self.settings.batch_size, progress=self.settings.progress)
+        index = build_index(
+            model,
+            ad_ids,
+            items,
+            batch_size=self.settings.batch_size,
+            progress=self.settings.progress,
+            capacity_factor=self.settings.capacity_factor,
+        )
+        health = level_health(index)
+        if not within_capacity(health, self.settings.max_node_over_mean):
+            # the cap could not be met (e.g. a capacity_factor above the limit): keep serving the current index
+            self.metrics.refused_indexes.inc()
+            log.error(
+                "index for snapshot %d refused: a node holds more than %.2fx its level's mean (health %s)",
+                model_version,
+                self.settings.max_node_over_mean,
+                health,
+            )
+            return None
         version = self._allocate()
         write_index(
             self.redis,
@@ -287,6 +298,7 @@ class Indexer:
                 "catalog_changes_since": since,
                 "skipped_ads": len(entries) - len(usable),
                 "catalog_offsets": read_catalogue_offsets(self.redis, self.settings.items_topic, self.prefix) or {},
+                "level_health": health,
             },
         )
         if not flip_pointer(self.redis, expected, version, self.prefix):
@@ -304,8 +316,8 @@ class Indexer:
         self.metrics.index_version.set(version)
         self.metrics.model_version.set(model_version)
         self.metrics.published.set(time.time())
-        for level, ratio in enumerate(node_size_max_over_mean(index)):
-            self.metrics.node_size.labels(level=str(level)).set(ratio)
+        for level, level_stats in enumerate(health):
+            self.metrics.node_size.labels(level=str(level)).set(level_stats["max_over_mean"])
         log.info(
             "index %d (snapshot %d) over %d ads live in %.2fs; %d caught up, GC removed %s",
             version,

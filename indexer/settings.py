@@ -25,6 +25,12 @@ class IndexerSettings(ServiceSettings):
     poll_timeout_ms: int = Field(200, ge=0, description="How long one Kafka poll waits for records.")
     poll_interval_s: float = Field(1.0, gt=0, description="How often the PROMOTED pointer is checked.")
     chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, description="Largest Redis value of an index blob.")
+    capacity_factor: float = Field(
+        2.0, ge=1.0, description="No index node may hold more than this x its level's mean (prices raised at build)."
+    )
+    max_node_over_mean: float = Field(
+        2.0, ge=1.0, description="A built index whose largest node exceeds this x its level's mean is not flipped live."
+    )
     keep_versions: int = Field(2, ge=1, description="Complete index versions kept by GC (current + previous).")
     metrics_port: int = Field(9103, ge=0, le=65535, description="Port of /metrics; 0 disables it.")
     progress: bool = Field(False, description="Progress bars on stderr during rebuilds.")

@@ -27,7 +27,7 @@ def test_every_output_level_is_supervised(world):
     assert len(out.logits) == 4  # three index levels + the item level
     expected = sum(model.task_loss(logits, batch.labels) for logits in out.logits[:-1])
     torch.testing.assert_close(out.losses["nodes"], expected)
-    assert {"item", "nodes", "flops", "reconstruction", "interaction_aux", "total"} <= set(out.losses)
+    assert {"item", "nodes", "flops", "reconstruction", "node_ranking", "retrieval", "total"} <= set(out.losses)
 
 
 def test_distillation_term_uses_soft_labels(world):
