@@ -86,3 +86,45 @@ def test_expired_and_excluded_items_are_never_returned(trained_hsnn, world, user
 def test_beam_count_must_match_levels(trained_hsnn, index, users):
     with pytest.raises(ValueError, match="one beam width per index level"):
         retrieve(trained_hsnn, index, users, k=5, beams=[3])
+
+
+def test_split_first_layer_equals_plain_pair_logits(trained_hsnn, index, users):
+    """The precomputed item halves (index tables) plus W_u u and W_x x give pair_logits' logits."""
+    from hsnn.serving import _score_items, _score_nodes
+
+    torch.manual_seed(3)
+    for level_idx, level_model in enumerate(trained_hsnn.level_models):
+        assert index.levels[level_idx].first is not None
+        user_emb = level_model.encode_users(users)  # (U, n_u, d)
+        pair_node = torch.randint(len(index.levels[level_idx].keys), (50,))
+        pair_user = torch.randint(len(users), (50,))
+        plain = level_model.pair_logits(user_emb[pair_user], index.levels[level_idx].projected[pair_node], None)
+        fast = _score_nodes(level_model, level_idx, index, user_emb, pair_user, pair_node)
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    item_model = trained_hsnn.item_model
+    assert index.item_first is not None and item_model.interaction_tower is not None
+    user_emb = item_model.encode_users(users)
+    rows, pair_user = torch.randint(index.num_items, (200,)), torch.randint(len(users), (200,))
+    interaction = item_model.encode_interactions(users, index.items, pair_user, rows)
+    plain = item_model.pair_logits(user_emb[pair_user], index.item_embeddings[rows], interaction)
+    fast = _score_items(item_model, index, users, user_emb, pair_user, rows)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    # and the reported per-pair cost drops by exactly the user and item columns of the first Linear
+    assert item_model.pair_flops(True) < item_model.pair_flops()
+
+
+def test_precomputed_and_plain_scoring_retrieve_the_same(trained_hsnn, index, users):
+    fast = retrieve(trained_hsnn, index, users, k=20, beams=[3, 3])
+    plain = retrieve(trained_hsnn, index, users, k=20, beams=[3, 3], precomputed=False)
+    for a, b in zip(fast, plain, strict=True):
+        assert a.item_ids.tolist() == b.item_ids.tolist()
+        torch.testing.assert_close(a.scores, b.scores)
+
+
+def test_item_delta_rebuilds_the_tables(trained_hsnn, index, world):
+    """An appended or updated item gets its own row in the item-half table (the index is relaid out)."""
+    extra = world.items.select(torch.tensor([0, 1]))
+    grown = index.with_items(trained_hsnn, torch.tensor([10**9, 10**9 + 1]), extra)
+    assert grown.item_first is not None and grown.item_first.shape[0] == grown.num_items == index.num_items + 2
+    expected = trained_hsnn.item_model.item_first(grown.item_embeddings[-2:])
+    torch.testing.assert_close(grown.item_first[-2:], expected)
