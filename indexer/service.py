@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 
 import redis as redis_lib
@@ -150,6 +151,27 @@ def write_catalogue_offsets(redis: redis_lib.Redis, topic: str, offsets: dict[in
     )
 
 
+def catalogue_replay_key(prefix: str) -> str:
+    """Redis string: the token of the replay under way (gone with a FLUSHALL, which then voids that replay)."""
+    return f"{IndexKeys(prefix).catalog}:replay"
+
+
+# KEYS: offsets hash, replay token key. ARGV: token ("" = advancing a complete catalogue), field/value pairs.
+# Writes only if the catalogue is still the one this indexer has been filling: the offsets hash still exists
+# (advancing), or the replay's token is still there (completing a replay). A FLUSHALL between the poll and
+# this write would otherwise leave a fresh marker over a nearly empty catalogue.
+_ADVANCE_OFFSETS = """
+if ARGV[1] == '' then
+  if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+else
+  if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+  redis.call('DEL', KEYS[2])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+
+
 class Indexer:
     def __init__(
         self,
@@ -178,6 +200,7 @@ class Indexer:
         self._outbox: DeadLetterOutbox | None = None
         self._offsets: dict[int, int] | None = None  # what Redis held (or we wrote) last: catalogue position
         self._replay_target: dict[int, int] | None = None  # end offsets a running replay must reach
+        self._replay_token = ""  # marks the running replay in Redis
         self._rewind = False  # a failed batch: seek back to the catalogue's offsets before the next poll
         self._last_flipped = 0  # highest index version this process flipped (survives a FLUSHALL of the counter)
         self.heartbeat = Heartbeat(settings.heartbeat_max_age_s)
@@ -395,6 +418,8 @@ class Indexer:
             log.error("Redis has no catalogue offsets any more (FLUSHALL or restart without data): replaying")
         consumer.seek_to_beginning(*self._partitions)
         end = consumer.end_offsets(self._partitions, timeout_ms=15_000)
+        self._replay_token = uuid.uuid4().hex
+        self.redis.set(catalogue_replay_key(self.prefix), self._replay_token)
         self._replay_target = {tp.partition: end[tp] for tp in self._partitions}
         self._offsets = None
         self._rewind = False
@@ -453,13 +478,29 @@ class Indexer:
             if not acknowledged:
                 log.warning("offsets held back: %d dead letters not acknowledged", len(self._outbox))
                 return
-        if self._replay_target is not None:
-            if any(positions[p] < end for p, end in self._replay_target.items()):
-                return
+        replaying = self._replay_target is not None
+        if self._replay_target is not None and any(positions[p] < end for p, end in self._replay_target.items()):
+            return
+        fields = ["written_at", repr(time.time())]
+        for partition, offset in positions.items():
+            fields += [f"{self.settings.items_topic}:{partition}", offset]
+        written = self.redis.eval(
+            _ADVANCE_OFFSETS,
+            2,
+            catalogue_offsets_key(self.prefix),
+            catalogue_replay_key(self.prefix),
+            self._replay_token if replaying else "",
+            *fields,
+        )
+        if not written:  # Redis lost the catalogue after this poll began: what was applied sits on nothing
+            log.error("Redis lost the catalogue during the last batch (FLUSHALL or restart): replaying")
+            self._replay_target = None
+            self._rewind = True
+            return
+        if replaying:
             log.info("catalogue replay complete at %s", positions)
             self._replay_target = None
             self.metrics.replaying.set(0)
-        write_catalogue_offsets(self.redis, self.settings.items_topic, positions, self.prefix)
         self._offsets = positions
         try:
             consumer.commit({tp: OffsetAndMetadata(positions[tp.partition], "", -1) for tp in self._partitions})
