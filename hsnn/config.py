@@ -221,6 +221,9 @@ class HSNNConfig(StrictModel):
         description="In-batch sampled softmax (logQ-corrected) over the batch's items for every clicked row, "
         "beside the log loss: what ranking many items needs.",
     )
+    retrieval_candidates: int = Field(
+        128, ge=2, description="Most distinct batch items each clicked row is contrasted with in the softmax."
+    )
     node_ranking_weight: float = Field(
         1.0,
         ge=0,

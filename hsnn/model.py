@@ -134,7 +134,9 @@ class HSNN(nn.Module):
             ranking = self._node_ranking_loss(clicked, level_users, index_out, path)
             losses["node_ranking"] = self.index_warmup() * self.config.node_ranking_weight * ranking
         if self.config.retrieval_weight > 0:
-            retrieval = in_batch_softmax_loss(item_model, batch, item_user_emb, item_emb, clicked)
+            retrieval = in_batch_softmax_loss(
+                item_model, batch, item_user_emb, item_emb, clicked, self.config.retrieval_candidates
+            )
             losses["retrieval"] = self.config.retrieval_weight * retrieval
         losses["total"] = sum((v for k, v in losses.items() if k != "total"), batch.labels.new_zeros(()))
         return HSNNOutput(logits=logits, losses=losses)

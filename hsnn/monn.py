@@ -302,7 +302,7 @@ def in_batch_softmax_loss(
     user_emb: Tensor,
     item_emb: Tensor,
     clicked: Tensor,
-    max_candidates: int = 256,
+    max_candidates: int = 128,
 ) -> Tensor:
     """Sampled softmax for every clicked row over the batch's distinct items, logQ-corrected.
 

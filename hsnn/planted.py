@@ -175,4 +175,5 @@ def tiny_hsnn_config(num_nodes: tuple[int, ...] = (8, 4), **lti_overrides) -> HS
         level_models=[tiny_monn(f"level{i}") for i in range(len(num_nodes))],
         item_model=tiny_monn("item"),
         index_warmup_steps=50,
+        retrieval_candidates=32,  # the tests' small batches: keep the softmax cheap
     )

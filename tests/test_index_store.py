@@ -98,7 +98,8 @@ def _entries(world, rows) -> list[CatalogEntry]:
 
 def test_delta_adds_ads_to_existing_and_new_leaves(small_hsnn, world):
     model = small_hsnn
-    full = build_index(model, world.item_ids, world.items)
+    # plain argmin paths: a capped build would spread the remaining ads into the emptied node
+    full = build_index(model, world.item_ids, world.items, capacity_factor=None)
     # a whole top-level node left out of the base index: its ads come back in brand-new nodes;
     # one ad of the biggest leaf left out too: it comes back into an existing leaf
     top_sizes = full.levels[0].sizes
@@ -109,7 +110,9 @@ def test_delta_adds_ads_to_existing_and_new_leaves(small_hsnn, world):
     added = torch.cat([new_node_rows, torch.tensor([existing_leaf_row])])
     keep = torch.ones(len(world.item_ids), dtype=torch.bool)
     keep[added] = False
-    base = build_index(model, world.item_ids[keep], world.items.select(torch.nonzero(keep).flatten()))
+    base = build_index(
+        model, world.item_ids[keep], world.items.select(torch.nonzero(keep).flatten()), capacity_factor=None
+    )
     assert int(full.paths[added[0], 0]) not in base.paths[:, 0].tolist()
     assert full.paths[existing_leaf_row].tolist() in base.paths.tolist()
 
