@@ -150,7 +150,12 @@ def aggregate_seeds(reports: list[dict], seeds: list[int]) -> dict:
     model, health level and oracle cost holds the mean over seeds and its sample standard deviation."""
     first = reports[0]
     keyed = [{(p["method"], p["knob"]): p for p in r["points"]} for r in reports]
-    points = [_aggregate_entries([rows[(p["method"], p["knob"])] for rows in keyed]) for p in first["points"]]
+    # a setting some seed did not produce (beams follow each seed's index shape) is left out, not guessed
+    points = [
+        _aggregate_entries([rows[(p["method"], p["knob"])] for rows in keyed])
+        for p in first["points"]
+        if all((p["method"], p["knob"]) in rows for rows in keyed)
+    ]
     models = {name: _aggregate_entries([r["models"][name] for r in reports]) for name in first["models"]}
     health = {
         name: [

@@ -180,6 +180,7 @@ class LearnedIndexLevel(nn.Module):
         target = sums / counts.clamp(min=1)
         decay = self.config.ema_decay
         self.codebook.copy_(torch.where(counts > 0, decay * self.codebook + (1 - decay) * target, self.codebook))
+        self._recent_hard = None  # one update per batch: steps on a fixed index (no LTI forward) must not replay it
 
     @torch.no_grad()
     def dead_nodes(self) -> Tensor:
