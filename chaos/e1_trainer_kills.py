@@ -12,18 +12,15 @@ the final snapshot's offsets = the log end, no unfinished snapshot left in the s
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from chaos.harness import Service, create_topics, end_offsets, kafka_bootstrap, produce, read_topic, wait_for
-from chaos.report import ExperimentResult, record
+from chaos.report import ExperimentResult, add_loop_options, finish, tidy_work_dir
 from hsnn.events import ImpressionEvent, UserFeatures, encode, event_key, read_dead_letter
 from hsnn.planted import tiny_hsnn_config
 from hsnn.snapshots import SnapshotStore
@@ -167,11 +164,7 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         duplicated=duplicated,
         checks={**checks, "details": details},
     ).finish(all(checks.values()), started)
-    if not args.keep and result.passed:
-        shutil.rmtree(work, ignore_errors=True)
-    else:
-        details["work_dir"] = str(work)
-    return result
+    return tidy_work_dir(result, work, args.keep, details)
 
 
 def _kill_in_snapshot(trainer: Service, staging: Path, left_over: set[Path], timeout: float) -> bool:
@@ -208,11 +201,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--min-wait", type=float, default=1.0, help="seconds after a start before a timed kill")
     parser.add_argument("--max-wait", type=float, default=30.0, help="longest wait for a kill point")
     parser.add_argument("--drain-timeout", type=float, default=1800.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bootstrap", help="a running broker (default: start one with devservers)")
-    parser.add_argument("--work", help="work directory (default: a new temp dir, removed when the run passes)")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--report-key", default="e1", help="key in reports/reliability.json ('' = do not record)")
+    add_loop_options(parser, "e1")
     args = parser.parse_args(argv)
     if args.snapshot_every <= 0:
         args.snapshot_every = max(50, args.impressions // ((args.kills + 1) * 3))
@@ -222,8 +211,4 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    result = run(args)
-    if args.report_key:
-        record(result)
-    print(json.dumps(asdict(result), indent=2, default=str))
-    return 0 if result.passed else 1
+    return finish(run(args), args.report_key)

@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import shutil
 import signal
 import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 
 import redis as redis_lib
 import torch
 
 from chaos.harness import Service, create_topics, kafka_bootstrap, produce, wait_for
-from chaos.report import ExperimentResult, record
+from chaos.report import ExperimentResult, add_loop_options, finish, tidy_work_dir
 from hsnn.events import ItemEvent, ItemFeatures, encode, event_key, supersedes
 from hsnn.index_store import current_version, load_index, read_catalog, read_meta
 from hsnn.model import HSNN
@@ -205,11 +202,7 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         duplicated=0,
         checks={**checks, "details": details},
     ).finish(all(checks.values()), started)
-    if not args.keep and result.passed:
-        shutil.rmtree(work, ignore_errors=True)
-    else:
-        details["work_dir"] = str(work)
-    return result
+    return tidy_work_dir(result, work, args.keep, details)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -218,11 +211,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--fault-delay", type=float, default=0.3, help="seconds after a part is sent to the fault")
     parser.add_argument("--timeout", type=float, default=600.0, help="longest wait for the index to converge")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bootstrap", help="a running broker (default: start one with devservers)")
-    parser.add_argument("--work", help="work directory (default: a new temp dir, removed when the run passes)")
-    parser.add_argument("--keep", action="store_true")
-    parser.add_argument("--report-key", default="e3", help="key in reports/reliability.json ('' = do not record)")
+    add_loop_options(parser, "e3")
     args = parser.parse_args(argv)
     args.command = "python -m chaos e3 " + " ".join(argv) if argv else "python -m chaos e3"
     return args
@@ -230,8 +219,4 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    result = run(args)
-    if args.report_key:
-        record(result)
-    print(json.dumps(asdict(result), indent=2, default=str))
-    return 0 if result.passed else 1
+    return finish(run(args), args.report_key)

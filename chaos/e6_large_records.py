@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from chaos.harness import Service, create_topics, end_offsets, kafka_bootstrap, produce, read_topic, wait_for
-from chaos.report import ExperimentResult, record
+from chaos.report import ExperimentResult, add_loop_options, finish, tidy_work_dir
 from hsnn.events import encode, event_key, read_dead_letter
 from hsnn.index_store import catalog_entry
 from hsnn.planted import tiny_hsnn_config
@@ -195,11 +192,7 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         duplicated=duplicated,
         checks={**checks, "details": details},
     ).finish(all(checks.values()), started)
-    if not args.keep and result.passed:
-        shutil.rmtree(work, ignore_errors=True)
-    else:
-        details["work_dir"] = str(work)
-    return result
+    return tidy_work_dir(result, work, args.keep, details)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -210,11 +203,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--late-ads", type=int, default=20, help="ads created after the huge records")
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bootstrap", help="a running broker (default: start one with devservers)")
-    parser.add_argument("--work", help="work directory (default: a new temp dir, removed when the run passes)")
-    parser.add_argument("--keep", action="store_true")
-    parser.add_argument("--report-key", default="e6", help="key in reports/reliability.json ('' = do not record)")
+    add_loop_options(parser, "e6")
     args = parser.parse_args(argv)
     args.command = "python -m chaos e6 " + " ".join(argv) if argv else "python -m chaos e6"
     return args
@@ -222,8 +211,4 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    result = run(args)
-    if args.report_key:
-        record(result)
-    print(json.dumps(asdict(result), indent=2, default=str))
-    return 0 if result.passed else 1
+    return finish(run(args), args.report_key)

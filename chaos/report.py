@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,3 +81,31 @@ def write_table(report: dict[str, Any], docs_path: Path) -> None:
 def _order(key: str) -> tuple[int, str]:
     digits = "".join(ch for ch in key if ch.isdigit())
     return (int(digits) if digits else 99, key)
+
+
+def add_loop_options(parser: argparse.ArgumentParser, experiment: str) -> None:
+    """The options every streaming-loop experiment takes: seed, broker, work directory, report key."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bootstrap", help="a running broker (default: start one with devservers)")
+    parser.add_argument("--work", help="work directory (default: a new temp dir, removed when the run passes)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--report-key", default=experiment, help="key in reports/reliability.json ('' = do not record)"
+    )
+
+
+def finish(result: ExperimentResult, report_key: str) -> int:
+    """Record the result (unless the report key is empty), print it, and turn pass/fail into an exit code."""
+    if report_key:
+        record(result)
+    print(json.dumps(asdict(result), indent=2, default=str))
+    return 0 if result.passed else 1
+
+
+def tidy_work_dir(result: ExperimentResult, work: Path, keep: bool, details: dict[str, Any]) -> ExperimentResult:
+    """A passed run leaves nothing behind (unless kept); a failed one names its work directory for the post-mortem."""
+    if not keep and result.passed:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        details["work_dir"] = str(work)
+    return result
