@@ -122,7 +122,7 @@ async def _one(
         read(store)
         reader = "loaded"
     except CorruptSnapshot as err:
-        reader = f"refused: {str(err)[:90]}"
+        reader = f"refused: {str(err).replace(str(root), '<store>')[:90]}"  # no machine paths in the report
     return {
         "watcher": outcome or "no usable pointer",
         "served_model_version": served,

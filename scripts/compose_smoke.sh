@@ -10,11 +10,11 @@
 #   sudo bash scripts/compose_smoke.sh            # summary at the end and in $HSNN_SMOKE_DIR/summary.txt
 #
 # scripts/compose_smoke/override.yml tunes the trainer for a short run (tiny model, 30 s snapshots).
-# Knobs: HSNN_SMOKE_DIR (work dir, default /var/tmp/hsnn-smoke), HSNN_SMOKE_BUILD=0 (reuse the built image), HSNN_SMOKE_TIMEOUT_S (wait for a promoted
+# Knobs: HSNN_SMOKE_DIR (work dir, default $TMPDIR/hsnn-smoke, else /var/tmp/hsnn-smoke), HSNN_SMOKE_BUILD=0 (reuse the built image), HSNN_SMOKE_TIMEOUT_S (wait for a promoted
 # snapshot, default 1200), HSNN_SMOKE_KEEP=1 (leave the stack up), HSNN_TORCH_INDEX_URL (CPU-only torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORK=${HSNN_SMOKE_DIR:-/var/tmp/hsnn-smoke}
+WORK=${HSNN_SMOKE_DIR:-${TMPDIR:-/var/tmp}/hsnn-smoke}
 IMAGES=${HSNN_SMOKE_IMAGES:-local}
 TIMEOUT_S=${HSNN_SMOKE_TIMEOUT_S:-1200}
 PROJECT=hsnn-smoke
