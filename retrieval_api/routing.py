@@ -24,10 +24,16 @@ def _number(literal: str) -> float | int:
     return int(value) if value.is_integer() else value  # inf and nan are not integers: kept (and refused later)
 
 
+def _not_json(constant: str) -> float:
+    """NaN and Infinity are not JSON (Python's reader accepts them); refusing them here keeps them out of the
+    422 body too, which could not be encoded with one in it."""
+    raise ValueError(f"{constant} is not a JSON number")
+
+
 class JsonSchemaNumbersRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = json.loads(await self.body(), parse_float=_number)
+            self._json = json.loads(await self.body(), parse_float=_number, parse_constant=_not_json)
         return self._json
 
 

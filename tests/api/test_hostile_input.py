@@ -4,6 +4,7 @@ bounded Kafka waits that never hold up /retrieve."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -327,3 +328,20 @@ def test_item_events_still_work_after_the_app_restarts():
         with TestClient(app) as client:
             response = client.post("/items/events", json={"events": [EXPIRE]}, headers=AUTH)
             assert response.status_code == 202, response.text
+
+
+@pytest.mark.parametrize(
+    ("literal", "status"), [("NaN", 400), ("Infinity", 400), ("-Infinity", 400), ('"NaN"', 422), ('"1e300"', 422)]
+)
+def test_non_finite_literals_are_not_json_and_number_strings_are_422(pair, bodies, literal, status):
+    """Python's JSON reader accepts NaN/Infinity literals; the boundary refuses them as malformed JSON."""
+    app = create_app(ApiSettings(beams=BEAMS), ServingState(pair))
+    body = json.dumps({**bodies[0], "user": {**bodies[0]["user"], "dense": ["__X__", 0.0]}})
+    raw = body.replace('"__X__"', literal)
+
+    async def scenario():
+        async with client_for(app) as client:
+            return await client.post("/retrieve", content=raw, headers={"Content-Type": "application/json"})
+
+    response = asyncio.run(scenario())
+    assert response.status_code == status, response.text
