@@ -76,6 +76,7 @@ def gowalla_data(
     seed: int = 0,
     batch_size: int = 250,
     protocol: str = "valid",
+    negatives: int = 4,
 ) -> BenchData:
     """Gowalla (NGCF split) under one of two protocols, both full ranking with train items masked.
 
@@ -108,6 +109,7 @@ def gowalla_data(
         gowalla,
         num_eval_users,
         eval_source,
+        negatives=negatives,
         batch_size=batch_size,
         seed=seed,
         notes=notes,

@@ -8,6 +8,8 @@ interaction features are computed by the same function in both cases.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -96,13 +98,26 @@ class TrainingBatch:
 def hash_ids(ids: Tensor, buckets: int, salt: int) -> Tensor:
     """Map raw positive ids of any size into [1, buckets), keeping 0 (padding) at 0.
 
-    Multiplicative hashing with a per-feature salt, so two features sharing raw ids do not
-    collide the same way.
+    Ids below m = buckets - 1 go through a salted permutation of [0, m) (a multiplier coprime with
+    m), so a catalogue numbered 1..n with n < m gets one row per id and no collisions; larger ids are
+    mixed by multiplicative hashing first. The salt differs per feature, so two features sharing raw
+    ids do not collide the same way.
     """
+    m = buckets - 1
     prime = 2_147_483_629
     mixed = ((ids % prime) * 0x9E3779B1 + salt * 0x85EBCA6B) % prime
-    hashed = mixed % (buckets - 1) + 1
+    permuted = (ids.clamp(min=0, max=max(m - 1, 0)) * _coprime_multiplier(m) + salt * 0x85EBCA6B) % m
+    hashed = torch.where(ids < m, permuted, mixed % m) + 1
     return torch.where(ids > 0, hashed, torch.zeros_like(hashed))
+
+
+@functools.cache
+def _coprime_multiplier(m: int) -> int:
+    """A multiplier near m's golden-ratio point that is coprime with m (so `i * a mod m` permutes [0, m))."""
+    a = max(1, int(m * 0.6180339887))
+    while math.gcd(a, m) != 1:
+        a += 1
+    return a
 
 
 def interaction_features(

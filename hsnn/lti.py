@@ -348,7 +348,7 @@ class ResidualIndex(nn.Module):
         return moved
 
     @torch.no_grad()
-    def assign_with_capacity(self, v: Tensor, capacity_factor: float, max_rounds: int = 500) -> Tensor:
+    def assign_with_capacity(self, v: Tensor, capacity_factor: float, max_rounds: int = 5000) -> Tensor:
         """Hard paths (N, levels) in which no node at any level holds more than capacity_factor x its level's
         mean, found by raising the prices of over-full nodes (an auction), level by level.
 
@@ -380,7 +380,7 @@ def _auction(level: LearnedIndexLevel, x: Tensor, parent: Tensor, cap: int, max_
     """
     k = level.num_nodes
     dist = level.distances(x)  # (N, K)
-    best_overflow, stale, patience = None, 0, 50
+    best_overflow, stale, patience = None, 0, 400
     for _ in range(max_rounds):
         cost = dist + level.price[parent]
         best2 = torch.topk(cost, min(2, k), dim=1, largest=False)

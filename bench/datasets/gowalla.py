@@ -175,8 +175,10 @@ def _read_id_list(path: Path) -> np.ndarray | None:
     return out
 
 
-def _pow2_buckets(count: int) -> int:
-    return 1 << int(np.ceil(np.log2(2 * (count + 1))))
+def id_buckets(count: int) -> int:
+    """Table rows for ids 1..count: `hash_ids` permutes ids below buckets - 1, so count + 2 rows give
+    every id its own row (no collisions, no unused headroom) and keep row 0 for padding."""
+    return count + 2
 
 
 def load_gowalla(
@@ -201,7 +203,7 @@ def load_gowalla(
     user first visited the item, and leak valid.txt positives. With no groups, `item_id` is both the
     history and the interaction attribute (the validator accepts it).
 
-    Id tables default to the next power of two >= 2 x (count + 1) rows (the model hashes ids).
+    Id tables default to one row per id (`id_buckets`).
     """
     root = Path(root) if root is not None else datasets_dir() / GOWALLA_DIR
     if train_with_valid is None:
@@ -250,12 +252,12 @@ def gowalla_schema(
     item_buckets: int | None = None,
 ) -> FeatureSchema:
     """No dense features; sparse user_id, item_id (+ item_group); one task, "click"."""
-    item_sparse = {"item_id": item_buckets or _pow2_buckets(num_items)}
+    item_sparse = {"item_id": item_buckets or id_buckets(num_items)}
     if item_groups:
         item_sparse["item_group"] = bucket_count(item_groups, ["item_group", "history_item_group"])
     return FeatureSchema(
         user_dense_dim=0,
-        user_sparse={"user_id": user_buckets or _pow2_buckets(num_users)},
+        user_sparse={"user_id": user_buckets or id_buckets(num_users)},
         item_dense_dim=0,
         item_sparse=item_sparse,
         history_attributes=list(item_sparse),

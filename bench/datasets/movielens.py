@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from bench.datasets._common import Vocabulary, as_index_array, bucket_count, last_items
-from bench.datasets.gowalla import ImplicitSplit, Interactions, implicit_training_batches
+from bench.datasets.gowalla import ImplicitSplit, Interactions, id_buckets, implicit_training_batches
 from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
 from hsnn.snapshots import sha256_file
@@ -414,10 +414,6 @@ def _csr(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int) -
     return Interactions(indptr=indptr, items=items.astype(np.int64), num_items=num_items)
 
 
-def _pow2_buckets(count: int) -> int:
-    return 1 << int(np.ceil(np.log2(2 * (count + 1))))
-
-
 def movielens_schema(
     num_users: int,
     num_items: int,
@@ -437,7 +433,7 @@ def movielens_schema(
     return FeatureSchema(
         user_dense_dim=0,
         user_sparse={
-            "user_id": user_buckets or _pow2_buckets(num_users),
+            "user_id": user_buckets or id_buckets(num_users),
             "age_bucket": small(len(AGE_EDGES) + 1, "age_bucket"),
             "gender": small(len(GENDERS), "gender"),
             "occupation": small(len(OCCUPATIONS), "occupation"),
@@ -445,7 +441,7 @@ def movielens_schema(
         },
         item_dense_dim=len(GENRES),
         item_sparse={
-            "item_id": item_buckets or _pow2_buckets(num_items),
+            "item_id": item_buckets or id_buckets(num_items),
             "category": small(len(GENRES), "category", history=True),
             "release_bucket": small(len(YEAR_EDGES) + 1, "release_bucket", history=True),
         },
