@@ -14,6 +14,16 @@ def test_hash_keeps_padding_and_stays_in_range():
     assert not torch.equal(hash_ids(ids, 100, salt=3), hash_ids(ids, 100, salt=4))
 
 
+def test_ids_below_the_table_size_never_collide_and_large_ids_still_land_in_range():
+    for buckets in (2, 97, 1_000, 40_983):
+        ids = torch.arange(1, buckets - 1)  # every id below m = buckets - 1: a permutation, one row each
+        rows = hash_ids(ids, buckets, salt=11)
+        assert len(torch.unique(rows)) == len(rows)
+    large = torch.tensor([10**12, 2**62, 7 * 10**9])
+    rows = hash_ids(large, 1_000, salt=5)
+    assert bool(((rows >= 1) & (rows < 1_000)).all())
+
+
 def test_i2if_hand_computed():
     users = UserBatch(
         dense=torch.zeros(1, 2),
