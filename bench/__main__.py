@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sparse-dim", type=int, help="id embedding width of user/item towers (default: 64 on gowalla/movielens)"
     )
+    parser.add_argument(
+        "--level-nodes",
+        help="HSNN codebook size per level, coarsest first, e.g. 64,8 (default: from the corpus size, ~100 per leaf)",
+    )
     parser.add_argument("--out", default="reports")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -119,6 +123,7 @@ def _run_once(args: argparse.Namespace, protocol: str | None, seed: int) -> dict
         hsnn_exhaustive=quick,  # with preset models one exhaustive pass costs minutes per model
         mf_softmax=not args.no_mf,
         mf_epochs=args.mf_epochs,
+        level_nodes=tuple(int(n) for n in args.level_nodes.split(",")) if args.level_nodes else None,
     )
     if quick:
         run.nprobes = (1, 2, 4, 8)
