@@ -19,13 +19,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.trainer_throughput import bench_config, make_events
 from chaos.harness import Service, create_topics, end_offsets, kafka_bootstrap, produce, read_topic, wait_for
 from chaos.report import ExperimentResult, add_loop_options, finish, tidy_work_dir
-from hsnn.events import ImpressionEvent, UserFeatures, encode, event_key, read_dead_letter
-from hsnn.planted import tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
-from trainer.bench import bench_config, make_events
+from streaming.events import ImpressionEvent, UserFeatures, encode, event_key, read_dead_letter
+from streaming.snapshots import SnapshotStore
 from trainer.service import consumed_ids, is_held_out
+from worlds.planted import tiny_hsnn_config
 
 HOLDOUT = 20
 

@@ -26,12 +26,12 @@ import torch
 
 from chaos.harness import Service, create_topics, kafka_bootstrap, produce, wait_for
 from chaos.report import ExperimentResult, add_loop_options, finish, tidy_work_dir
-from hsnn.events import ItemEvent, ItemFeatures, encode, event_key, supersedes
-from hsnn.index_store import current_version, load_index, read_catalog, read_meta
 from hsnn.model import HSNN
-from hsnn.planted import make_batches, make_world, tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
 from hsnn.training import train
+from streaming.events import ItemEvent, ItemFeatures, encode, event_key, supersedes
+from streaming.index_store import current_version, load_index, read_catalog, read_meta
+from streaming.snapshots import SnapshotStore
+from worlds.planted import make_batches, make_world, tiny_hsnn_config
 
 
 class PointerSampler(threading.Thread):

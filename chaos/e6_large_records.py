@@ -19,15 +19,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.trainer_throughput import make_events
 from chaos.harness import Service, create_topics, end_offsets, kafka_bootstrap, produce, read_topic, wait_for
 from chaos.report import ExperimentResult, add_loop_options, finish, tidy_work_dir
-from hsnn.events import encode, event_key, read_dead_letter
-from hsnn.index_store import catalog_entry
-from hsnn.planted import tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
 from indexer.service import read_catalogue_offsets
-from trainer.bench import make_events
+from streaming.events import encode, event_key, read_dead_letter
+from streaming.index_store import catalog_entry
+from streaming.snapshots import SnapshotStore
 from trainer.service import consumed_ids, is_held_out
+from worlds.planted import tiny_hsnn_config
 
 HOLDOUT = 20
 HUGE_BYTES = 900 * 1024

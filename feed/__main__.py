@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from feed.feed import FeedConfig, missing_topics, run_feed
-from hsnn.events import IMPRESSIONS_TOPIC, ITEMS_TOPIC
-from hsnn.simulator import MarketplaceConfig
+from streaming.events import IMPRESSIONS_TOPIC, ITEMS_TOPIC
+from worlds.simulator import MarketplaceConfig
 
 
 def parse_args(argv: list[str] | None = None) -> FeedConfig:

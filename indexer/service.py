@@ -36,11 +36,13 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from hsnn.dead_letters import DeadLetterOutbox, letter_for_record
-from hsnn.events import ItemEvent, MalformedEvent, SchemaMismatch, decode_item
-from hsnn.health import Heartbeat
 from hsnn.index import build_index, level_health, within_capacity
-from hsnn.index_store import (
+from hsnn.model import HSNN
+from indexer.settings import IndexerSettings
+from streaming.dead_letters import DeadLetterOutbox, letter_for_record
+from streaming.events import ItemEvent, MalformedEvent, SchemaMismatch, decode_item
+from streaming.health import Heartbeat
+from streaming.index_store import (
     APPLIED,
     RETRY,
     SUPERSEDED,
@@ -61,11 +63,9 @@ from hsnn.index_store import (
     read_meta,
     write_index,
 )
-from hsnn.model import HSNN
-from hsnn.service_metrics import service_registry
-from hsnn.snapshots import CorruptSnapshot, SnapshotStore
-from hsnn.streams import assign_all_partitions
-from indexer.settings import IndexerSettings
+from streaming.offsets import assign_all_partitions
+from streaming.service_metrics import service_registry
+from streaming.snapshots import CorruptSnapshot, SnapshotStore
 
 log = logging.getLogger("hsnn.indexer")
 

@@ -27,8 +27,8 @@ from pydantic import Field
 
 from hsnn.model import HSNN
 from hsnn.monn import MoNN
-from hsnn.settings import ServiceSettings
-from hsnn.snapshots import CorruptSnapshot, Manifest, Pointer, SnapshotStore
+from streaming.settings import ServiceSettings
+from streaming.snapshots import CorruptSnapshot, Manifest, Pointer, SnapshotStore
 
 log = logging.getLogger("hsnn.publisher")
 
@@ -63,7 +63,7 @@ def finite(value: float | None) -> bool:
 
 def index_snapshot_versions(redis, prefix: str) -> set[int]:
     """Snapshot versions behind the current and previous Redis index versions (what the API and a rollback use)."""
-    from hsnn import index_store
+    from streaming import index_store
 
     versions = set()
     for index_version in (index_store.current_version(redis, prefix), index_store.previous_version(redis, prefix)):

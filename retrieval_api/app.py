@@ -23,10 +23,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from hsnn.events import MAX_ID
-from hsnn.service_metrics import service_registry
-from hsnn.snapshots import SnapshotStore
-from hsnn.version import package_version
 from retrieval_api.batcher import (
     Batcher,
     ConfigurationError,
@@ -57,6 +53,10 @@ from retrieval_api.settings import ApiSettings
 from retrieval_api.state import CatalogIndexSource, IndexSource, ServingState, load_pair_from_store
 from retrieval_api.status import status_router
 from retrieval_api.watcher import FAILURE, SUCCESS, SnapshotWatcher
+from streaming.events import MAX_ID
+from streaming.service_metrics import service_registry
+from streaming.snapshots import SnapshotStore
+from streaming.version import package_version
 
 log = logging.getLogger("hsnn.retrieval_api")
 

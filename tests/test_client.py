@@ -14,13 +14,13 @@ import torch
 from fastapi.testclient import TestClient
 
 from hsnn.model import HSNN
-from hsnn.planted import make_world, tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
-from hsnn.version import package_version
 from hsnn_client import AsyncRetrievalClient, RequestRejected, RetrievalClient, RetryPolicy, Unavailable
 from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import Catalog, ServingState, load_pair_from_store
+from streaming.snapshots import SnapshotStore
+from streaming.version import package_version
+from worlds.planted import make_world, tiny_hsnn_config
 
 TOKEN = "client-test-token"
 CREATE = {

@@ -686,7 +686,7 @@ def test_compose_model_reads_what_the_compose_feed_sends(preset: str):
     from feed.__main__ import parse_args
     from feed.feed import marketplace_for
     from hsnn.config import HSNNConfig
-    from hsnn.simulator import feature_schema
+    from worlds.simulator import feature_schema
 
     services = _compose()["services"]
     assert "HSNN_MODEL_PRESET:-default}.json" in COMPOSE_FILE.read_text()

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from hsnn.events import (
+from streaming.events import (
     MAX_AGE_HOURS,
     MAX_FEATURE_MAGNITUDE,
     ItemEventByOp,

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hsnn.config import FeatureSchema
-from hsnn.events import (
+from hsnn.features import pad_id_lists
+from streaming.events import (
     IMPRESSIONS_TOPIC,
     ITEMS_TOPIC,
     Engagement,
@@ -35,8 +36,7 @@ from hsnn.events import (
     supersedes,
     users_to_batch,
 )
-from hsnn.features import pad_id_lists
-from hsnn.planted import SCHEMA
+from worlds.planted import SCHEMA
 
 T0 = 1_700_000_000.0
 
@@ -368,7 +368,7 @@ def test_schema_mismatches_are_named():
 
 def test_planted_users_survive_the_event_round_trip(world):
     """UserBatch -> UserFeatures events -> bytes -> UserBatch is exact on the planted schema."""
-    from hsnn.planted import make_users
+    from worlds.planted import make_users
 
     users, _ = make_users(world, 6, seed=3)
     events = []
@@ -399,7 +399,7 @@ def test_planted_users_survive_the_event_round_trip(world):
 
 def test_batch_from_events_trains_the_model():
     from hsnn.model import HSNN
-    from hsnn.planted import tiny_hsnn_config
+    from worlds.planted import tiny_hsnn_config
 
     torch.manual_seed(0)
     catalogue = {a: ItemFeatures(dense=[0.1 * a] * 4, sparse={"advertiser": a, "category": a % 5 + 1}) for a in (1, 2)}

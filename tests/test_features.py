@@ -3,7 +3,7 @@
 import torch
 
 from hsnn.features import ItemBatch, UserBatch, hash_ids, interaction_features
-from hsnn.planted import SCHEMA, make_batches, make_users
+from worlds.planted import SCHEMA, make_batches, make_users
 
 
 def test_hash_keeps_padding_and_stays_in_range():

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hsnn.events import ItemEvent, ItemFeatures
 from hsnn.index import build_index
-from hsnn.index_store import (
+from hsnn.model import HSNN
+from hsnn.serving import retrieve, retrieve_exhaustive
+from hsnn.training import train
+from streaming.events import ItemEvent, ItemFeatures
+from streaming.index_store import (
     CatalogEntry,
     ItemEncoder,
     apply_delta,
@@ -16,10 +19,7 @@ from hsnn.index_store import (
     encode_blob,
     fits_schema,
 )
-from hsnn.model import HSNN
-from hsnn.planted import SCHEMA, make_batches, make_users, make_world, tiny_hsnn_config
-from hsnn.serving import retrieve, retrieve_exhaustive
-from hsnn.training import train
+from worlds.planted import SCHEMA, make_batches, make_users, make_world, tiny_hsnn_config
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from hsnn.events import DEAD_LETTER_RAW_BYTES, IMPRESSIONS_TOPIC, dead_letter_record, read_dead_letter
-from hsnn.health import Heartbeat, serve_metrics_and_liveness
+from streaming.events import DEAD_LETTER_RAW_BYTES, IMPRESSIONS_TOPIC, dead_letter_record, read_dead_letter
+from streaming.health import Heartbeat, serve_metrics_and_liveness
 from trainer.fencing import LeaseHeld, LeaseLost, TrainerLease
 from trainer.guard import GuardedOptimizer, non_finite_tensors
 

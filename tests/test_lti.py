@@ -9,7 +9,7 @@ from hsnn.config import LTIConfig
 from hsnn.lti import LearnedIndexLevel, ResidualIndex, squared_distances, temperature
 from hsnn.metrics import index_health
 from hsnn.model import HSNN
-from hsnn.planted import make_batches, tiny_hsnn_config
+from worlds.planted import make_batches, tiny_hsnn_config
 
 
 def test_temperature_schedule_values():

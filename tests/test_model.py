@@ -5,8 +5,8 @@ import torch
 
 from hsnn.metrics import calibration
 from hsnn.model import HSNN, platt_fit
-from hsnn.planted import make_batches, tiny_hsnn_config
 from hsnn.training import predict
+from worlds.planted import make_batches, tiny_hsnn_config
 
 
 def test_index_warmup_is_linear_and_switchable():

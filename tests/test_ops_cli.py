@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from hsnn.model import HSNN
-from hsnn.planted import tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
 from hsnn_ops import cli
+from streaming.snapshots import SnapshotStore
+from worlds.planted import tiny_hsnn_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

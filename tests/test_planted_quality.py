@@ -5,9 +5,9 @@ import torch
 from hsnn.index import build_index
 from hsnn.metrics import log_loss, recall_at_k
 from hsnn.monn import MoNN
-from hsnn.planted import SCHEMA, make_batches, make_users, tiny_monn, true_logits
 from hsnn.serving import retrieve
 from hsnn.training import predict, train
+from worlds.planted import SCHEMA, make_batches, make_users, tiny_monn, true_logits
 
 
 def _true_top(world, users, segment, k):

@@ -9,9 +9,9 @@ from pydantic import ValidationError
 from hsnn.config import PRESETS, FeatureSchema, HSNNConfig, LTIConfig, MoNNConfig, TowerConfig, preset
 from hsnn.model import HSNN
 from hsnn.monn import MoNN
-from hsnn.planted import SCHEMA, make_batches
 from hsnn.training import make_optimizer, monn_loss, train
 from hsnn.weights import CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
+from worlds.planted import SCHEMA, make_batches
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hsnn.index import build_index, expand_ranges
-from hsnn.planted import make_users
 from hsnn.serving import retrieve, retrieve_exhaustive
+from worlds.planted import make_users
 
 
 @pytest.fixture(scope="module")

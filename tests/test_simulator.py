@@ -10,7 +10,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from hsnn.events import (
+from feed.simulate import main
+from streaming.events import (
     ImpressionEvent,
     ItemEvent,
     check_user_features,
@@ -21,7 +22,7 @@ from hsnn.events import (
     items_to_batch,
     supersedes,
 )
-from hsnn.simulator import Marketplace, MarketplaceConfig, feature_schema, main
+from worlds.simulator import Marketplace, MarketplaceConfig, feature_schema
 
 # small and fast-churning: ads live ~30 simulated minutes, a step of 3,000 impressions is 30 minutes
 SMALL = MarketplaceConfig(

@@ -11,9 +11,9 @@ import torch
 
 from hsnn.config import preset
 from hsnn.monn import MoNN
-from hsnn.planted import SCHEMA
-from hsnn.snapshots import CorruptSnapshot, Manifest, SnapshotStore, manifest_digest
 from publisher.publisher import Publisher, PublisherSettings
+from streaming.snapshots import CorruptSnapshot, Manifest, SnapshotStore, manifest_digest
+from worlds.planted import SCHEMA
 
 OFFSETS = {"hsnn.impressions": {"0": 10}}
 

@@ -8,9 +8,9 @@ import torch
 
 from hsnn.config import preset
 from hsnn.monn import MoNN
-from hsnn.planted import SCHEMA
-from hsnn.snapshots import DONE_MARKER, CorruptSnapshot, SnapshotStore
 from publisher.publisher import Publisher, PublisherSettings
+from streaming.snapshots import DONE_MARKER, CorruptSnapshot, SnapshotStore
+from worlds.planted import SCHEMA
 
 
 @pytest.fixture()

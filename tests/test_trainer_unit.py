@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hsnn.events import ItemEvent, ItemFeatures
+from streaming.events import ItemEvent, ItemFeatures
 from trainer.service import Catalogue, OffsetBook, consumed_ids, is_held_out, truncate_lines
 
 
@@ -62,7 +62,7 @@ def test_catalogue_applies_supersedes_and_expire() -> None:
 def test_snapshot_notice_carries_what_a_reader_needs():
     import json
 
-    from hsnn.snapshots import Manifest, Pointer
+    from streaming.snapshots import Manifest, Pointer
     from trainer.service import snapshot_notice
 
     manifest = Manifest(version=7, created_at=100.0, event_time_watermark=90.0, eval_metrics={"ne": 0.8})

@@ -28,8 +28,12 @@ from kafka.errors import KafkaError, OffsetOutOfRangeError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from hsnn.dead_letters import DeadLetterMessage, DeadLetterOutbox, letter_for_record
-from hsnn.events import (
+from hsnn.metrics import normalized_entropy
+from hsnn.model import HSNN
+from hsnn.training import make_optimizer, predict, train_step
+from publisher.publisher import Publisher, PublisherMetrics, PublisherSettings, PublishResult
+from streaming.dead_letters import DeadLetterMessage, DeadLetterOutbox, letter_for_record
+from streaming.events import (
     ImpressionEvent,
     ItemEvent,
     ItemFeatures,
@@ -45,13 +49,9 @@ from hsnn.events import (
     impressions_to_batch,
     supersedes,
 )
-from hsnn.health import Heartbeat
-from hsnn.metrics import normalized_entropy
-from hsnn.model import HSNN
-from hsnn.snapshots import CorruptSnapshot, Manifest, Pointer, SnapshotStore
-from hsnn.streams import StoredOffsetOutOfRange, assign_all_partitions, offsets_out_of_range
-from hsnn.training import make_optimizer, predict, train_step
-from publisher.publisher import Publisher, PublisherMetrics, PublisherSettings, PublishResult
+from streaming.health import Heartbeat
+from streaming.offsets import StoredOffsetOutOfRange, assign_all_partitions, offsets_out_of_range
+from streaming.snapshots import CorruptSnapshot, Manifest, Pointer, SnapshotStore
 from trainer.fencing import TrainerLease
 from trainer.guard import GuardedOptimizer, non_finite_tensors
 from trainer.settings import TrainerSettings
@@ -152,7 +152,7 @@ class CatalogueEntry:
 
 
 class Catalogue:
-    """ad id -> newest item event, applied with `hsnn.events.supersedes` (expire keeps its version)."""
+    """ad id -> newest item event, applied with `streaming.events.supersedes` (expire keeps its version)."""
 
     def __init__(self) -> None:
         self.entries: dict[int, CatalogueEntry] = {}

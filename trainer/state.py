@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from hsnn.events import ImpressionEvent, ItemFeatures, decode_impression
+from streaming.events import ImpressionEvent, ItemFeatures, decode_impression
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"

@@ -12,17 +12,17 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from hsnn.events import UserFeatures, users_to_batch
 from hsnn.features import UserBatch
 from hsnn.model import HSNN
-from hsnn.planted import make_batches, make_users, make_world, tiny_hsnn_config
 from hsnn.serving import retrieve, retrieve_exhaustive
-from hsnn.snapshots import CorruptSnapshot, SnapshotStore
 from hsnn.training import train
 from retrieval_api.app import create_app
 from retrieval_api.batcher import Batcher, Overloaded
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import Catalog, ServingState, load_pair_from_store
+from streaming.events import UserFeatures, users_to_batch
+from streaming.snapshots import CorruptSnapshot, SnapshotStore
+from worlds.planted import make_batches, make_users, make_world, tiny_hsnn_config
 
 WIDE = [8, 32]  # every node of a (8, 4) index: layer-wise search then equals exhaustive scoring
 NUM_USERS = 8

@@ -12,14 +12,14 @@ import httpx
 import pytest
 import torch
 
-from hsnn.events import UserFeatures
+from bench.loadgen import user_bodies
 from hsnn.model import HSNN
-from hsnn.planted import make_users, make_world, tiny_hsnn_config
 from retrieval_api.app import create_app
 from retrieval_api.batcher import Batcher, QueryFailed
-from retrieval_api.loadgen import user_bodies
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import Catalog, CatalogIndexSource, ServingPair, ServingState
+from streaming.events import UserFeatures
+from worlds.planted import make_users, make_world, tiny_hsnn_config
 
 BEAMS = [3, 3]
 TOKEN = "hostile-input-token"

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from hsnn.model import HSNN
-from hsnn.planted import make_users, make_world, tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
 from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import Catalog, CatalogIndexSource, ServingState
+from streaming.snapshots import SnapshotStore
+from worlds.planted import make_users, make_world, tiny_hsnn_config
 
 BEAMS = [3, 3]
 

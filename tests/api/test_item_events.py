@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import pytest
 from fastapi.testclient import TestClient
 
-from hsnn.events import ItemEvent, decode_item, encode
 from retrieval_api.app import create_app
 from retrieval_api.items import ItemForwarder
 from retrieval_api.settings import ApiSettings
+from streaming.events import ItemEvent, decode_item, encode
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

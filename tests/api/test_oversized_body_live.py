@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval_api.loadgen import free_port
+from bench.loadgen import free_port
 
 BODY_MB = 200
 LIMIT = 1 << 20

@@ -11,16 +11,16 @@ import pytest
 import redis as redis_lib
 import torch
 
-from hsnn.events import ItemEvent, ItemFeatures
 from hsnn.index import build_index
-from hsnn.index_store import ItemEncoder, allocate_version, apply_item_events, flip_pointer, write_index
 from hsnn.model import HSNN
-from hsnn.planted import make_batches, make_users, make_world, tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
 from hsnn.training import train
 from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import ServingState
+from streaming.events import ItemEvent, ItemFeatures
+from streaming.index_store import ItemEncoder, allocate_version, apply_item_events, flip_pointer, write_index
+from streaming.snapshots import SnapshotStore
+from worlds.planted import make_batches, make_users, make_world, tiny_hsnn_config
 
 pytestmark = pytest.mark.integration
 

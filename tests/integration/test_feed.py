@@ -12,7 +12,7 @@ from kafka.admin import ConfigResource, ConfigResourceType
 from devservers import KafkaServer
 from feed.__main__ import main as feed_main
 from feed.feed import FeedConfig, run_feed
-from hsnn.events import MalformedEvent, decode_impression, decode_item
+from streaming.events import MalformedEvent, decode_impression, decode_item
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,13 @@ import redis as redis_lib
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from hsnn.events import ItemEvent, ItemFeatures, encode, event_key, read_dead_letter
 from hsnn.index import build_index, level_health, within_capacity
-from hsnn.index_store import (
+from hsnn.model import HSNN
+from hsnn.training import train
+from indexer.service import Indexer, IndexerMetrics, read_catalogue_offsets, write_catalogue_offsets
+from indexer.settings import IndexerSettings
+from streaming.events import ItemEvent, ItemFeatures, encode, event_key, read_dead_letter
+from streaming.index_store import (
     IndexNotFound,
     apply_item_events,
     catalog_entry,
@@ -28,12 +32,8 @@ from hsnn.index_store import (
     rollback,
     write_index,
 )
-from hsnn.model import HSNN
-from hsnn.planted import make_batches, make_world, tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
-from hsnn.training import train
-from indexer.service import Indexer, IndexerMetrics, read_catalogue_offsets, write_catalogue_offsets
-from indexer.settings import IndexerSettings
+from streaming.snapshots import SnapshotStore
+from worlds.planted import make_batches, make_world, tiny_hsnn_config
 
 pytestmark = pytest.mark.integration
 

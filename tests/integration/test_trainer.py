@@ -20,7 +20,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from devservers import KafkaServer
-from hsnn.events import (
+from hsnn.model import HSNN
+from streaming.events import (
     Engagement,
     ImpressionEvent,
     ItemEvent,
@@ -31,13 +32,12 @@ from hsnn.events import (
     event_key,
     read_dead_letter,
 )
-from hsnn.model import HSNN
-from hsnn.planted import tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
-from hsnn.streams import StoredOffsetOutOfRange
+from streaming.offsets import StoredOffsetOutOfRange
+from streaming.snapshots import SnapshotStore
 from trainer.fencing import LeaseHeld
 from trainer.service import OnlineTrainer, consumed_ids, is_held_out
 from trainer.settings import TrainerSettings
+from worlds.planted import tiny_hsnn_config
 
 pytestmark = pytest.mark.integration
 

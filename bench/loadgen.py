@@ -1,6 +1,6 @@
 """Load generator and latency benchmark of the retrieval API (a report, not a test).
 
-    python -m retrieval_api.loadgen --ads 10000 100000 1000000 --concurrency 1 32 --duration 10
+    python -m bench.loadgen --ads 10000 100000 1000000 --concurrency 1 32 --duration 10
 
 For each corpus size N it:
 
@@ -51,12 +51,12 @@ from hsnn.features import ItemBatch, UserBatch
 from hsnn.index import DEFAULT_CAPACITY_FACTOR
 from hsnn.lti import beams_for_budget, index_shape
 from hsnn.model import HSNN
-from hsnn.planted import PlantedWorld, make_batches, make_users, make_world, tiny_hsnn_config
 from hsnn.serving import retrieve, retrieve_exhaustive
-from hsnn.snapshots import SnapshotStore
 from hsnn.training import train
 from retrieval_api.catalogs import save_catalog
 from retrieval_api.state import Catalog, load_pair_from_store
+from streaming.snapshots import SnapshotStore
+from worlds.planted import PlantedWorld, make_batches, make_users, make_world, tiny_hsnn_config
 
 CATEGORIES = 64
 ADVERTISERS_PER_CATEGORY = 8
@@ -348,7 +348,7 @@ def run(args: argparse.Namespace) -> dict:
     recall_users = users.select(torch.arange(min(args.recall_users, len(users))))
     bodies = user_bodies(recall_users, args.k)
     report: dict = {
-        "command": "python -m retrieval_api.loadgen " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.loadgen " + " ".join(sys.argv[1:]),
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -597,7 +597,7 @@ def write_reports(report: dict, out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m retrieval_api.loadgen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0])
     parser.add_argument("--ads", type=int, nargs="+", default=[10_000, 100_000], help="corpus sizes")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32], help="concurrent clients")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per row")

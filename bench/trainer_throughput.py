@@ -1,9 +1,9 @@
 """Throughput of the online trainer, end to end from Kafka, on realistic impressions.
 
-    python -m trainer.bench --events 20000 --label after            # starts its own broker (devservers)
-    python -m trainer.bench --bootstrap 127.0.0.1:9092 --events 20000
+    python -m bench.trainer_throughput --events 20000 --label after            # starts its own broker (devservers)
+    python -m bench.trainer_throughput --bootstrap 127.0.0.1:9092 --events 20000
 
-The impressions come from the marketplace simulator (`hsnn.simulator`): users with engagement
+The impressions come from the marketplace simulator (`worlds.simulator`): users with engagement
 histories of up to `--history` (32) events, ads that live for the whole run. The model is the
 default preset: `HSNNConfig()` on the simulator's feature schema (MoNN-Large and Medium levels).
 The bench produces the items and impressions to fresh topics, runs an OnlineTrainer until it has
@@ -32,7 +32,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from prometheus_client import CollectorRegistry
 
 from hsnn.config import HSNNConfig, LTIConfig, preset
-from hsnn.events import (
+from streaming.events import (
     Engagement,
     ImpressionEvent,
     ItemEvent,
@@ -42,9 +42,9 @@ from hsnn.events import (
     encode,
     event_key,
 )
-from hsnn.planted import SCHEMA
 from trainer.service import OnlineTrainer
 from trainer.settings import TrainerSettings
+from worlds.planted import SCHEMA
 
 
 def make_events(count: int, ads: int, seed: int = 0) -> tuple[list[ItemEvent], list[ImpressionEvent]]:
@@ -102,7 +102,7 @@ REPORT = Path(__file__).resolve().parents[1] / "reports" / "trainer_throughput"
 
 def simulator_feed(events: int, ads: int, users: int, history: int, seed: int) -> tuple[HSNNConfig, list, list]:
     """(model config on the simulator's schema, item events, impressions), ads alive for the whole run."""
-    from hsnn.simulator import Marketplace, feature_schema, scaled_config
+    from worlds.simulator import Marketplace, feature_schema, scaled_config
 
     config = scaled_config(ads, users, seed).model_copy(
         update={"history_length": history, "mean_ad_lifespan_hours": 1e4, "mean_update_interval_hours": None}
@@ -128,7 +128,7 @@ def write_report(label: str, result: dict, path: Path = REPORT) -> None:
     data[label] = result
     json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     lines = [
-        "# Online trainer throughput (`python -m trainer.bench`)",
+        "# Online trainer throughput (`python -m bench.trainer_throughput`)",
         "",
         "End to end from Kafka: simulator impressions (histories up to 32 events), default preset HSNN.",
         "Per-stage figures are microseconds per event; NE is the click NE on the held-out events.",
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
             "partitions": args.partitions,
             "threads": torch.get_num_threads(),
             "commit": commit,
-            "command": "python -m trainer.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m bench.trainer_throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
         print(f"threads={result['threads']} batch={args.batch_size} source={args.source} dead letters={int(dead)}")
         print(f"drained {args.events} events in {drained:.2f}s: {result['events_per_second']:,.0f} events/s")

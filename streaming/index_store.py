@@ -15,7 +15,7 @@ Layout (every key under a configurable prefix, "hsnn:" by default; docs/index_st
 
 A version's meta and blobs never change once written (meta is written last, so a version with meta
 is complete); only its delta grows. Item events go through one Lua script that checks the ad's stored
-(sequence, event_time) with `hsnn.events.supersedes` semantics and writes catalogue and delta at once.
+(sequence, event_time) with `streaming.events.supersedes` semantics and writes catalogue and delta at once.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import torch
 from torch import Tensor
 
 from hsnn.config import FeatureSchema
-from hsnn.events import ItemEvent, check_item_features
 from hsnn.features import ItemBatch
 from hsnn.index import HierarchicalIndex, IndexLevel, encode_catalog
 from hsnn.model import HSNN
+from streaming.events import ItemEvent, check_item_features
 
 DEFAULT_PREFIX = "hsnn:"
 DEFAULT_CHUNK_BYTES = 8 << 20
@@ -441,7 +441,7 @@ def _expire_entry(entry: CatalogEntry) -> dict[str, Any]:
 
 
 def catalog_to_batch(entries: Sequence[CatalogEntry], schema: FeatureSchema) -> ItemBatch:
-    """Live catalogue entries as an ItemBatch (same rules as `hsnn.events.items_to_batch`: item_id = ad id)."""
+    """Live catalogue entries as an ItemBatch (same rules as `streaming.events.items_to_batch`: item_id = ad id)."""
     count = len(entries)
     dense = torch.tensor([e.features["dense"] for e in entries], dtype=torch.float32)  # type: ignore[index]
     sparse = {}

@@ -1,6 +1,6 @@
 """Quick demo of the core on the planted problem: train, index, serve layer-wise, compare.
 
-Run with `python -m hsnn.demo` (or ./scripts/demo.sh, which installs first). It trains a
+Run with `python -m demo.model_only` (or ./scripts/demo.sh, which installs first). It trains a
 small HSNN and a Two Tower model side by side, builds the learned index, and prints what
 layer-wise retrieval costs and finds against exhaustive scoring and the planted truth.
 """
@@ -16,10 +16,10 @@ from hsnn.index import build_index
 from hsnn.metrics import index_health, normalized_entropy, recall_at_k
 from hsnn.model import HSNN
 from hsnn.monn import MoNN
-from hsnn.planted import SCHEMA, make_batches, make_users, make_world, tiny_hsnn_config, tiny_monn, true_logits
 from hsnn.progress import progress_bar
 from hsnn.serving import retrieve, retrieve_exhaustive
 from hsnn.training import calibrated_click_probs, make_optimizer, train_step
+from worlds.planted import SCHEMA, make_batches, make_users, make_world, tiny_hsnn_config, tiny_monn, true_logits
 
 
 def _train(model: torch.nn.Module, batches: list, epochs: int, label: str) -> float:

@@ -16,20 +16,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hsnn.config import FeatureSchema, HSNNConfig, LTIConfig, MoNNConfig, TowerConfig
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
+from streaming.presets import TINY_SCHEMA, tiny_hsnn_config, tiny_monn
 
-SCHEMA = FeatureSchema(
-    user_dense_dim=2,
-    user_sparse={"segment": 32, "age_bucket": 8},
-    item_dense_dim=4,
-    item_sparse={"item_id": 4096, "advertiser": 512, "category": 64},
-    history_attributes=["item_id", "advertiser", "category"],
-    interaction_attributes=["advertiser", "category"],
-    history_length=8,
-    recency_scale=24.0,
-    tasks=["click", "conversion"],
-)
+__all__ = [
+    "SCHEMA",
+    "PlantedWorld",
+    "make_batches",
+    "make_users",
+    "make_world",
+    "tiny_hsnn_config",
+    "tiny_monn",
+    "true_logits",
+]
+
+SCHEMA = TINY_SCHEMA  # the planted world speaks the tiny preset's features
 
 
 @dataclass
@@ -141,39 +142,3 @@ def make_batches(
             )
         )
     return batches
-
-
-def tiny_monn(name: str = "tiny", interaction: bool = True, dim: int = 16, dot_product: bool = False) -> MoNNConfig:
-    tower = TowerConfig(num_embed=2, dim=dim, sparse_dim=8, hidden=[32], afm_attention_dim=8)
-    item = TowerConfig(
-        num_embed=1 if dot_product else 2,
-        dim=dim * 2 if dot_product else dim,
-        sparse_dim=8,
-        hidden=[32],
-        afm_attention_dim=8,
-    )
-    if dot_product:
-        tower = TowerConfig(num_embed=1, dim=dim * 2, sparse_dim=8, hidden=[32], afm_attention_dim=8)
-    return MoNNConfig(
-        name=name,
-        user=tower,
-        item=item,
-        interaction=TowerConfig(num_embed=1, dim=dim, sparse_dim=8, hidden=[16], afm_attention_dim=8)
-        if interaction
-        else None,
-        dot_product=dot_product,
-        overarch_layers=1,
-        overarch_hidden=32,
-    )
-
-
-def tiny_hsnn_config(num_nodes: tuple[int, ...] = (8, 4), **lti_overrides) -> HSNNConfig:
-    lti = {"schedule_steps": 200, "reseed_every": 20, **lti_overrides}
-    return HSNNConfig(
-        features=SCHEMA,
-        levels=[LTIConfig(num_nodes=n, **lti) for n in num_nodes],
-        level_models=[tiny_monn(f"level{i}") for i in range(len(num_nodes))],
-        item_model=tiny_monn("item"),
-        index_warmup_steps=50,
-        retrieval_candidates=32,  # the tests' small batches: keep the softmax cheap
-    )

@@ -1,8 +1,8 @@
 """How long the indexer takes: full rebuilds at catalogue sizes, and item create -> indexed latency.
 
-    python -m indexer.bench                                   # starts its own Redis and Kafka (devservers)
-    python -m indexer.bench --ads 100000 1000000 --events 500 --rate 200
-    python -m indexer.bench --redis-url redis://127.0.0.1:6379/0 --bootstrap 127.0.0.1:9092
+    python -m bench.indexer_throughput                                   # starts its own Redis and Kafka (devservers)
+    python -m bench.indexer_throughput --ads 100000 1000000 --events 500 --rate 200
+    python -m bench.indexer_throughput --redis-url redis://127.0.0.1:6379/0 --bootstrap 127.0.0.1:9092
 
 A report, not a test. The model is the tiny planted HSNN (`tiny_hsnn_config`), trained a few steps,
 written to a fresh snapshot store and promoted. Then:
@@ -39,14 +39,14 @@ import redis as redis_lib
 import torch
 from kafka import KafkaProducer
 
-from hsnn.events import ItemEvent, ItemFeatures, encode, event_key
-from hsnn.index_store import CatalogEntry, IndexKeys, apply_item_events, current_version
 from hsnn.model import HSNN
-from hsnn.planted import make_batches, make_world, tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
 from hsnn.training import train
 from indexer.service import Indexer
 from indexer.settings import IndexerSettings
+from streaming.events import ItemEvent, ItemFeatures, encode, event_key
+from streaming.index_store import CatalogEntry, IndexKeys, apply_item_events, current_version
+from streaming.snapshots import SnapshotStore
+from worlds.planted import make_batches, make_world, tiny_hsnn_config
 
 MIB = 1 << 20
 
@@ -344,7 +344,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "python -m indexer.bench " + " ".join(
+    command = "python -m bench.indexer_throughput " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items()
         if v is not None and k not in ("redis_url", "bootstrap")

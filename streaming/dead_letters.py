@@ -5,7 +5,7 @@ the broker; otherwise a crash loses the record for good. The outbox keeps letter
 acknowledged: `send()` hands queued letters to the producer and never raises, `flush()` waits for
 the acknowledgements and puts failed letters back at the head. Callers checkpoint (snapshot,
 offset commit) only when `flush()` returns True. Letters are built with
-`hsnn.events.dead_letter_record`, which truncates the original, so a send never fails for size.
+`streaming.events.dead_letter_record`, which truncates the original, so a send never fails for size.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from hsnn.events import dead_letter_record
+from streaming.events import dead_letter_record
 
 log = logging.getLogger("hsnn.dead_letters")
 
