@@ -24,7 +24,7 @@ from chaos.harness import Service, create_topics, end_offsets, kafka_bootstrap, 
 from chaos.report import ExperimentResult, add_loop_options, finish, tidy_work_dir
 from streaming.events import ImpressionEvent, UserFeatures, encode, event_key, read_dead_letter
 from streaming.snapshots import SnapshotStore
-from trainer.service import consumed_ids, is_held_out
+from trainer.bookkeeping import consumed_ids, is_held_out
 from worlds.planted import tiny_hsnn_config
 
 HOLDOUT = 20

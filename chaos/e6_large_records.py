@@ -26,7 +26,7 @@ from indexer.service import read_catalogue_offsets
 from streaming.events import encode, event_key, read_dead_letter
 from streaming.index_store import catalog_entry
 from streaming.snapshots import SnapshotStore
-from trainer.service import consumed_ids, is_held_out
+from trainer.bookkeeping import consumed_ids, is_held_out
 from worlds.planted import tiny_hsnn_config
 
 HOLDOUT = 20

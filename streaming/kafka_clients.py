@@ -39,7 +39,9 @@ def dead_letter_producer(bootstrap_servers: str, *, shared_connection: bool = Tr
 
     `shared_connection=False` keeps kafka-python's own reconnect back-off and request timeout (the indexer's).
     """
-    base = connection_options(bootstrap_servers) if shared_connection else {
-        "bootstrap_servers": bootstrap_list(bootstrap_servers)
-    }
+    base = (
+        connection_options(bootstrap_servers)
+        if shared_connection
+        else {"bootstrap_servers": bootstrap_list(bootstrap_servers)}
+    )
     return KafkaProducer(**{**base, "acks": "all", "linger_ms": 5, "max_block_ms": 2000, **options})

@@ -28,7 +28,7 @@ OPS = ROOT / "ops"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 PROMETHEUS_DIR = OPS / "prometheus"
 DASHBOARD = OPS / "grafana" / "dashboards" / "hsnn.json"
-SERVICE_SOURCES = ("trainer", "indexer", "publisher", "retrieval_api")
+SERVICE_SOURCES = ("trainer", "indexer", "retrieval_api")  # the publisher is trainer/publisher.py
 REQUIRE = os.environ.get("HSNN_REQUIRE_SERVERS") == "1"
 
 # The metric names the services export (the contract); dashboards and alerts may use only these.

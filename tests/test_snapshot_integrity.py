@@ -11,8 +11,8 @@ import torch
 
 from hsnn.config import preset
 from hsnn.monn import MoNN
-from publisher.publisher import Publisher, PublisherSettings
 from streaming.snapshots import CorruptSnapshot, Manifest, SnapshotStore, manifest_digest
+from trainer.publisher import Publisher, PublisherSettings
 from worlds.planted import SCHEMA
 
 OFFSETS = {"hsnn.impressions": {"0": 10}}

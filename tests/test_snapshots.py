@@ -8,8 +8,8 @@ import torch
 
 from hsnn.config import preset
 from hsnn.monn import MoNN
-from publisher.publisher import Publisher, PublisherSettings
 from streaming.snapshots import DONE_MARKER, CorruptSnapshot, SnapshotStore
+from trainer.publisher import Publisher, PublisherSettings
 from worlds.planted import SCHEMA
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from streaming.events import ItemEvent, ItemFeatures
-from trainer.service import Catalogue, OffsetBook, consumed_ids, is_held_out, truncate_lines
+from trainer.bookkeeping import OffsetBook, consumed_ids, is_held_out, truncate_lines
+from trainer.catalogue import Catalogue
 
 
 def test_held_out_rule_is_deterministic_and_about_one_in_n() -> None:
@@ -63,7 +64,7 @@ def test_snapshot_notice_carries_what_a_reader_needs():
     import json
 
     from streaming.snapshots import Manifest, Pointer
-    from trainer.service import snapshot_notice
+    from trainer.publisher import snapshot_notice
 
     manifest = Manifest(version=7, created_at=100.0, event_time_watermark=90.0, eval_metrics={"ne": 0.8})
     notice = json.loads(snapshot_notice(Pointer(version=7, promoted_at=101.0), manifest))

@@ -15,7 +15,8 @@ import threading
 from streaming.health import Heartbeat, serve_metrics_and_liveness
 from streaming.offsets import StoredOffsetOutOfRange
 from trainer.fencing import LeaseHeld, LeaseLost
-from trainer.service import OnlineTrainer, TrainerMetrics
+from trainer.metrics import TrainerMetrics
+from trainer.service import OnlineTrainer
 from trainer.settings import TrainerSettings
 
 log = logging.getLogger("hsnn.trainer")

@@ -34,8 +34,9 @@ from streaming.events import (
 )
 from streaming.offsets import StoredOffsetOutOfRange
 from streaming.snapshots import SnapshotStore
+from trainer.bookkeeping import consumed_ids, is_held_out
 from trainer.fencing import LeaseHeld
-from trainer.service import OnlineTrainer, consumed_ids, is_held_out
+from trainer.service import OnlineTrainer
 from trainer.settings import TrainerSettings
 from worlds.planted import tiny_hsnn_config
 

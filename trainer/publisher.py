@@ -1,4 +1,4 @@
-"""The publisher: turns a trainer's model into a promoted, versioned snapshot.
+"""The trainer's publisher: turns its model into a promoted, versioned snapshot (and a notice of it).
 
 Every hand-off is written (versions only grow), then a quality gate decides promotion:
 
@@ -17,6 +17,7 @@ when set: a rollback or a new API pod needs them); if Redis cannot be read, noth
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -55,6 +56,20 @@ class PublishResult:
     manifest: Manifest
     promoted: bool
     reason: str
+
+
+def snapshot_notice(pointer: Pointer, manifest: Manifest) -> bytes:
+    """The JSON notice sent for a promoted snapshot: enough for a reader to decide whether to load it."""
+    return json.dumps(
+        {
+            "version": pointer.version,
+            "promoted_at": pointer.promoted_at,
+            "created_at": manifest.created_at,
+            "event_time_watermark": manifest.event_time_watermark,
+            "eval_metrics": manifest.eval_metrics,
+        },
+        sort_keys=True,
+    ).encode()
 
 
 def finite(value: float | None) -> bool:
