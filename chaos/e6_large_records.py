@@ -22,7 +22,7 @@ from typing import Any
 from bench.trainer_throughput import make_events
 from chaos.harness import Service, create_topics, end_offsets, kafka_bootstrap, produce, read_topic, wait_for
 from chaos.report import ExperimentResult, add_loop_options, finish, tidy_work_dir
-from indexer.service import read_catalogue_offsets
+from indexer.catalogue_offsets import read_catalogue_offsets
 from streaming.events import encode, event_key, read_dead_letter
 from streaming.index_store import catalog_entry
 from streaming.snapshots import SnapshotStore

@@ -23,7 +23,8 @@ import httpx
 
 from chaos.report import ExperimentResult
 from chaos.world import StatusCounter, planted_world, request_bodies, tiny_model, wait_until
-from indexer.service import Indexer, IndexerMetrics
+from indexer.metrics import IndexerMetrics
+from indexer.service import Indexer
 from indexer.settings import IndexerSettings
 from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings

@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from indexer.service import IndexerMetrics
+from indexer.metrics import IndexerMetrics
 from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings
 from trainer.metrics import TrainerMetrics

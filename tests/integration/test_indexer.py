@@ -14,7 +14,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from hsnn.index import build_index, level_health, within_capacity
 from hsnn.model import HSNN
 from hsnn.training import train
-from indexer.service import Indexer, IndexerMetrics, read_catalogue_offsets, write_catalogue_offsets
+from indexer.catalogue_offsets import read_catalogue_offsets, write_catalogue_offsets
+from indexer.metrics import IndexerMetrics
+from indexer.service import Indexer
 from indexer.settings import IndexerSettings
 from streaming.events import ItemEvent, ItemFeatures, encode, event_key, read_dead_letter
 from streaming.index_store import (
