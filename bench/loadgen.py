@@ -56,7 +56,7 @@ from hsnn.training import train
 from retrieval_api.catalogs import save_catalog
 from retrieval_api.state import Catalog, load_pair_from_store
 from streaming.snapshots import SnapshotStore
-from worlds.planted import PlantedWorld, make_batches, make_users, make_world, tiny_hsnn_config
+from worlds.planted import PlantedWorld, make_batches, make_users, make_world, tiny_hsnn_config, user_json
 
 CATEGORIES = 64
 ADVERTISERS_PER_CATEGORY = 8
@@ -98,20 +98,7 @@ def train_model(base: PlantedWorld, steps: int, nodes: tuple[int, ...], seed: in
 
 
 def user_bodies(users: UserBatch, k: int) -> list[dict]:
-    bodies = []
-    for row in range(len(users)):
-        live = users.history["item_id"][row] > 0
-        history = [
-            {
-                "attributes": {name: int(values[row, h]) for name, values in users.history.items()},
-                "age_hours": round(float(users.history_age[row, h]), 3),
-            }
-            for h in torch.nonzero(live).flatten().tolist()
-        ]
-        sparse = {name: [i for i in ids[row].tolist() if i > 0] for name, ids in users.sparse.items()}
-        user = {"dense": users.dense[row].tolist(), "sparse": sparse, "history": history}
-        bodies.append({"user": user, "k": k})
-    return bodies
+    return [{"user": user_json(users, row, age_decimals=3), "k": k} for row in range(len(users))]
 
 
 def free_port() -> int:

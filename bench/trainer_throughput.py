@@ -32,16 +32,8 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from prometheus_client import CollectorRegistry
 
 from hsnn.config import HSNNConfig, LTIConfig, preset
-from streaming.events import (
-    Engagement,
-    ImpressionEvent,
-    ItemEvent,
-    ItemFeatures,
-    Labels,
-    UserFeatures,
-    encode,
-    event_key,
-)
+from streaming import events as contract
+from streaming.events import ImpressionEvent, ItemEvent, ItemFeatures, UserFeatures
 from trainer.service import OnlineTrainer
 from trainer.settings import TrainerSettings
 from worlds.planted import SCHEMA
@@ -66,7 +58,9 @@ def make_events(count: int, ads: int, seed: int = 0) -> tuple[list[ItemEvent], l
     impressions = []
     for i, (ad, click) in enumerate(zip(ad_ids, clicks, strict=True)):
         history = [
-            Engagement(attributes={"item_id": h, "advertiser": h % 97 + 1, "category": h % 13 + 1}, age_hours=float(j))
+            contract.Engagement(
+                attributes={"item_id": h, "advertiser": h % 97 + 1, "category": h % 13 + 1}, age_hours=float(j)
+            )
             for j, h in enumerate(((ad * 7 + i) % ads + 1, (ad * 13 + i) % ads + 1, ad))
         ]
         impressions.append(
@@ -77,7 +71,7 @@ def make_events(count: int, ads: int, seed: int = 0) -> tuple[list[ItemEvent], l
                     dense=[0.1, -0.2], sparse={"segment": [i % 32 + 1], "age_bucket": [i % 8]}, history=history
                 ),
                 ad_id=ad,
-                labels=Labels(click=click, conversion=0),
+                labels=contract.Labels(click=click, conversion=0),
             )
         )
     return items, impressions
@@ -192,12 +186,12 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=1 << 18)
         for event in items:
-            producer.send(topics["items"], key=event_key(event), value=encode(event))
+            producer.send(topics["items"], key=contract.event_key(event), value=contract.encode(event))
         record_bytes = 0
         for event in impressions:
-            value = encode(event)
+            value = contract.encode(event)
             record_bytes += len(value)
-            producer.send(topics["imp"], key=event_key(event), value=value)
+            producer.send(topics["imp"], key=contract.event_key(event), value=value)
         producer.flush()
         producer.close()
         histories = [len(e.user.history) for e in impressions]

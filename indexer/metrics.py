@@ -11,52 +11,60 @@ _REBUILD_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
 class IndexerMetrics:
+    """The indexer's series: the index it serves, item events, rebuilds, the catalogue's replays, its loop."""
+
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or service_registry()
-        kw = {"registry": self.registry}
-        self.event_to_indexed = Histogram(
+
+        def gauge(name: str, doc: str, *labels: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=self.registry)
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(name, doc, labels, registry=self.registry)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, buckets=buckets, registry=self.registry)
+
+        # declared in this order, which is the order of /metrics
+        self.event_to_indexed = histogram(
             "hsnn_indexer_item_event_to_indexed_seconds",
             "Item event time to the change being written to Redis",
-            buckets=_LATENCY_BUCKETS,
-            **kw,
+            _LATENCY_BUCKETS,
         )
-        self.index_version = Gauge("hsnn_indexer_index_version", "Index version the pointer holds", **kw)
-        self.model_version = Gauge("hsnn_indexer_model_version", "Snapshot version of the current index", **kw)
-        self.published = Gauge(
-            "hsnn_indexer_index_published_timestamp_seconds", "When the current index version was flipped in", **kw
+        self.index_version = gauge("hsnn_indexer_index_version", "Index version the pointer holds")
+        self.model_version = gauge("hsnn_indexer_model_version", "Snapshot version of the current index")
+        self.published = gauge(
+            "hsnn_indexer_index_published_timestamp_seconds", "When the current index version was flipped in"
         )
-        self.node_size = Gauge(
-            "hsnn_indexer_node_size_max_over_mean", "Largest node / mean node (live items) per level", ["level"], **kw
+        self.node_size = gauge(
+            "hsnn_indexer_node_size_max_over_mean", "Largest node / mean node (live items) per level", "level"
         )
-        self.refused_indexes = Counter(
-            "hsnn_indexer_refused_indexes", "Built indexes not flipped live: a node past max_node_over_mean", **kw
+        self.refused_indexes = counter(
+            "hsnn_indexer_refused_indexes", "Built indexes not flipped live: a node past max_node_over_mean"
         )
-        self.dead_letters = Counter("hsnn_indexer_dead_letters", "Item events sent to the dead-letter topic", **kw)
-        self.rebuild_seconds = Histogram(
-            "hsnn_indexer_rebuild_seconds", "Full index rebuild, catalogue scan to flip", buckets=_REBUILD_BUCKETS, **kw
+        self.dead_letters = counter("hsnn_indexer_dead_letters", "Item events sent to the dead-letter topic")
+        self.rebuild_seconds = histogram(
+            "hsnn_indexer_rebuild_seconds", "Full index rebuild, catalogue scan to flip", _REBUILD_BUCKETS
         )
-        self.snapshot_failures = Counter(
-            "hsnn_indexer_snapshot_failures", "Promoted snapshots refused (corrupt, unreadable, wrong kind)", **kw
+        self.snapshot_failures = counter(
+            "hsnn_indexer_snapshot_failures", "Promoted snapshots refused (corrupt, unreadable, wrong kind)"
         )
-        self.item_events = Counter(
-            "hsnn_indexer_item_events", "Item events by outcome (applied, superseded)", ["outcome"], **kw
+        self.item_events = counter(
+            "hsnn_indexer_item_events", "Item events by outcome (applied, superseded)", "outcome"
         )
-        self.skipped_ads = Counter(
-            "hsnn_indexer_rebuild_skipped_ads", "Catalogue ads left out of a rebuild (do not fit the schema)", **kw
+        self.skipped_ads = counter(
+            "hsnn_indexer_rebuild_skipped_ads", "Catalogue ads left out of a rebuild (do not fit the schema)"
         )
-        self.catalogue_replays = Counter(
+        self.catalogue_replays = counter(
             "hsnn_indexer_catalogue_replays",
             "Replays of the items topic because Redis lost (part of) the catalogue",
-            ["reason"],
-            **kw,
+            "reason",
         )
-        self.replaying = Gauge("hsnn_indexer_catalogue_replaying", "1 while the catalogue is being replayed", **kw)
-        self.deferred_rebuilds = Counter(
-            "hsnn_indexer_rebuilds_deferred", "Rebuilds not done because the catalogue is incomplete", **kw
+        self.replaying = gauge("hsnn_indexer_catalogue_replaying", "1 while the catalogue is being replayed")
+        self.deferred_rebuilds = counter(
+            "hsnn_indexer_rebuilds_deferred", "Rebuilds not done because the catalogue is incomplete"
         )
-        self.pending_dead_letters = Gauge(
-            "hsnn_indexer_dead_letters_pending", "Dead letters not yet acknowledged (offsets wait for them)", **kw
+        self.pending_dead_letters = gauge(
+            "hsnn_indexer_dead_letters_pending", "Dead letters not yet acknowledged (offsets wait for them)"
         )
-        self.loop_errors = Counter(
-            "hsnn_indexer_loop_errors", "Kafka or Redis errors the loop survived", ["system"], **kw
-        )
+        self.loop_errors = counter("hsnn_indexer_loop_errors", "Kafka or Redis errors the loop survived", "system")

@@ -59,35 +59,17 @@ class IndexNotFound(LookupError):
 
 @dataclass(frozen=True)
 class IndexKeys:
+    """Every Redis key of the layout under one prefix (docs/index_store.md)."""
+
     prefix: str = DEFAULT_PREFIX
 
-    @property
-    def current(self) -> str:
-        return f"{self.prefix}index:current"
-
-    @property
-    def previous(self) -> str:
-        return f"{self.prefix}index:previous"
-
-    @property
-    def next_version(self) -> str:
-        return f"{self.prefix}index:next_version"
-
-    @property
-    def versions(self) -> str:
-        return f"{self.prefix}index:versions"
-
-    @property
-    def flips(self) -> str:
-        return f"{self.prefix}index:flips"
-
-    @property
-    def catalog(self) -> str:
-        return f"{self.prefix}catalog"
-
-    @property
-    def changes(self) -> str:
-        return f"{self.prefix}catalog:changes"
+    current = property(lambda self: f"{self.prefix}index:current")  # the served index version
+    previous = property(lambda self: f"{self.prefix}index:previous")  # the one before it (rollback)
+    next_version = property(lambda self: f"{self.prefix}index:next_version")  # INCR counter
+    versions = property(lambda self: f"{self.prefix}index:versions")  # every version written, not yet GC-ed
+    flips = property(lambda self: f"{self.prefix}index:flips")  # pub/sub: the version after a flip or rollback
+    catalog = property(lambda self: f"{self.prefix}catalog")  # ad id -> newest item event
+    changes = property(lambda self: f"{self.prefix}catalog:changes")  # stream of changed ad ids
 
     def meta(self, version: int) -> str:
         return f"{self.prefix}idx:{version}:meta"

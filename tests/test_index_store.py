@@ -8,7 +8,6 @@ import torch
 from hsnn.index import build_index
 from hsnn.model import HSNN
 from hsnn.serving import retrieve, retrieve_exhaustive
-from hsnn.training import train
 from streaming.events import ItemEvent, ItemFeatures
 from streaming.index_store import (
     CatalogEntry,
@@ -19,7 +18,7 @@ from streaming.index_store import (
     encode_blob,
     fits_schema,
 )
-from worlds.planted import SCHEMA, make_batches, make_users, make_world, tiny_hsnn_config
+from worlds.planted import SCHEMA, briefly_trained, make_users, make_world
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +29,7 @@ def world():
 @pytest.fixture(scope="module")
 def small_hsnn(world) -> HSNN:
     """A briefly trained tiny HSNN (a few steps: the tests need a fixed model, not a good one)."""
-    torch.manual_seed(3)
-    model = HSNN(tiny_hsnn_config(num_nodes=(8, 4)))
-    train(model, make_batches(world, 6, 128, seed=4, users_per_batch=32))
-    return model.eval()
+    return briefly_trained(world, batches=6, seed=4)
 
 
 @pytest.mark.parametrize(

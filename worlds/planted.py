@@ -17,17 +17,21 @@ import torch
 from torch import Tensor
 
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
+from hsnn.model import HSNN
+from hsnn.training import train
 from streaming.presets import TINY_SCHEMA, tiny_hsnn_config, tiny_monn
 
 __all__ = [
     "SCHEMA",
     "PlantedWorld",
+    "briefly_trained",
     "make_batches",
     "make_users",
     "make_world",
     "tiny_hsnn_config",
     "tiny_monn",
     "true_logits",
+    "user_json",
 ]
 
 SCHEMA = TINY_SCHEMA  # the planted world speaks the tiny preset's features
@@ -142,3 +146,37 @@ def make_batches(
             )
         )
     return batches
+
+
+def briefly_trained(
+    world: PlantedWorld,
+    batches: int,
+    seed: int,
+    torch_seed: int = 3,
+    num_nodes: tuple[int, ...] = (8, 4),
+    batch_size: int = 128,
+    users_per_batch: int = 32,
+) -> HSNN:
+    """A tiny HSNN trained on a few planted batches: a fixed model for tests and benches, not a good one."""
+    torch.manual_seed(torch_seed)
+    model = HSNN(tiny_hsnn_config(num_nodes=num_nodes))
+    train(model, make_batches(world, batches, batch_size, seed=seed, users_per_batch=users_per_batch))
+    return model.eval()
+
+
+def user_json(users: UserBatch, row: int, age_decimals: int | None = None) -> dict:
+    """One user of a batch as the API's JSON `user` (padding dropped; ages rounded if `age_decimals`)."""
+    live = users.history["item_id"][row] > 0
+    history = [
+        {
+            "attributes": {name: int(values[row, h]) for name, values in users.history.items()},
+            "age_hours": _age(float(users.history_age[row, h]), age_decimals),
+        }
+        for h in torch.nonzero(live).flatten().tolist()
+    ]
+    sparse = {name: [i for i in ids[row].tolist() if i > 0] for name, ids in users.sparse.items()}
+    return {"dense": users.dense[row].tolist(), "sparse": sparse, "history": history}
+
+
+def _age(hours: float, decimals: int | None) -> float:
+    return hours if decimals is None else round(hours, decimals)

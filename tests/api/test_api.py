@@ -22,7 +22,7 @@ from retrieval_api.settings import ApiSettings
 from retrieval_api.state import Catalog, ServingState, load_pair_from_store
 from streaming.events import UserFeatures, users_to_batch
 from streaming.snapshots import CorruptSnapshot, SnapshotStore
-from worlds.planted import make_batches, make_users, make_world, tiny_hsnn_config
+from worlds.planted import make_batches, make_users, make_world, tiny_hsnn_config, user_json
 
 WIDE = [8, 32]  # every node of a (8, 4) index: layer-wise search then equals exhaustive scoring
 NUM_USERS = 8
@@ -62,20 +62,6 @@ def pairs(store, api_world):
 @pytest.fixture(scope="module")
 def users(api_world) -> UserBatch:
     return make_users(api_world, NUM_USERS, seed=11)[0]
-
-
-def user_json(users: UserBatch, row: int) -> dict:
-    """One planted user as the API's JSON body (padding dropped)."""
-    live = users.history["item_id"][row] > 0
-    history = [
-        {
-            "attributes": {name: int(values[row, h]) for name, values in users.history.items()},
-            "age_hours": float(users.history_age[row, h]),
-        }
-        for h in torch.nonzero(live).flatten().tolist()
-    ]
-    sparse = {name: [i for i in ids[row].tolist() if i > 0] for name, ids in users.sparse.items()}
-    return {"dense": users.dense[row].tolist(), "sparse": sparse, "history": history}
 
 
 def make_client(pair=None, **overrides) -> tuple[httpx.AsyncClient, ServingState, object]:

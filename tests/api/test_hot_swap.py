@@ -15,7 +15,7 @@ from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import Catalog, CatalogIndexSource, ServingState
 from streaming.snapshots import SnapshotStore
-from worlds.planted import make_users, make_world, tiny_hsnn_config
+from worlds.planted import make_users, make_world, tiny_hsnn_config, user_json
 
 BEAMS = [3, 3]
 
@@ -38,19 +38,7 @@ def models() -> list[HSNN]:
 @pytest.fixture(scope="module")
 def bodies(world) -> list[dict]:
     users = make_users(world, 6, seed=2)[0]
-    out = []
-    for row in range(len(users)):
-        live = users.history["item_id"][row] > 0
-        history = [
-            {
-                "attributes": {name: int(values[row, h]) for name, values in users.history.items()},
-                "age_hours": float(users.history_age[row, h]),
-            }
-            for h in torch.nonzero(live).flatten().tolist()
-        ]
-        sparse = {name: [i for i in ids[row].tolist() if i > 0] for name, ids in users.sparse.items()}
-        out.append({"user": {"dense": users.dense[row].tolist(), "sparse": sparse, "history": history}, "k": 10})
-    return out
+    return [{"user": user_json(users, row), "k": 10} for row in range(len(users))]
 
 
 def make_app(store: SnapshotStore, world, **overrides):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -11,19 +12,14 @@ from fastapi.testclient import TestClient
 
 from retrieval_api.app import create_app
 from retrieval_api.items import ItemForwarder
+from retrieval_api.schemas import ITEM_EVENTS_EXAMPLE
 from retrieval_api.settings import ApiSettings
 from streaming.events import ItemEvent, decode_item, encode
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-CREATE = {
-    "schema_version": 1,
-    "op": "create",
-    "ad_id": 1207,
-    "event_time": 1767225000.0,
-    "sequence": 1,
-    "features": {"dense": [0.8, -0.1, 1.9, 0.05], "sparse": {"advertiser": 204, "category": 12}},
-}
+CREATE = copy.deepcopy(ITEM_EVENTS_EXAMPLE["events"][0])  # the create of the OpenAPI example (ad 1207)
+assert CREATE["op"] == "create" and CREATE["ad_id"] == 1207
 EXPIRE = {"schema_version": 1, "op": "expire", "ad_id": 88, "event_time": 1767225010, "sequence": 4}
 
 
