@@ -51,17 +51,17 @@ class RedisServer(ServerLifecycle):
         self.log_path = self.data_dir / "redis.log"
         self._proc: ManagedProcess | None = None
 
+    @property
+    def url(self) -> str:
+        """Value for redis.Redis.from_url (database 0)."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
     @staticmethod
     def unavailable_reason() -> str | None:
         """Why redis cannot be started here, or None if it can (for test skips)."""
         if redis_server_executable() is None:
             return "redis-server not found (run devservers/install.sh or set HSNN_REDIS_SERVER)"
         return None
-
-    @property
-    def url(self) -> str:
-        """Value for redis.Redis.from_url (database 0)."""
-        return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self, **kwargs: Any) -> Any:
         """A new redis-py client for this server (caller closes it)."""
