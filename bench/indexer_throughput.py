@@ -330,7 +330,11 @@ def report(args, rows: list[dict], latency: dict | None, command: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.indexer_throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--redis-url", help="a running Redis; default: start one with devservers")
     parser.add_argument("--bootstrap", help="a running Kafka broker; default: start one with devservers")
     parser.add_argument("--ads", type=int, nargs="+", default=[100_000, 1_000_000], help="catalogue sizes")

@@ -142,7 +142,11 @@ def write_report(label: str, result: dict, path: Path = REPORT) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.trainer_throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--bootstrap", help="a running broker; default: start one with devservers")
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--source", choices=("simulator", "synthetic"), default="simulator")

@@ -32,7 +32,7 @@ def _train(model: torch.nn.Module, batches: list, epochs: int, label: str) -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m demo.model_only", description=__doc__)
     parser.add_argument("--items", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
