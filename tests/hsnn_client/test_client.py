@@ -71,7 +71,7 @@ def test_a_wrong_token_is_rejected_not_retried(served: ServingState) -> None:
 
 
 def test_the_api_reports_the_version_written_in_pyproject(api: RetrievalClient) -> None:
-    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     written = re.search(r'^version = "([^"]+)"', pyproject, re.MULTILINE).group(1)
     assert api.http.get("/openapi.json").json()["info"]["version"] == package_version() == written
 

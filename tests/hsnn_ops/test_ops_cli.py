@@ -17,7 +17,7 @@ from hsnn_ops import cli
 from streaming.snapshots import SnapshotStore
 from worlds.planted import tiny_hsnn_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any]]:

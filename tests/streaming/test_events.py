@@ -228,7 +228,7 @@ def test_dead_letter_keeps_the_original_bytes():
 
 
 def test_examples_in_the_schema_doc_are_valid():
-    text = (Path(__file__).resolve().parents[1] / "docs" / "events.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "events.md").read_text()
     blocks = re.findall(r"```json\n(.*?)```", text, flags=re.DOTALL)
     kinds = []
     for block in blocks:
