@@ -29,9 +29,9 @@ from hsnn.config import HSNNConfig, LTIConfig
 from hsnn.metrics import auc, calibration, normalized_entropy
 from hsnn.model import HSNN, platt_fit
 from hsnn.monn import MoNN
-from hsnn.planted import tiny_monn
 from hsnn.progress import progress_bar
 from hsnn.training import item_logits, make_optimizer, train_step
+from worlds.planted import tiny_monn
 
 SPLIT = (0.7, 0.1)  # train, calibration-fit; the rest is measured
 BATCH_SIZE = 256

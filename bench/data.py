@@ -10,11 +10,11 @@ import torch
 
 from bench.datasets import gowalla, movielens
 from bench.harness import BenchData
-from hsnn.events import ItemFeatures, impressions_to_batch, users_to_batch
 from hsnn.features import TrainingBatch
-from hsnn.planted import SCHEMA, make_batches, make_users, make_world, true_logits
 from hsnn.progress import progress_bar
-from hsnn.simulator import Marketplace, feature_schema, scaled_config
+from streaming.events import ItemFeatures, impressions_to_batch, users_to_batch
+from worlds.planted import SCHEMA, make_batches, make_users, make_world, true_logits
+from worlds.simulator import Marketplace, feature_schema, scaled_config
 
 
 def planted_data(num_items: int, num_eval_users: int, batch_size: int = 256, seed: int = 0) -> BenchData:

@@ -22,7 +22,7 @@ from bench.methods_mf import MFSoftmaxConfig, mf_softmax
 from hsnn.config import HSNNConfig, LTIConfig, MoNNConfig, preset
 from hsnn.lti import beams_for_budget, index_shape
 from hsnn.monn import MoNN
-from hsnn.planted import tiny_monn
+from worlds.planted import tiny_monn
 
 # joint: the LTI with every default aid (the index freezes, capped, for the second half of the steps);
 # joint_plain: the first LTI (soft only, FLOPs regulariser and dead-code re-seeding, random codebook trained by

@@ -19,13 +19,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.trainer_throughput import bench_config, make_events
 from chaos.harness import Service, create_topics, end_offsets, kafka_bootstrap, produce, read_topic, wait_for
-from chaos.report import ExperimentResult, add_loop_options, finish, tidy_work_dir
-from hsnn.events import ImpressionEvent, UserFeatures, encode, event_key, read_dead_letter
-from hsnn.planted import tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
-from trainer.bench import bench_config, make_events
-from trainer.service import consumed_ids, is_held_out
+from chaos.report import ExperimentResult, finish, loop_result, parse_loop_args
+from streaming.events import ImpressionEvent, UserFeatures, encode, event_key, read_dead_letter
+from streaming.snapshots import SnapshotStore
+from trainer.bookkeeping import consumed_ids, is_held_out
+from worlds.planted import tiny_hsnn_config
 
 HOLDOUT = 20
 
@@ -154,17 +154,19 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         "model": args.model,
         "seconds": round(time.monotonic() - started, 1),
     }
-    result = ExperimentResult(
-        experiment=args.report_key or "e1",
-        title=f"trainer SIGKILLs ({mid_snapshot} mid-snapshot) during a feed with 1% malformed, then SIGTERM drain",
-        command=args.command,
-        runs=1,
+    title = f"trainer SIGKILLs ({mid_snapshot} mid-snapshot) during a feed with 1% malformed, then SIGTERM drain"
+    return loop_result(
+        args,
+        "e1",
+        title,
+        started,
+        work,
+        checks,
+        details,
         faults_injected=args.kills + (len(positions) - len(good_ids)),
         lost=lost,
         duplicated=duplicated,
-        checks={**checks, "details": details},
-    ).finish(all(checks.values()), started)
-    return tidy_work_dir(result, work, args.keep, details)
+    )
 
 
 def _kill_in_snapshot(trainer: Service, staging: Path, left_over: set[Path], timeout: float) -> bool:
@@ -201,11 +203,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--min-wait", type=float, default=1.0, help="seconds after a start before a timed kill")
     parser.add_argument("--max-wait", type=float, default=30.0, help="longest wait for a kill point")
     parser.add_argument("--drain-timeout", type=float, default=1800.0)
-    add_loop_options(parser, "e1")
-    args = parser.parse_args(argv)
+    args = parse_loop_args(parser, "e1", argv)
     if args.snapshot_every <= 0:
         args.snapshot_every = max(50, args.impressions // ((args.kills + 1) * 3))
-    args.command = "python -m chaos e1 " + " ".join(argv) if argv else "python -m chaos e1"
     return args
 
 

@@ -24,14 +24,14 @@ from pathlib import Path
 import redis as redis_lib
 import torch
 
-from chaos.harness import Service, create_topics, kafka_bootstrap, produce, wait_for
-from chaos.report import ExperimentResult, add_loop_options, finish, tidy_work_dir
-from hsnn.events import ItemEvent, ItemFeatures, encode, event_key, supersedes
-from hsnn.index_store import current_version, load_index, read_catalog, read_meta
+from chaos.harness import create_topics, indexer_service, kafka_bootstrap, produce, wait_for
+from chaos.report import ExperimentResult, finish, loop_result, parse_loop_args
 from hsnn.model import HSNN
-from hsnn.planted import make_batches, make_world, tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
 from hsnn.training import train
+from streaming.events import ItemEvent, ItemFeatures, encode, event_key, supersedes
+from streaming.index_store import current_version, load_index, read_catalog, read_meta
+from streaming.snapshots import SnapshotStore
+from worlds.planted import make_batches, make_world, tiny_hsnn_config
 
 
 class PointerSampler(threading.Thread):
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         for e in items[:: max(1, len(items) // (args.ads // 10 or 1))]
     ]
     feed = items + updates
-    parts = [feed[i :: 4] for i in range(4)]
+    parts = [feed[i::4] for i in range(4)]
     tag = uuid.uuid4().hex[:6]
     topics = {"items": f"e3-items-{tag}", "dlq": f"e3-items-dlq-{tag}"}
     prefix = f"e3-{tag}:"
@@ -116,24 +116,10 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         with kafka_bootstrap(work, args.bootstrap) as bootstrap:
             create_topics(bootstrap, [topics["items"]], args.partitions, compacted=[topics["items"]])
             create_topics(bootstrap, [topics["dlq"]], 1)
-            indexer = Service(
-                "indexer",
-                "HSNN_INDEXER_",
-                {
-                    "redis_url": redis_server.url,
-                    "kafka_bootstrap_servers": bootstrap,
-                    "items_topic": topics["items"],
-                    "dlq_topic": topics["dlq"],
-                    "group_id": f"e3-{tag}",
-                    "store_dir": store.root,
-                    "key_prefix": prefix,
-                    "metrics_port": 0,
-                    "poll_interval_s": 0.5,
-                    "redis_socket_timeout_s": 2,
-                    "redis_connect_timeout_s": 1,
-                },
-                work / "logs",
-            )
+            pair = (topics["items"], topics["dlq"])
+            logs = work / "logs"
+            timeouts = {"redis_socket_timeout_s": 2, "redis_connect_timeout_s": 1}
+            indexer = indexer_service(redis_server.url, bootstrap, pair, f"e3-{tag}", store, prefix, logs, **timeouts)
             indexer.start()
             sampler.start()
 
@@ -192,17 +178,19 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         "indexer_exit_code": exit_code,
         "seconds_to_converge": round(converged_at, 1),
     }
-    result = ExperimentResult(
-        experiment=args.report_key or "e3",
-        title="Redis kill -9 (AOF) and FLUSHALL under the indexer",
-        command=args.command,
-        runs=1,
+    title = "Redis kill -9 (AOF) and FLUSHALL under the indexer"
+    return loop_result(
+        args,
+        "e3",
+        title,
+        started,
+        work,
+        checks,
+        details,
         faults_injected=len(faults),
         lost=missing,
         duplicated=0,
-        checks={**checks, "details": details},
-    ).finish(all(checks.values()), started)
-    return tidy_work_dir(result, work, args.keep, details)
+    )
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -211,10 +199,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--fault-delay", type=float, default=0.3, help="seconds after a part is sent to the fault")
     parser.add_argument("--timeout", type=float, default=600.0, help="longest wait for the index to converge")
-    add_loop_options(parser, "e3")
-    args = parser.parse_args(argv)
-    args.command = "python -m chaos e3 " + " ".join(argv) if argv else "python -m chaos e3"
-    return args
+    return parse_loop_args(parser, "e3", argv)
 
 
 def main(argv: list[str]) -> int:

@@ -19,15 +19,24 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from chaos.harness import Service, create_topics, end_offsets, kafka_bootstrap, produce, read_topic, wait_for
-from chaos.report import ExperimentResult, add_loop_options, finish, tidy_work_dir
-from hsnn.events import encode, event_key, read_dead_letter
-from hsnn.index_store import catalog_entry
-from hsnn.planted import tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
-from indexer.service import read_catalogue_offsets
-from trainer.bench import make_events
-from trainer.service import consumed_ids, is_held_out
+from bench.trainer_throughput import make_events
+from chaos.harness import (
+    Service,
+    create_topics,
+    end_offsets,
+    indexer_service,
+    kafka_bootstrap,
+    produce,
+    read_topic,
+    wait_for,
+)
+from chaos.report import ExperimentResult, finish, loop_result, parse_loop_args
+from indexer.catalogue_offsets import read_catalogue_offsets
+from streaming.events import encode, event_key, read_dead_letter
+from streaming.index_store import catalog_entry
+from streaming.snapshots import SnapshotStore
+from trainer.bookkeeping import consumed_ids, is_held_out
+from worlds.planted import tiny_hsnn_config
 
 HOLDOUT = 20
 HUGE_BYTES = 900 * 1024
@@ -86,22 +95,9 @@ def run(args: argparse.Namespace) -> ExperimentResult:
                 },
                 work / "logs",
             )
-            indexer = Service(
-                "indexer",
-                "HSNN_INDEXER_",
-                {
-                    "redis_url": redis_server.url,
-                    "kafka_bootstrap_servers": bootstrap,
-                    "items_topic": topics["items"],
-                    "dlq_topic": topics["items-dlq"],
-                    "group_id": f"e6-{tag}",
-                    "store_dir": store.root,
-                    "key_prefix": prefix,
-                    "metrics_port": 0,
-                    "poll_interval_s": 0.5,
-                },
-                work / "logs",
-            )
+            pair = (topics["items"], topics["items-dlq"])
+            logs = work / "logs"
+            indexer = indexer_service(redis_server.url, bootstrap, pair, f"e6-{tag}", store, prefix, logs)
             services = [trainer, indexer]
             trainer.start()
             indexer.start()
@@ -182,17 +178,19 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         "snapshots_written": store.latest_version(),
         "seconds": round(time.monotonic() - started, 1),
     }
-    result = ExperimentResult(
-        experiment=args.report_key or "e6",
-        title="900 KB malformed records on hsnn.impressions and hsnn.items",
-        command=args.command,
-        runs=1,
+    title = "900 KB malformed records on hsnn.impressions and hsnn.items"
+    return loop_result(
+        args,
+        "e6",
+        title,
+        started,
+        work,
+        checks,
+        details,
         faults_injected=2 * args.huge,
         lost=lost,
         duplicated=duplicated,
-        checks={**checks, "details": details},
-    ).finish(all(checks.values()), started)
-    return tidy_work_dir(result, work, args.keep, details)
+    )
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -203,10 +201,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--late-ads", type=int, default=20, help="ads created after the huge records")
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0)
-    add_loop_options(parser, "e6")
-    args = parser.parse_args(argv)
-    args.command = "python -m chaos e6 " + " ".join(argv) if argv else "python -m chaos e6"
-    return args
+    return parse_loop_args(parser, "e6", argv)
 
 
 def main(argv: list[str]) -> int:

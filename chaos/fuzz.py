@@ -26,9 +26,9 @@ import httpx
 
 from chaos.report import ExperimentResult
 from chaos.world import BEAMS, live_api, planted_world, request_bodies, tiny_model, wait_until
-from hsnn.snapshots import SnapshotStore
 from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings
+from streaming.snapshots import SnapshotStore
 
 TOKEN = "chaos-e7-token"
 CASES_PER_MAX_EXAMPLE = 4  # cases schemathesis generates per unit of --max-examples over this API (measured)

@@ -147,3 +147,34 @@ class Service:
     def last_log(self, chars: int = 3000) -> str:
         path = self.logs / f"{self.module}-{self.starts:03d}.log"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+def indexer_service(
+    redis_url: str,
+    bootstrap: str,
+    topics: tuple[str, str],
+    group_id: str,
+    store: Any,
+    prefix: str,
+    logs: Path,
+    **settings: Any,
+) -> Service:
+    """`python -m indexer` on one store, (items, dead-letter) topic pair and key prefix; store checked every 0.5 s."""
+    items_topic, dlq_topic = topics
+    return Service(
+        "indexer",
+        "HSNN_INDEXER_",
+        {
+            "redis_url": redis_url,
+            "kafka_bootstrap_servers": bootstrap,
+            "items_topic": items_topic,
+            "dlq_topic": dlq_topic,
+            "group_id": group_id,
+            "store_dir": store.root,
+            "key_prefix": prefix,
+            "metrics_port": 0,
+            "poll_interval_s": 0.5,
+            **settings,
+        },
+        logs,
+    )

@@ -22,7 +22,10 @@ import torch
 
 from chaos.report import ExperimentResult
 from chaos.world import BEAMS, StatusCounter, planted_world, request_bodies, tiny_model
-from hsnn.events import (
+from retrieval_api.app import create_app
+from retrieval_api.settings import ApiSettings
+from retrieval_api.state import Catalog, CatalogIndexSource, ServingPair, ServingState
+from streaming.events import (
     IMPRESSIONS_TOPIC,
     MAX_FEATURE_MAGNITUDE,
     MalformedEvent,
@@ -31,9 +34,6 @@ from hsnn.events import (
     decode_item,
     read_dead_letter,
 )
-from retrieval_api.app import create_app
-from retrieval_api.settings import ApiSettings
-from retrieval_api.state import Catalog, CatalogIndexSource, ServingPair, ServingState
 
 T0 = 1_767_225_000.0
 TOKEN = "chaos-e5-token"

@@ -89,9 +89,42 @@ def add_loop_options(parser: argparse.ArgumentParser, experiment: str) -> None:
     parser.add_argument("--bootstrap", help="a running broker (default: start one with devservers)")
     parser.add_argument("--work", help="work directory (default: a new temp dir, removed when the run passes)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument(
-        "--report-key", default=experiment, help="key in reports/reliability.json ('' = do not record)"
-    )
+    parser.add_argument("--report-key", default=experiment, help="key in reports/reliability.json ('' = do not record)")
+
+
+def parse_loop_args(parser: argparse.ArgumentParser, experiment: str, argv: list[str]) -> argparse.Namespace:
+    """Add the loop options, parse `argv`, and keep the command line that reproduces the run (`args.command`)."""
+    add_loop_options(parser, experiment)
+    args = parser.parse_args(argv)
+    args.command = f"python -m chaos {experiment} " + " ".join(argv) if argv else f"python -m chaos {experiment}"
+    return args
+
+
+def loop_result(
+    args: argparse.Namespace,
+    experiment: str,
+    title: str,
+    started: float,
+    work: Path,
+    checks: dict[str, Any],
+    details: dict[str, Any],
+    *,
+    faults_injected: int,
+    lost: int,
+    duplicated: int,
+) -> ExperimentResult:
+    """The result of one run of a loop experiment (passed when every check holds), its work dir tidied."""
+    result = ExperimentResult(
+        experiment=args.report_key or experiment,
+        title=title,
+        command=args.command,
+        runs=1,
+        faults_injected=faults_injected,
+        lost=lost,
+        duplicated=duplicated,
+        checks={**checks, "details": details},
+    ).finish(all(checks.values()), started)
+    return tidy_work_dir(result, work, args.keep, details)
 
 
 def finish(result: ExperimentResult, report_key: str) -> int:

@@ -23,13 +23,14 @@ import httpx
 
 from chaos.report import ExperimentResult
 from chaos.world import StatusCounter, planted_world, request_bodies, tiny_model, wait_until
-from hsnn.events import ItemEvent, ItemFeatures
-from hsnn.snapshots import SnapshotStore
-from indexer.service import Indexer, IndexerMetrics
+from indexer.metrics import IndexerMetrics
+from indexer.service import Indexer
 from indexer.settings import IndexerSettings
 from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import ServingState
+from streaming.events import ItemEvent, ItemFeatures
+from streaming.snapshots import SnapshotStore
 
 log = logging.getLogger("chaos.e10")
 TOKEN = "chaos-e10-token"

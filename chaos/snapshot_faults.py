@@ -20,11 +20,11 @@ import httpx
 
 from chaos.report import ExperimentResult
 from chaos.world import BEAMS, StatusCounter, planted_world, request_bodies, tiny_model
-from hsnn.snapshots import DONE_MARKER, MANIFEST_FILE, POINTER_FILE, CorruptSnapshot, SnapshotStore
-from publisher.publisher import Publisher, PublisherSettings
 from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import Catalog, CatalogIndexSource, ServingState
+from streaming.snapshots import DONE_MARKER, MANIFEST_FILE, POINTER_FILE, CorruptSnapshot, SnapshotStore
+from trainer.publisher import Publisher, PublisherSettings
 
 
 def _flip_byte(path: Path, at: float = 0.5) -> None:

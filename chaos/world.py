@@ -15,9 +15,9 @@ from typing import Any
 import torch
 import uvicorn
 
+from bench.loadgen import user_bodies
 from hsnn.model import HSNN
-from hsnn.planted import PlantedWorld, make_users, make_world, tiny_hsnn_config
-from retrieval_api.loadgen import user_bodies
+from worlds.planted import PlantedWorld, make_users, make_world, tiny_hsnn_config
 
 BEAMS = [3, 3]
 NUM_ADS = 240

@@ -7,5 +7,5 @@ how fresh it is, how long a new ad takes to become retrievable, and the recall o
 against the simulator's true top-K. Ctrl-C (or SIGTERM) stops everything in order and prints a summary.
 
 The quick, core-only demo (train, index and serve on the planted problem, no services) stays
-`python -m hsnn.demo`.
+`python -m demo.model_only`.
 """

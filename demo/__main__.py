@@ -1,4 +1,4 @@
-"""`python -m demo`: the whole system on this machine (see demo/__init__.py; the core-only demo is hsnn.demo)."""
+"""`python -m demo`: the whole system on this machine (see demo/__init__.py; the core-only demo is demo.model_only)."""
 
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from hsnn import index_store
-from hsnn.events import ItemEvent
-from hsnn.snapshots import SnapshotStore
+from streaming import index_store
+from streaming.events import ItemEvent
+from streaming.snapshots import SnapshotStore
 
 
 def http_json(

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m demo",
         description="Run the whole system on this machine: Kafka, Redis, trainer, indexer, retrieval API, traffic.",
-        epilog="The quick core-only demo (no services) is `python -m hsnn.demo`.",
+        epilog="The quick core-only demo (no services) is `python -m demo.model_only`.",
     )
     parser.add_argument("--duration", type=float, default=0, help="stop by itself after this many seconds (0: never)")
     parser.add_argument(
@@ -104,8 +104,8 @@ def describe_exit(code: int | None) -> str:
 def model_config_json(market: Any) -> str:
     """The tiny HSNN preset (8x4 index, small MoNNs) over the simulator's feature schema."""
     from hsnn.config import HSNNConfig
-    from hsnn.planted import tiny_hsnn_config
-    from hsnn.simulator import feature_schema
+    from worlds.planted import tiny_hsnn_config
+    from worlds.simulator import feature_schema
 
     config = tiny_hsnn_config(num_nodes=(8, 4)).model_dump()
     config["features"] = feature_schema(market.config).model_dump()
@@ -190,7 +190,7 @@ class Demo:
 
         self.redis = redis_lib.Redis.from_url(self.redis_url)
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        from hsnn.snapshots import SnapshotStore
+        from streaming.snapshots import SnapshotStore
 
         self.store = SnapshotStore(self.store_dir)
         self.trainer_port, self.indexer_port = free_port(), free_port()

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 
 from feed.feed import FeedConfig, TokenBucket, make_producer, marketplace_for, simulated_events
-from hsnn.events import ItemEvent, encode, event_key
-from hsnn.simulator import Marketplace
+from streaming.events import ItemEvent, encode, event_key
+from worlds.simulator import Marketplace
 
 
 @dataclass

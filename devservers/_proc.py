@@ -200,7 +200,17 @@ _Server = TypeVar("_Server", bound="ServerLifecycle")
 
 
 class ServerLifecycle:
-    """restart() and the context-manager protocol, shared by KafkaServer and RedisServer."""
+    """running, pid, restart() and the context-manager protocol, shared by KafkaServer and RedisServer."""
+
+    _proc: ManagedProcess | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.running()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc is not None else None
 
     def start(self: _Server) -> _Server:
         raise NotImplementedError

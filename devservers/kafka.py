@@ -110,14 +110,6 @@ class KafkaServer(ServerLifecycle):
         """Value for kafka-python's `bootstrap_servers`."""
         return f"127.0.0.1:{self.broker_port}"
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.running()
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc is not None else None
-
     # ------------------------------------------------------------- lifecycle
     def start(self) -> KafkaServer:
         """Write config, format storage on first use, launch, wait until ready."""

@@ -13,21 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from devservers._proc import (
-    ManagedProcess,
-    ServerLifecycle,
-    ServerStartError,
-    env_path,
-    free_port,
-    port_accepts,
-    port_is_free,
-    progress,
-)
+from devservers import _proc as proc
+from devservers._proc import ManagedProcess, ServerLifecycle, ServerStartError
 
 
 def redis_server_executable() -> str | None:
     """$HSNN_REDIS_SERVER if set, else `redis-server` on PATH."""
-    explicit = env_path("HSNN_REDIS_SERVER")
+    explicit = proc.env_path("HSNN_REDIS_SERVER")
     if explicit is not None:
         return str(explicit) if explicit.exists() else None
     return shutil.which("redis-server")
@@ -51,7 +43,7 @@ class RedisServer(ServerLifecycle):
         extra_args: Sequence[str] = (),
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
-        self.port = port or free_port()
+        self.port = port or proc.free_port()
         self.appendonly = appendonly
         self.maxmemory = maxmemory
         self.startup_timeout = startup_timeout
@@ -59,25 +51,17 @@ class RedisServer(ServerLifecycle):
         self.log_path = self.data_dir / "redis.log"
         self._proc: ManagedProcess | None = None
 
+    @property
+    def url(self) -> str:
+        """Value for redis.Redis.from_url (database 0)."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
     @staticmethod
     def unavailable_reason() -> str | None:
         """Why redis cannot be started here, or None if it can (for test skips)."""
         if redis_server_executable() is None:
             return "redis-server not found (run devservers/install.sh or set HSNN_REDIS_SERVER)"
         return None
-
-    @property
-    def url(self) -> str:
-        """Value for redis.Redis.from_url (database 0)."""
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.running()
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc is not None else None
 
     def client(self, **kwargs: Any) -> Any:
         """A new redis-py client for this server (caller closes it)."""
@@ -92,7 +76,7 @@ class RedisServer(ServerLifecycle):
         binary = redis_server_executable()
         if binary is None:
             raise ServerStartError(self.unavailable_reason() or "redis-server not found")
-        if not port_is_free(self.port):
+        if not proc.port_is_free(self.port):
             raise ServerStartError(f"port {self.port} for Redis is already in use")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         options = {
@@ -111,11 +95,11 @@ class RedisServer(ServerLifecycle):
         for name, value in options.items():
             argv += [f"--{name}", value]
         argv += self.extra_args
-        progress(f"starting Redis on {self.url} (data: {self.data_dir})")
+        proc.progress(f"starting Redis on {self.url} (data: {self.data_dir})")
         self._proc = ManagedProcess("Redis", argv, self.log_path, self.data_dir)
         self._proc.spawn()
         took = self._proc.wait_ready(self._pings, self.startup_timeout, f"PING on port {self.port}")
-        progress(f"Redis ready on {self.url} after {took:.1f}s")
+        proc.progress(f"Redis ready on {self.url} after {took:.1f}s")
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -125,7 +109,7 @@ class RedisServer(ServerLifecycle):
             self._proc = None
 
     def _pings(self) -> bool:
-        if not port_accepts(self.port):
+        if not proc.port_accepts(self.port):
             return False
         client = self.client(socket_timeout=2.0, socket_connect_timeout=2.0)
         try:

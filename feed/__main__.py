@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from feed.feed import FeedConfig, missing_topics, run_feed
-from hsnn.events import IMPRESSIONS_TOPIC, ITEMS_TOPIC
-from hsnn.simulator import MarketplaceConfig
+from streaming.events import IMPRESSIONS_TOPIC, ITEMS_TOPIC
+from worlds.simulator import MarketplaceConfig
 
 
 def parse_args(argv: list[str] | None = None) -> FeedConfig:
@@ -33,25 +33,14 @@ def parse_args(argv: list[str] | None = None) -> FeedConfig:
     parser.add_argument("--no-create-topics", action="store_true", help="fail if a topic is missing")
     parser.add_argument("--config", type=Path, help="MarketplaceConfig JSON (replaces the --ads/--users sizing)")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    options = vars(parser.parse_args(argv))  # the option names are FeedConfig's, but for these three:
+    config_path = options.pop("config")
+    create_topics = not options.pop("no_create_topics")
+    progress = not options.pop("no_progress")
     marketplace = None
-    if args.config is not None:
-        marketplace = MarketplaceConfig.model_validate(json.loads(args.config.read_text()))
-    return FeedConfig(
-        bootstrap=args.bootstrap,
-        rate=args.rate,
-        impressions=args.impressions,
-        ads=args.ads,
-        users=args.users,
-        seed=args.seed,
-        malformed_rate=args.malformed_rate,
-        items_topic=args.items_topic,
-        impressions_topic=args.impressions_topic,
-        partitions=args.partitions,
-        create_topics=not args.no_create_topics,
-        progress=not args.no_progress,
-        marketplace=marketplace,
-    )
+    if config_path is not None:
+        marketplace = MarketplaceConfig.model_validate(json.loads(config_path.read_text()))
+    return FeedConfig(**options, create_topics=create_topics, progress=progress, marketplace=marketplace)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,8 @@
 
 Order: the initial catalogue's creates first, then the simulation in event-time order (the item events of a
 tick boundary before the impressions of that tick, so a create is always sent before any impression of its
-ad and an expire after the last one). Records are keyed with `hsnn.events.event_key`, encoded with
-`hsnn.events.encode`, paced by a token bucket, and acknowledged by all in-sync replicas (acks=all, idempotent
+ad and an expire after the last one). Records are keyed with `streaming.events.event_key`, encoded with
+`streaming.events.encode`, paced by a token bucket, and acknowledged by all in-sync replicas (acks=all, idempotent
 producer, so retries neither duplicate nor reorder an ad's events). Failed sends are counted, not raised.
 
 Optional malformed records (for DLQ tests and demos) are *extra* records on the same topics: the real
@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import Field
 
 from hsnn.config import StrictModel
-from hsnn.events import (
+from streaming.events import (
     IMPRESSIONS_DLQ,
     IMPRESSIONS_TOPIC,
     ITEMS_DLQ,
@@ -33,7 +33,7 @@ from hsnn.events import (
     encode,
     event_key,
 )
-from hsnn.simulator import Marketplace, MarketplaceConfig, scaled_config
+from worlds.simulator import Marketplace, MarketplaceConfig, scaled_config
 
 DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
 

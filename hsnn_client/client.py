@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
-from hsnn.events import ItemEvent, UserFeatures
-from hsnn.version import package_version
 from retrieval_api.schema_route import ServedSchema
 from retrieval_api.schemas import ItemEventsAccepted, ItemEventsRequest, RetrieveRequest, RetrieveResponse
+from streaming.events import ItemEvent, UserFeatures
+from streaming.version import package_version
 
 RETRYABLE_STATUS = frozenset({429, 503})
 

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from hsnn.settings import ServiceSettings
+from streaming.settings import ServiceSettings
 
 EXIT_OK, EXIT_REFUSED = 0, 1
 
@@ -54,7 +54,7 @@ class Context:
 
     def store(self) -> Any:
         """The store named by the flag, else the one the service container at hand mounts."""
-        from hsnn.snapshots import SnapshotStore
+        from streaming.snapshots import SnapshotStore
 
         root = (
             self.settings.store_dir
@@ -105,7 +105,7 @@ def snapshots_list(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def snapshots_show(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
-    from hsnn.snapshots import CorruptSnapshot
+    from streaming.snapshots import CorruptSnapshot
 
     store = ctx.store()
     try:
@@ -120,7 +120,7 @@ def snapshots_show(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _promote(store: Any, version: int, verb: str) -> dict[str, Any]:
-    from hsnn.snapshots import CorruptSnapshot
+    from streaming.snapshots import CorruptSnapshot
 
     before = store.promoted()
     try:
@@ -160,7 +160,7 @@ def snapshots_rollback(ctx: Context, args: argparse.Namespace) -> dict[str, Any]
 
 
 def index_show(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
-    from hsnn import index_store
+    from streaming import index_store
 
     redis, prefix = ctx.redis(), ctx.key_prefix()
     current = index_store.current_version(redis, prefix)
@@ -180,7 +180,7 @@ def index_show(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def index_rollback(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
-    from hsnn import index_store
+    from streaming import index_store
 
     redis, prefix = ctx.redis(), ctx.key_prefix()
     before = index_store.current_version(redis, prefix)
@@ -193,9 +193,9 @@ def index_rollback(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
 def index_rebuild(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     """Rebuild the index for the promoted model now, as the indexer would on a promotion."""
     from hsnn.model import HSNN
-    from hsnn.snapshots import CorruptSnapshot
     from indexer.service import Indexer
     from indexer.settings import IndexerSettings
+    from streaming.snapshots import CorruptSnapshot
 
     overrides = {
         name: value

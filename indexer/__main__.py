@@ -6,9 +6,9 @@ import logging
 import signal
 import threading
 
-from hsnn.health import serve_metrics_and_liveness
 from indexer.service import Indexer
 from indexer.settings import IndexerSettings
+from streaming.health import serve_metrics_and_liveness
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,21 +26,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 
 import redis as redis_lib
 import torch
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from hsnn.dead_letters import DeadLetterOutbox, letter_for_record
-from hsnn.events import ItemEvent, MalformedEvent, SchemaMismatch, decode_item
-from hsnn.health import Heartbeat
 from hsnn.index import build_index, level_health, within_capacity
-from hsnn.index_store import (
+from hsnn.model import HSNN
+from indexer.catalogue_offsets import CatalogueCursor, read_catalogue_offsets
+from indexer.metrics import IndexerMetrics
+from indexer.settings import IndexerSettings
+from streaming.dead_letters import DeadLetterOutbox, letter_for_record
+from streaming.events import ItemEvent, MalformedEvent, SchemaMismatch, decode_item
+from streaming.health import Heartbeat
+from streaming.index_store import (
     APPLIED,
     RETRY,
     SUPERSEDED,
@@ -61,115 +62,11 @@ from hsnn.index_store import (
     read_meta,
     write_index,
 )
-from hsnn.model import HSNN
-from hsnn.service_metrics import service_registry
-from hsnn.snapshots import CorruptSnapshot, SnapshotStore
-from hsnn.streams import assign_all_partitions
-from indexer.settings import IndexerSettings
+from streaming.kafka_clients import dead_letter_producer, loop_consumer
+from streaming.offsets import assign_all_partitions
+from streaming.snapshots import CorruptSnapshot, SnapshotStore
 
 log = logging.getLogger("hsnn.indexer")
-
-_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600)
-_REBUILD_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
-
-
-class IndexerMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry or service_registry()
-        kw = {"registry": self.registry}
-        self.event_to_indexed = Histogram(
-            "hsnn_indexer_item_event_to_indexed_seconds",
-            "Item event time to the change being written to Redis",
-            buckets=_LATENCY_BUCKETS,
-            **kw,
-        )
-        self.index_version = Gauge("hsnn_indexer_index_version", "Index version the pointer holds", **kw)
-        self.model_version = Gauge("hsnn_indexer_model_version", "Snapshot version of the current index", **kw)
-        self.published = Gauge(
-            "hsnn_indexer_index_published_timestamp_seconds", "When the current index version was flipped in", **kw
-        )
-        self.node_size = Gauge(
-            "hsnn_indexer_node_size_max_over_mean", "Largest node / mean node (live items) per level", ["level"], **kw
-        )
-        self.refused_indexes = Counter(
-            "hsnn_indexer_refused_indexes", "Built indexes not flipped live: a node past max_node_over_mean", **kw
-        )
-        self.dead_letters = Counter("hsnn_indexer_dead_letters", "Item events sent to the dead-letter topic", **kw)
-        self.rebuild_seconds = Histogram(
-            "hsnn_indexer_rebuild_seconds", "Full index rebuild, catalogue scan to flip", buckets=_REBUILD_BUCKETS, **kw
-        )
-        self.snapshot_failures = Counter(
-            "hsnn_indexer_snapshot_failures", "Promoted snapshots refused (corrupt, unreadable, wrong kind)", **kw
-        )
-        self.item_events = Counter(
-            "hsnn_indexer_item_events", "Item events by outcome (applied, superseded)", ["outcome"], **kw
-        )
-        self.skipped_ads = Counter(
-            "hsnn_indexer_rebuild_skipped_ads", "Catalogue ads left out of a rebuild (do not fit the schema)", **kw
-        )
-        self.catalogue_replays = Counter(
-            "hsnn_indexer_catalogue_replays",
-            "Replays of the items topic because Redis lost (part of) the catalogue",
-            ["reason"],
-            **kw,
-        )
-        self.replaying = Gauge("hsnn_indexer_catalogue_replaying", "1 while the catalogue is being replayed", **kw)
-        self.deferred_rebuilds = Counter(
-            "hsnn_indexer_rebuilds_deferred", "Rebuilds not done because the catalogue is incomplete", **kw
-        )
-        self.pending_dead_letters = Gauge(
-            "hsnn_indexer_dead_letters_pending", "Dead letters not yet acknowledged (offsets wait for them)", **kw
-        )
-        self.loop_errors = Counter(
-            "hsnn_indexer_loop_errors", "Kafka or Redis errors the loop survived", ["system"], **kw
-        )
-
-
-def catalogue_offsets_key(prefix: str) -> str:
-    """Redis hash `topic:partition` -> next offset of the items topic the catalogue reflects."""
-    return f"{IndexKeys(prefix).catalog}:offsets"
-
-
-def read_catalogue_offsets(redis: redis_lib.Redis, topic: str, prefix: str) -> dict[int, int] | None:
-    """Where the catalogue stands in `topic`; None when Redis has no record (lost, flushed or never read)."""
-    stored = redis.hgetall(catalogue_offsets_key(prefix))
-    if not stored:
-        return None
-    out = {}
-    for field, value in stored.items():
-        name, _, partition = (field.decode() if isinstance(field, bytes) else field).rpartition(":")
-        if name == topic:
-            out[int(partition)] = int(value)
-    return out
-
-
-def write_catalogue_offsets(redis: redis_lib.Redis, topic: str, offsets: dict[int, int], prefix: str) -> None:
-    """Declare the catalogue complete up to `offsets` (also used by tools that load a catalogue directly)."""
-    redis.hset(
-        catalogue_offsets_key(prefix),
-        mapping={"written_at": repr(time.time()), **{f"{topic}:{p}": o for p, o in offsets.items()}},
-    )
-
-
-def catalogue_replay_key(prefix: str) -> str:
-    """Redis string: the token of the replay under way (gone with a FLUSHALL, which then voids that replay)."""
-    return f"{IndexKeys(prefix).catalog}:replay"
-
-
-# KEYS: offsets hash, replay token key. ARGV: token ("" = advancing a complete catalogue), field/value pairs.
-# Writes only if the catalogue is still the one this indexer has been filling: the offsets hash still exists
-# (advancing), or the replay's token is still there (completing a replay). A FLUSHALL between the poll and
-# this write would otherwise leave a fresh marker over a nearly empty catalogue.
-_ADVANCE_OFFSETS = """
-if ARGV[1] == '' then
-  if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-else
-  if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-  redis.call('DEL', KEYS[2])
-end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-return 1
-"""
 
 
 class Indexer:
@@ -195,13 +92,9 @@ class Indexer:
         self.model_version: int | None = None
         self.refused: set[int] = set()  # snapshot versions that failed verification (not retried)
         self._consumer: KafkaConsumer | None = None
-        self._partitions: list[TopicPartition] = []
         self._producer: KafkaProducer | None = None
         self._outbox: DeadLetterOutbox | None = None
-        self._offsets: dict[int, int] | None = None  # what Redis held (or we wrote) last: catalogue position
-        self._replay_target: dict[int, int] | None = None  # end offsets a running replay must reach
-        self._replay_token = ""  # marks the running replay in Redis
-        self._rewind = False  # a failed batch: seek back to the catalogue's offsets before the next poll
+        self.cursor = CatalogueCursor(self.redis, self.prefix, settings.items_topic, self.metrics)
         self._last_flipped = 0  # highest index version this process flipped (survives a FLUSHALL of the counter)
         self.heartbeat = Heartbeat(settings.heartbeat_max_age_s)
 
@@ -272,7 +165,7 @@ class Indexer:
 
     def catalogue_complete(self) -> bool:
         """Redis records how far the catalogue has read the items topic, and no replay is running."""
-        return self._replay_target is None and bool(self.redis.exists(catalogue_offsets_key(self.prefix)))
+        return self.cursor.complete()
 
     def rebuild(self, model: HSNN, model_version: int) -> int | None:
         """Full rebuild over every live ad; returns the new index version, or None if nothing went live."""
@@ -365,67 +258,25 @@ class Indexer:
     def _get_consumer(self) -> KafkaConsumer:
         """The items consumer, every partition assigned; it seeks to the catalogue's offsets, never by policy."""
         if self._consumer is None:
-            consumer = KafkaConsumer(
-                bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            consumer = loop_consumer(
+                self.settings.kafka_bootstrap_servers,
                 group_id=self.settings.group_id,
-                enable_auto_commit=False,
                 auto_offset_reset="earliest",  # never used: every partition is sought explicitly before a poll
-                request_timeout_ms=15_000,
-                reconnect_backoff_max_ms=2000,
             )
             try:
-                self._partitions = assign_all_partitions(consumer, self.settings.items_topic)
+                partitions = assign_all_partitions(consumer, self.settings.items_topic)
             except Exception:
                 consumer.close()
                 raise
             self._consumer = consumer
-            self._offsets = None
-            self._rewind = True
+            self.cursor.attach(partitions)
         return self._consumer
 
     def _get_outbox(self) -> DeadLetterOutbox:
         if self._outbox is None:
-            self._producer = KafkaProducer(
-                bootstrap_servers=self.settings.kafka_bootstrap_servers, acks="all", max_block_ms=2000, linger_ms=5
-            )
+            self._producer = dead_letter_producer(self.settings.kafka_bootstrap_servers, shared_connection=False)
             self._outbox = DeadLetterOutbox(self._producer)
         return self._outbox
-
-    def _sync_with_catalogue(self, consumer: KafkaConsumer) -> None:
-        """Position the consumer where Redis says the catalogue stands; replay from the start if Redis lost it."""
-        stored = read_catalogue_offsets(self.redis, self.settings.items_topic, self.prefix)
-        if stored is None:
-            if self._replay_target is None or self._rewind:
-                self._start_replay(consumer, "start" if self._offsets is None else "lost")
-            return
-        if stored == self._offsets and not self._rewind:
-            return
-        if self._offsets is not None and any(stored.get(p, 0) < o for p, o in self._offsets.items()):
-            log.warning("Redis catalogue offsets %s older than written %s: replaying the gap", stored, self._offsets)
-            self.metrics.catalogue_replays.labels(reason="rolled_back").inc()
-        for tp in self._partitions:
-            if tp.partition in stored:
-                consumer.seek(tp, stored[tp.partition])
-            else:
-                consumer.seek_to_beginning(tp)
-        self._offsets = stored
-        self._replay_target = None
-        self._rewind = False
-        self.metrics.replaying.set(0)
-
-    def _start_replay(self, consumer: KafkaConsumer, cause: str) -> None:
-        if cause == "lost":
-            log.error("Redis has no catalogue offsets any more (FLUSHALL or restart without data): replaying")
-        consumer.seek_to_beginning(*self._partitions)
-        end = consumer.end_offsets(self._partitions, timeout_ms=15_000)
-        self._replay_token = uuid.uuid4().hex
-        self.redis.set(catalogue_replay_key(self.prefix), self._replay_token)
-        self._replay_target = {tp.partition: end[tp] for tp in self._partitions}
-        self._offsets = None
-        self._rewind = False
-        self.metrics.catalogue_replays.labels(reason=cause).inc()
-        self.metrics.replaying.set(1)
-        log.info("replaying %s up to %s before any rebuild", self.settings.items_topic, self._replay_target)
 
     def consume_once(self, timeout_ms: int | None = None) -> int:
         """One poll: apply what it returned, dead-letter the bad records, checkpoint. Returns records handled.
@@ -434,16 +285,16 @@ class Indexer:
         before it propagates, so no polled record is skipped.
         """
         consumer = self._get_consumer()
-        self._sync_with_catalogue(consumer)
+        self.cursor.sync(consumer)
         timeout = self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms
         polled = consumer.poll(timeout_ms=timeout, max_records=self.settings.max_poll_records)
         records = [record for tp in sorted(polled, key=lambda t: (t.topic, t.partition)) for record in polled[tp]]
         try:
             if records:
                 self._handle(records)
-            self._checkpoint(consumer)
+            self.cursor.checkpoint(consumer, self._dead_letters_acknowledged)
         except BaseException:
-            self._rewind = True
+            self.cursor.rewind = True
             raise
         return len(records)
 
@@ -467,45 +318,15 @@ class Indexer:
             self.apply(events)
         outbox.send()
 
-    def _checkpoint(self, consumer: KafkaConsumer) -> None:
-        """Record the consumer's position in Redis (and the group) once every dead letter is acknowledged."""
-        positions = {tp.partition: consumer.position(tp) for tp in self._partitions}
-        if self._replay_target is None and positions == self._offsets:
-            return
-        if self._outbox is not None and len(self._outbox):
-            acknowledged = self._outbox.flush(timeout=self.settings.dlq_flush_timeout_s)
-            self.metrics.pending_dead_letters.set(len(self._outbox))
-            if not acknowledged:
-                log.warning("offsets held back: %d dead letters not acknowledged", len(self._outbox))
-                return
-        replaying = self._replay_target is not None
-        if self._replay_target is not None and any(positions[p] < end for p, end in self._replay_target.items()):
-            return
-        fields = ["written_at", repr(time.time())]
-        for partition, offset in positions.items():
-            fields += [f"{self.settings.items_topic}:{partition}", offset]
-        written = self.redis.eval(
-            _ADVANCE_OFFSETS,
-            2,
-            catalogue_offsets_key(self.prefix),
-            catalogue_replay_key(self.prefix),
-            self._replay_token if replaying else "",
-            *fields,
-        )
-        if not written:  # Redis lost the catalogue after this poll began: what was applied sits on nothing
-            log.error("Redis lost the catalogue during the last batch (FLUSHALL or restart): replaying")
-            self._replay_target = None
-            self._rewind = True
-            return
-        if replaying:
-            log.info("catalogue replay complete at %s", positions)
-            self._replay_target = None
-            self.metrics.replaying.set(0)
-        self._offsets = positions
-        try:
-            consumer.commit({tp: OffsetAndMetadata(positions[tp.partition], "", -1) for tp in self._partitions})
-        except KafkaError as err:  # lag dashboards only: Redis holds the position that matters
-            log.warning("offset commit failed (lag metrics only): %s", err)
+    def _dead_letters_acknowledged(self) -> bool:
+        """True once every dead letter so far is acknowledged (the catalogue's offsets wait for them)."""
+        if self._outbox is None or not len(self._outbox):
+            return True
+        acknowledged = self._outbox.flush(timeout=self.settings.dlq_flush_timeout_s)
+        self.metrics.pending_dead_letters.set(len(self._outbox))
+        if not acknowledged:
+            log.warning("offsets held back: %d dead letters not acknowledged", len(self._outbox))
+        return acknowledged
 
     def _dead_letter(self, outbox: DeadLetterOutbox, record, reason: str) -> None:
         outbox.add(letter_for_record(self.settings.dlq_topic, record, reason))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from hsnn.events import ITEMS_DLQ, ITEMS_TOPIC
-from hsnn.index_store import DEFAULT_CHUNK_BYTES, DEFAULT_PREFIX
-from hsnn.settings import ServiceSettings
+from streaming.events import ITEMS_DLQ, ITEMS_TOPIC
+from streaming.index_store import DEFAULT_CHUNK_BYTES, DEFAULT_PREFIX
+from streaming.settings import ServiceSettings
 
 
 class IndexerSettings(ServiceSettings):

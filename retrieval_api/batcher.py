@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hsnn.events import MAX_FEATURE_MAGNITUDE, UserFeatures, users_to_batch
 from hsnn.serving import Retrieved, retrieve
 from retrieval_api.schemas import schema_errors
 from retrieval_api.state import ServingPair, ServingState
+from streaming.events import MAX_FEATURE_MAGNITUDE, UserFeatures, users_to_batch
 
 log = logging.getLogger("hsnn.retrieval_api")
 

@@ -2,7 +2,7 @@
 
 Until the indexer's Redis layout is ready, the service builds its index from one of these:
 
-- `planted:N[:SEED]`: the planted demo world of `hsnn.planted` with N ads (matches its schema);
+- `planted:N[:SEED]`: the planted demo world of `worlds.planted` with N ads (matches its schema);
 - a `.safetensors` file with `item_ids` (N,), `dense` (N, item_dense_dim) and one `sparse.<name>`
   tensor (N,) per item sparse feature (`save_catalog` writes one).
 """
@@ -18,7 +18,7 @@ from retrieval_api.state import Catalog, CatalogSource
 
 
 def planted_catalog(num_items: int, seed: int = 0) -> Catalog:
-    from hsnn.planted import make_world
+    from worlds.planted import make_world
 
     world = make_world(num_items=num_items, seed=seed)
     return Catalog(item_ids=world.item_ids, items=world.items)

@@ -1,7 +1,7 @@
 """POST /items/events: ad systems push item events, the API forwards them to Kafka.
 
-Each event is written to the items topic keyed by `hsnn.events.event_key` (the ad id, so one
-ad's events stay ordered on one partition) with the bytes of `hsnn.events.encode`, exactly
+Each event is written to the items topic keyed by `streaming.events.event_key` (the ad id, so one
+ad's events stay ordered on one partition) with the bytes of `streaming.events.encode`, exactly
 what the indexer and the trainer decode. The producer uses acks="all" and idempotence; the
 request is answered 202 only once the broker has acknowledged every record.
 
@@ -30,9 +30,9 @@ from typing import Any, Protocol
 from fastapi import HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials
 
-from hsnn.events import ItemEvent, encode, event_key
 from retrieval_api.schemas import RecordPosition, UnacknowledgedEvent
 from retrieval_api.settings import ApiSettings
+from streaming.events import ItemEvent, encode, event_key
 
 log = logging.getLogger("hsnn.retrieval_api")
 

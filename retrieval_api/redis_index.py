@@ -13,10 +13,10 @@ import dataclasses
 import logging
 import threading
 
-from hsnn import index_store
 from hsnn.model import HSNN
-from hsnn.snapshots import Pointer, SnapshotStore
 from retrieval_api.state import ServingPair, ServingState
+from streaming import index_store
+from streaming.snapshots import Pointer, SnapshotStore
 
 log = logging.getLogger("hsnn.retrieval_api")
 

@@ -6,7 +6,7 @@ In JSON Schema an integer is any number with a zero fractional part, so `5.0` is
 request bodies with integral numbers written with a fraction or exponent read as integers;
 float fields still accept them (strict floats take integers), integer fields now do too, and a
 JSON `true` remains a bool, refused where an integer is expected. Nothing else changes: the
-forwarded item events are re-encoded canonically by `hsnn.events.encode`.
+forwarded item events are re-encoded canonically by `streaming.events.encode`.
 """
 
 from __future__ import annotations

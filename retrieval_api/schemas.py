@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from hsnn.config import FeatureSchema
-from hsnn.events import MAX_FEATURE_MAGNITUDE, AdId, ItemEventByOp, UserFeatures
+from streaming.events import MAX_FEATURE_MAGNITUDE, AdId, ItemEventByOp, UserFeatures
 
 USER_EXAMPLE = {
     "dense": [0.12, -1.3],
@@ -38,7 +38,7 @@ class RetrieveRequest(Strict):
     """
 
     user: UserFeatures = Field(
-        description="The user, in the same contract as impression events (hsnn.events): history oldest first.",
+        description="The user, in the same contract as impression events (streaming.events): history oldest first.",
         examples=[USER_EXAMPLE],
     )
     k: int = Field(100, ge=1, le=1000, description="How many ads to return.")
@@ -118,7 +118,7 @@ class ItemEventsRequest(Strict):
     events: list[ItemEventByOp] = Field(
         min_length=1,
         max_length=MAX_ITEM_EVENTS,
-        description=f"1 to {MAX_ITEM_EVENTS} item events, validated like `hsnn.events.decode_item`; `op` selects "
+        description=f"1 to {MAX_ITEM_EVENTS} item events, validated like `streaming.events.decode_item`; `op` selects "
         "the shape (create/update carry `features`, expire does not).",
     )
 

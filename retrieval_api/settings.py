@@ -12,8 +12,8 @@ from typing import Annotated
 import torch
 from pydantic import Field, SecretStr
 
-from hsnn.events import ITEMS_TOPIC, MAX_FEATURE_MAGNITUDE
-from hsnn.settings import ServiceSettings
+from streaming.events import ITEMS_TOPIC, MAX_FEATURE_MAGNITUDE
+from streaming.settings import ServiceSettings
 
 log = logging.getLogger("hsnn.retrieval_api")
 

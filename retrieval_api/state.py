@@ -26,7 +26,7 @@ from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch
 from hsnn.index import HierarchicalIndex, build_index
 from hsnn.model import HSNN
-from hsnn.snapshots import SnapshotStore
+from streaming.snapshots import SnapshotStore
 
 log = logging.getLogger("hsnn.retrieval_api")
 

@@ -21,8 +21,8 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-from hsnn import index_store
-from hsnn.snapshots import SnapshotStore
+from streaming import index_store
+from streaming.snapshots import SnapshotStore
 
 log = logging.getLogger("hsnn.retrieval_api")
 

@@ -21,8 +21,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from hsnn.snapshots import Pointer, SnapshotStore
 from retrieval_api.state import ServingPair, ServingState
+from streaming.snapshots import Pointer, SnapshotStore
 
 log = logging.getLogger("hsnn.retrieval_api")
 

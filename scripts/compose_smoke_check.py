@@ -63,7 +63,8 @@ def in_catalogue(ad_id: int) -> bool:
         check=True,
     ).stdout.split()[0]
     probe = (
-        "import sys, redis; from hsnn.index_store import catalog_entry; from indexer.settings import IndexerSettings; "
+        "import sys, redis; from streaming.index_store import catalog_entry; "
+        "from indexer.settings import IndexerSettings; "
         f"s = IndexerSettings(); sys.exit(0 if catalog_entry(redis.Redis.from_url(s.redis_url), {ad_id}, s.key_prefix) "
         "else 1)"
     )
@@ -77,7 +78,7 @@ def check_item_create(client: RetrievalClient, schema: Any, api: str, report: An
     ad_id = 1_900_000_000 + random.randrange(1_000_000)
     features = {
         "dense": [0.5] * schema.item_dense_dim,
-        # item_id is the ad id itself (hsnn.events): not sent
+        # item_id is the ad id itself (streaming.events): not sent
         "sparse": {name: min(7, size - 1) for name, size in schema.item_sparse.items() if name != "item_id"},
     }
     event = {"schema_version": 1, "op": "create", "ad_id": ad_id, "event_time": time.time(), "sequence": 1}

@@ -3,7 +3,7 @@
 # runs `python -m demo`: real Kafka + Redis, the trainer, indexer and retrieval API as processes, simulated
 # traffic, and live progress until Ctrl-C (options: --duration S, --rate R, --ads N, --port P; see --help).
 # The quick core-only demo (train, index and serve the planted problem in one process, no services) is
-# `.venv/bin/python -m hsnn.demo`.
+# `.venv/bin/python -m demo.model_only`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Only what the demo runs: the [serve] extra, Kafka and Redis (no test tools: no promtool, no Chromium).

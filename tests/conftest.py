@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hsnn.model import HSNN
-from hsnn.planted import make_batches, make_world, tiny_hsnn_config
 from hsnn.training import train
+from worlds.planted import make_batches, make_world, tiny_hsnn_config
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ OPS = ROOT / "ops"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 PROMETHEUS_DIR = OPS / "prometheus"
 DASHBOARD = OPS / "grafana" / "dashboards" / "hsnn.json"
-SERVICE_SOURCES = ("trainer", "indexer", "publisher", "retrieval_api")
+SERVICE_SOURCES = ("trainer", "indexer", "retrieval_api")  # the publisher is trainer/publisher.py
 REQUIRE = os.environ.get("HSNN_REQUIRE_SERVERS") == "1"
 
 # The metric names the services export (the contract); dashboards and alerts may use only these.
@@ -686,7 +686,7 @@ def test_compose_model_reads_what_the_compose_feed_sends(preset: str):
     from feed.__main__ import parse_args
     from feed.feed import marketplace_for
     from hsnn.config import HSNNConfig
-    from hsnn.simulator import feature_schema
+    from worlds.simulator import feature_schema
 
     services = _compose()["services"]
     assert "HSNN_MODEL_PRESET:-default}.json" in COMPOSE_FILE.read_text()

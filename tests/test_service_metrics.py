@@ -7,11 +7,11 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from indexer.service import IndexerMetrics
-from publisher.publisher import PublisherMetrics
+from indexer.metrics import IndexerMetrics
 from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings
-from trainer.service import TrainerMetrics
+from trainer.metrics import TrainerMetrics
+from trainer.publisher import PublisherMetrics
 
 # The label names a service metric may carry, one per idea: the result of a request or an event is always
 # `outcome` (never status, kind or result), why something happened is `reason` (never cause), the dependency

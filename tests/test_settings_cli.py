@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from hsnn.settings import ServiceSettings
 from indexer.settings import IndexerSettings
 from retrieval_api.settings import ApiSettings
+from streaming.settings import ServiceSettings
 from trainer.settings import TrainerSettings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,10 +12,11 @@ import signal
 import sys
 import threading
 
-from hsnn.health import Heartbeat, serve_metrics_and_liveness
-from hsnn.streams import StoredOffsetOutOfRange
+from streaming.health import Heartbeat, serve_metrics_and_liveness
+from streaming.offsets import StoredOffsetOutOfRange
 from trainer.fencing import LeaseHeld, LeaseLost
-from trainer.service import OnlineTrainer, TrainerMetrics
+from trainer.metrics import TrainerMetrics
+from trainer.service import OnlineTrainer
 from trainer.settings import TrainerSettings
 
 log = logging.getLogger("hsnn.trainer")

@@ -10,259 +10,51 @@ docs/trainer.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError, OffsetOutOfRangeError
-from kafka.structs import OffsetAndMetadata
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from kafka.errors import KafkaError
+from prometheus_client import CollectorRegistry
 
-from hsnn.dead_letters import DeadLetterMessage, DeadLetterOutbox, letter_for_record
-from hsnn.events import (
+from hsnn.metrics import normalized_entropy
+from hsnn.training import make_optimizer, predict, train_step
+from streaming.events import (
     ImpressionEvent,
-    ItemEvent,
     ItemFeatures,
     MalformedEvent,
     SchemaMismatch,
     check_item_features,
     check_user_features,
-    dead_letter_record,
     decode_impression,
     decode_item,
-    encode,
-    event_key,
     impressions_to_batch,
-    supersedes,
 )
-from hsnn.health import Heartbeat
-from hsnn.metrics import normalized_entropy
-from hsnn.model import HSNN
-from hsnn.snapshots import CorruptSnapshot, Manifest, Pointer, SnapshotStore
-from hsnn.streams import StoredOffsetOutOfRange, assign_all_partitions, offsets_out_of_range
-from hsnn.training import make_optimizer, predict, train_step
-from publisher.publisher import Publisher, PublisherMetrics, PublisherSettings, PublishResult
+from streaming.health import Heartbeat
+from streaming.offsets import StoredOffsetOutOfRange
+from streaming.snapshots import Manifest, Pointer, SnapshotStore
+from trainer.bookkeeping import OffsetBook, is_held_out, truncate_lines
+from trainer.catalogue import Catalogue
+from trainer.dead_letters import TrainerDeadLetters
 from trainer.fencing import TrainerLease
 from trainer.guard import GuardedOptimizer, non_finite_tensors
+from trainer.kafka_io import TrainerKafka
+from trainer.loop import final_snapshot, run_loop
+from trainer.metrics import Timings, TrainerMetrics
+from trainer.publisher import Publisher, PublisherMetrics, PublisherSettings, PublishResult, snapshot_notice
 from trainer.settings import TrainerSettings
-from trainer.state import OPTIMIZER_FILE, STATE_FILE, dump_trainer_state, restore_trainer_state
+from trainer.startup import load_or_create, remove_unfinished_snapshots
+from trainer.state import dump_trainer_state, restore_into
 
 log = logging.getLogger("hsnn.trainer")
 
 TRAINED_IDS_METRIC = "trained_ids_lines"  # eval_metrics key: lines of the trained-ids file this snapshot covers
 TRAINED_TOTAL_METRIC = "trained_events_total"  # eval_metrics key: events trained over the snapshot lineage
-
-
-# --------------------------------------------------------------------------------------------
-# Pure helpers (unit-tested without servers)
-# --------------------------------------------------------------------------------------------
-
-
-def is_held_out(event_id: str, one_in: int) -> bool:
-    """Whether an impression goes to the eval buffer instead of training.
-
-    The rule: the first 8 bytes of blake2b(event_id), read as a big-endian integer, are 0 modulo
-    `one_in`. It depends on the event id only (not on arrival order, partition or Python's salted
-    `hash`), so every run and every restart holds out the same events. `one_in <= 0` holds out none.
-    """
-    if one_in <= 0:
-        return False
-    digest = hashlib.blake2b(event_id.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % one_in == 0
-
-
-class OffsetBook:
-    """Next offset to consume per (topic, partition): what goes into the snapshot manifest."""
-
-    def __init__(self) -> None:
-        self._next: dict[tuple[str, int], int] = {}
-
-    def set(self, topic: str, partition: int, next_offset: int) -> None:
-        self._next[(topic, partition)] = next_offset
-
-    def advance(self, topic: str, partition: int, offset: int) -> None:
-        """Record that the record at `offset` was handled; offsets never move backwards."""
-        key = (topic, partition)
-        self._next[key] = max(self._next.get(key, 0), offset + 1)
-
-    def get(self, topic: str, partition: int) -> int | None:
-        return self._next.get((topic, partition))
-
-    def topic(self, topic: str) -> dict[int, int]:
-        return {p: o for (t, p), o in self._next.items() if t == topic}
-
-    def as_manifest(self) -> dict[str, dict[str, int]]:
-        """topic -> partition (as a string, it is JSON) -> next offset."""
-        out: dict[str, dict[str, int]] = {}
-        for (topic, partition), offset in sorted(self._next.items()):
-            out.setdefault(topic, {})[str(partition)] = offset
-        return out
-
-    @classmethod
-    def from_manifest(cls, offsets: Mapping[str, Mapping[str, int]]) -> OffsetBook:
-        book = cls()
-        for topic, partitions in offsets.items():
-            for partition, offset in partitions.items():
-                book.set(topic, int(partition), int(offset))
-        return book
-
-
-def truncate_lines(path: str | Path, keep: int) -> int:
-    """Cut the file to its first `keep` complete lines (fsynced); returns the lines now in it.
-
-    Lines written after the snapshot the trainer restarts from (and a torn last line) are
-    removed, so the file lists exactly the events whose training the snapshot contains.
-    """
-    path = Path(path)
-    if not path.exists():
-        path.touch()
-        return 0
-    size = 0
-    lines = 0
-    with path.open("rb") as handle:
-        for line in handle:
-            if lines == keep or not line.endswith(b"\n"):
-                break
-            size += len(line)
-            lines += 1
-    with path.open("r+b") as handle:
-        handle.truncate(size)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return lines
-
-
-@dataclass
-class CatalogueEntry:
-    event: ItemEvent  # the newest applied event: its version is what `supersedes` compares against
-
-    @property
-    def features(self) -> ItemFeatures | None:
-        return None if self.event.op == "expire" else self.event.features
-
-
-class Catalogue:
-    """ad id -> newest item event, applied with `hsnn.events.supersedes` (expire keeps its version)."""
-
-    def __init__(self) -> None:
-        self.entries: dict[int, CatalogueEntry] = {}
-        self.live: dict[int, ItemFeatures] = {}  # the mapping impressions_to_batch joins against
-
-    def apply(self, event: ItemEvent) -> bool:
-        current = self.entries.get(event.ad_id)
-        if not supersedes(event, None if current is None else current.event):
-            return False
-        entry = CatalogueEntry(event)
-        self.entries[event.ad_id] = entry
-        if entry.features is None:
-            self.live.pop(event.ad_id, None)
-        else:
-            self.live[event.ad_id] = entry.features
-        return True
-
-    def why_missing(self, ad_id: int) -> str | None:
-        """None if the ad is live, else the dead-letter reason."""
-        if ad_id in self.live:
-            return None
-        return f"unknown ad {ad_id} (expired)" if ad_id in self.entries else f"unknown ad {ad_id}"
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------
-
-
-class TrainerMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
-        kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
-        self.events = Counter("hsnn_trainer_events", "Impressions consumed, by outcome", ["outcome"], **kw)
-        self.events_per_second = Gauge("hsnn_trainer_events_per_second", "Impressions consumed per second", **kw)
-        self.lag_messages = Gauge(
-            "hsnn_trainer_consumer_lag_messages", "High watermark minus next offset", ["partition"], **kw
-        )
-        self.lag_seconds = Gauge(
-            "hsnn_trainer_consumer_lag_seconds", "Now minus event time of the last consumed record", ["partition"], **kw
-        )
-        self.loss = Gauge("hsnn_trainer_loss", "Total loss of the last train step", **kw)
-        self.rolling_ne = Gauge("hsnn_trainer_rolling_ne", "Click NE on the held-out buffer at the last snapshot", **kw)
-        self.last_snapshot = Gauge(
-            "hsnn_trainer_last_snapshot_timestamp_seconds", "When the trainer last published a snapshot", **kw
-        )
-        self.dead_letters = Counter(
-            "hsnn_trainer_dead_letters", "Records sent to a dead-letter topic", ["reason"], **kw
-        )
-        self.item_events = Counter("hsnn_trainer_item_events", "Item records read, by outcome", ["outcome"], **kw)
-        self.kafka_errors = Counter("hsnn_trainer_kafka_errors", "Kafka errors survived by the loop", **kw)
-        self.skipped_steps = Counter(
-            "hsnn_trainer_skipped_steps", "Train steps skipped: non-finite loss or gradient (batch not applied)", **kw
-        )
-        self.clipped_steps = Counter("hsnn_trainer_clipped_steps", "Train steps whose gradients were clipped", **kw)
-        self.grad_norm = Gauge("hsnn_trainer_grad_norm", "Gradient norm of the last step, before clipping", **kw)
-        self.offset_out_of_range = Counter(
-            "hsnn_trainer_offset_out_of_range",
-            "Stored offsets found outside the partition's log (the trainer halts unless told how to reset)",
-            **kw,
-        )
-        self.halted = Gauge("hsnn_trainer_halted", "1 when the trainer stopped itself and needs an operator", **kw)
-        self.lease_epoch = Gauge("hsnn_trainer_lease_epoch", "Fencing epoch of the store lease held", **kw)
-        self.non_finite_snapshots = Counter(
-            "hsnn_trainer_non_finite_snapshots_refused", "Snapshots not written because a weight was NaN/inf", **kw
-        )
-        for outcome in ("trained", "dead_letter", "eval", "skipped"):  # export zeros: dashboards see every series
-            self.events.labels(outcome)
-        for reason in ("malformed", "schema_mismatch", "unknown_ad"):
-            self.dead_letters.labels(reason)
-
-
-def _reason_label(reason: str) -> str:
-    """A bounded label value for the dead-letter counter (the full reason is in the DLQ record)."""
-    if reason.startswith("unknown ad"):
-        return "unknown_ad"
-    if reason.startswith("schema mismatch"):
-        return "schema_mismatch"
-    return "malformed"
-
-
-# --------------------------------------------------------------------------------------------
-# The service
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Timings:
-    """Seconds spent per stage since start (the bench prints these)."""
-
-    poll: float = 0.0
-    items: float = 0.0
-    decode: float = 0.0
-    batch: float = 0.0
-    train: float = 0.0
-    snapshot: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-def snapshot_notice(pointer: Pointer, manifest: Manifest) -> bytes:
-    """The JSON notice sent for a promoted snapshot: enough for a reader to decide whether to load it."""
-    return json.dumps(
-        {
-            "version": pointer.version,
-            "promoted_at": pointer.promoted_at,
-            "created_at": manifest.created_at,
-            "event_time_watermark": manifest.event_time_watermark,
-            "eval_metrics": manifest.eval_metrics,
-        },
-        sort_keys=True,
-    ).encode()
 
 
 class OnlineTrainer:
@@ -293,9 +85,9 @@ class OnlineTrainer:
         # Fencing first: only the lease holder may read the newest snapshot as its starting point.
         self.lease = TrainerLease(self.store.root, ttl_s=settings.lease_ttl_s)
         self.metrics.lease_epoch.set(self.lease.acquire(wait_s=settings.lease_wait_s))
-        self._remove_unfinished_snapshots()
+        remove_unfinished_snapshots(self.store)
 
-        self.model, self.manifest, snapshot_files = self._load_or_create()
+        self.model, self.manifest, snapshot_files = load_or_create(self.store, settings.hsnn_config)
         self.schema = self.model.config.features
         self.optimizer = GuardedOptimizer(self.model, make_optimizer(self.model, settings.lr), settings.max_grad_norm)
         self.offsets = OffsetBook.from_manifest(self.manifest.offsets if self.manifest else {})
@@ -304,7 +96,7 @@ class OnlineTrainer:
         self.trained_total = int(metrics.get(TRAINED_TOTAL_METRIC, 0))
         self.catalogue = Catalogue()
         self.eval_buffer: deque[tuple[ImpressionEvent, ItemFeatures]] = deque(maxlen=settings.eval_buffer_size)
-        self._restore_trainer_state(snapshot_files)
+        restore_into(self.optimizer.inner, self.eval_buffer, snapshot_files, self.manifest)
 
         self._ids_file = None
         self._ids_lines = 0
@@ -320,135 +112,23 @@ class OnlineTrainer:
         self._last_event_time: dict[int, float] = {}
         self._items_primed = False
 
-        common = {
-            "bootstrap_servers": settings.kafka_bootstrap_servers.split(","),
-            "reconnect_backoff_max_ms": 2000,
-            "request_timeout_ms": 15000,
-        }
-        self.consumer = KafkaConsumer(
-            group_id=settings.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="none",  # an out-of-range position raises; it is never silently reset
-            max_poll_records=settings.max_poll_records,
-            max_partition_fetch_bytes=settings.max_partition_fetch_bytes,  # a whole batch per fetch, not 1 MiB
-            client_id=f"{settings.group_id}-impressions",
-            **common,
-        )
-        self.items_consumer = KafkaConsumer(
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=max(settings.max_poll_records, 4096),
-            client_id=f"{settings.group_id}-items",
-            **common,
-        )
-        self.producer = KafkaProducer(
-            acks="all", linger_ms=5, max_block_ms=2000, client_id="hsnn-trainer-dlq", **common
-        )
-        self.dead_letters = DeadLetterOutbox(self.producer)
+        self.kafka = TrainerKafka(settings)
+        self.dead_letters = TrainerDeadLetters(self.kafka.producer, settings, self.metrics)
         if settings.snapshots_topic:
             self.publisher.notify = self._send_snapshot_notice
-        self.impression_tps = assign_all_partitions(self.consumer, settings.impressions_topic)
-        self.item_tps = assign_all_partitions(self.items_consumer, settings.items_topic)
-        stored_offsets = {}
-        for tp in self.impression_tps:
-            stored = self.offsets.get(tp.topic, tp.partition)
-            if stored is None:
-                self.consumer.seek_to_beginning(tp)
-                log.info("%s[%d]: no stored offset, starting from the beginning", tp.topic, tp.partition)
-            else:
-                stored_offsets[tp] = stored
-                self.consumer.seek(tp, stored)
-        self._check_stored_offsets(stored_offsets)
-        # The catalogue is not in the snapshot: the compacted items topic *is* the catalogue, re-read from the start.
-        self.items_consumer.seek_to_beginning(*self.item_tps)
-
-    # ------------------------------------------------------------------ start-up
-    def _remove_unfinished_snapshots(self) -> None:
-        """Delete what a killed writer left: staging dirs, and versions renamed into place without DONE.
-
-        Safe because the lease makes this process the store's only writer; readers never see either
-        (no DONE marker), but they would pile up with every SIGKILL that lands mid-snapshot.
-        """
-        for staging in self.store.tmp_dir.iterdir():
-            shutil.rmtree(staging, ignore_errors=True)
-            log.warning("removed the unfinished snapshot staging dir %s", staging.name)
-        complete = set(self.store.versions())
-        for directory in self.store.versions_dir.iterdir():
-            if directory.name.isdigit() and int(directory.name) not in complete:
-                shutil.rmtree(directory, ignore_errors=True)
-                log.warning("removed snapshot %s: written without its DONE marker", directory.name)
-
-    def _restore_trainer_state(self, files: dict[str, bytes]) -> None:
-        """Adam moments, RNG and eval buffer from the snapshot: a resumed run continues the uninterrupted one."""
-        if STATE_FILE not in files or OPTIMIZER_FILE not in files:
-            if self.manifest is not None:
-                log.warning("snapshot %d has no trainer state: fresh optimiser, no eval buffer", self.manifest.version)
-            return
         try:
-            self.eval_buffer.extend(restore_trainer_state(self.optimizer.inner, files))
-        except (ValueError, KeyError, RuntimeError) as err:
-            log.warning("trainer state of the snapshot unusable (%s): fresh optimiser, empty eval buffer", err)
-            self.optimizer.inner.state.clear()
-            self.eval_buffer.clear()
-
-    def _load_or_create(self) -> tuple[HSNN, Manifest | None, dict[str, bytes]]:
-        """Newest *written* snapshot that verifies (promoted or not): its weights and offsets belong together."""
-        for version in reversed(self.store.versions()):
-            try:
-                model, manifest, files = self.store.load_with_files(version)
-            except (CorruptSnapshot, ValueError, OSError) as err:
-                log.error("snapshot %d unusable, trying the one before: %s", version, err)
-                continue
-            if not isinstance(model, HSNN):
-                raise TypeError(f"snapshot {version} holds a {type(model).__name__}, the trainer trains HSNN")
-            wanted = self.settings.hsnn_config()
-            if model.config != wanted:
-                log.warning("snapshot %d has a different model config than the settings; continuing it", version)
-            log.info("resuming from snapshot %d (offsets %s)", version, manifest.offsets)
-            return model, manifest, files
-        log.info("no snapshot in %s: starting a fresh model", self.store.root)
-        return HSNN(self.settings.hsnn_config()), None, {}
-
-    def _check_stored_offsets(self, stored: dict[TopicPartition, int]) -> None:
-        """A stored offset outside the log halts the trainer, unless `on_offset_out_of_range` says how to reset.
-
-        Past the log end: the topic was recreated or the broker lost data; before the log start: retention
-        deleted events the trainer never read. Either way a silent reset retrains or skips a whole partition.
-        """
-        bad = offsets_out_of_range(self.consumer, stored)
-        if not bad:
-            return
-        self.metrics.offset_out_of_range.inc(len(bad))
-        detail = "; ".join(str(b) for b in bad)
-        policy = self.settings.on_offset_out_of_range
-        if policy == "fail":
-            self.close()
-            raise StoredOffsetOutOfRange(
-                f"{self.settings.impressions_topic}: {detail}. Set HSNN_TRAINER_ON_OFFSET_OUT_OF_RANGE=earliest "
-                "or =latest for one start to reset these partitions deliberately (see docs/trainer.md)."
+            self.kafka.enforce_stored_offsets(
+                self.kafka.assign(self.offsets), self.offsets, self.metrics.offset_out_of_range.inc
             )
-        for item in bad:
-            target = item.beginning if policy == "earliest" else item.end
-            log.error("%s: reset to %s offset %d by the operator's setting", item, policy, target)
-            self.consumer.seek(TopicPartition(self.settings.impressions_topic, item.partition), target)
-            self.offsets.set(self.settings.impressions_topic, item.partition, target)
+        except StoredOffsetOutOfRange:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ items
     def catch_up_items(self, timeout: float = 30.0) -> int:
         """Read the items topic up to the end offsets as of now; returns item records applied."""
         started = time.perf_counter()
-        end = self.items_consumer.end_offsets(self.item_tps, timeout_ms=int(timeout * 1000))
-        applied = 0
-        deadline = time.monotonic() + timeout
-        while any(self.items_consumer.position(tp) < end[tp] for tp in self.item_tps):
-            if time.monotonic() > deadline:
-                raise KafkaError(f"items topic not caught up within {timeout:.0f}s")
-            for records in self.items_consumer.poll(timeout_ms=200).values():
-                for record in records:
-                    applied += self._apply_item(record)
-        for tp in self.item_tps:
-            self.offsets.set(tp.topic, tp.partition, self.items_consumer.position(tp))
+        applied = self.kafka.read_items_to_end(self._apply_item, self.offsets, timeout)
         self._items_primed = True
         self.timings.items += time.perf_counter() - started
         return applied
@@ -477,7 +157,10 @@ class OnlineTrainer:
         """
         if not self._pending:
             started = time.perf_counter()
-            self._pending = self._poll_full(self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms)
+            self._pending = self.kafka.poll_full(
+                self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms,
+                self.metrics.offset_out_of_range.inc,
+            )
             self.timings.poll += time.perf_counter() - started
         if not self._pending and self._items_primed:
             self._update_lag()
@@ -488,45 +171,6 @@ class OnlineTrainer:
         self.dead_letters.send()
         self._update_lag()
         return len(records)
-
-    def _poll_full(self, timeout_ms: int) -> list[Any]:
-        """Up to `max_poll_records` records: polls again (without waiting) while the fetched data has more.
-
-        A Kafka poll returns what one fetch buffered, so its size depends on where fetches happened to
-        start; filling up makes the batches a function of the stream alone, and a resumed trainer forms
-        the same batches as an uninterrupted one.
-        """
-        wanted = self.settings.max_poll_records
-        out: list[Any] = []
-        wait = timeout_ms
-        try:
-            while len(out) < wanted:
-                try:
-                    polled = self.consumer.poll(timeout_ms=wait, max_records=wanted - len(out))
-                except KafkaError as err:
-                    if out and not isinstance(err, OffsetOutOfRangeError):
-                        break  # the consumer has moved past `out`: hand those over, the error comes back next poll
-                    raise
-                got = [record for records in polled.values() for record in records]
-                if not got and (wait > 0 or not self._log_has_more()):
-                    break
-                out += got
-                wait = 0 if got else timeout_ms  # the log has more than was fetched: wait for that fetch
-        except OffsetOutOfRangeError as err:  # retention overtook the trainer while it ran
-            self.metrics.offset_out_of_range.inc()
-            raise StoredOffsetOutOfRange(
-                f"{self.settings.impressions_topic}: position out of the log while running ({err}); "
-                "see docs/trainer.md for a deliberate reset"
-            ) from None
-        return out
-
-    def _log_has_more(self) -> bool:
-        """Whether some partition's log (as of the last fetch) extends past the consumer's position."""
-        for tp in self.impression_tps:
-            highwater = self.consumer.highwater(tp)
-            if highwater is not None and self.consumer.position(tp) < highwater:
-                return True
-        return False
 
     def _handle(self, records: list[Any]) -> None:
         started = time.perf_counter()
@@ -571,7 +215,7 @@ class OnlineTrainer:
             except ValueError as err:  # pre-checked per event, so this is a bug: dead-letter, do not crash
                 log.exception("batch conversion failed; dead-lettering %d events", len(chunk))
                 for event in chunk:
-                    self._dead_letter_event(event, f"batch conversion failed: {err}")
+                    self.dead_letters.event(event, f"batch conversion failed: {err}")
                 continue
             t1 = time.perf_counter()
             self.optimizer.arm()
@@ -606,19 +250,7 @@ class OnlineTrainer:
 
     # ------------------------------------------------------------------ dead letters
     def _dead_letter(self, topic: str, record: Any, reason: str) -> None:
-        self._queue_dead_letter(letter_for_record(topic, record, reason), reason)
-
-    def _dead_letter_event(self, event: ImpressionEvent, reason: str) -> None:
-        key = event_key(event)
-        value = dead_letter_record(encode(event), reason, self.settings.impressions_topic, None, None, key=key)
-        self._queue_dead_letter(DeadLetterMessage(self.settings.impressions_dlq_topic, key, value), reason)
-
-    def _queue_dead_letter(self, letter: DeadLetterMessage, reason: str) -> None:
-        self.dead_letters.add(letter)
-        self.metrics.dead_letters.labels(_reason_label(reason)).inc()
-        if letter.topic == self.settings.impressions_dlq_topic:
-            self.metrics.events.labels("dead_letter").inc()
-        log.debug("dead letter to %s: %s", letter.topic, reason)
+        self.dead_letters.record(topic, record, reason)
 
     def flush_dead_letters(self, timeout: float = 10.0) -> bool:
         """True once every dead letter so far is acknowledged by the broker (the snapshot depends on it)."""
@@ -627,14 +259,10 @@ class OnlineTrainer:
     # ------------------------------------------------------------------ metrics
     def _update_lag(self) -> None:
         now = time.time()
-        for tp in self.impression_tps:
-            label = str(tp.partition)
-            highwater = self.consumer.highwater(tp)
-            position = self.offsets.get(tp.topic, tp.partition)
-            if highwater is not None and position is not None:
-                self.metrics.lag_messages.labels(label).set(max(0, highwater - position))
-            if tp.partition in self._last_event_time:
-                self.metrics.lag_seconds.labels(label).set(max(0.0, now - self._last_event_time[tp.partition]))
+        for partition, lag in self.kafka.lag(self.offsets).items():
+            self.metrics.lag_messages.labels(str(partition)).set(lag)
+        for partition, event_time in self._last_event_time.items():
+            self.metrics.lag_seconds.labels(str(partition)).set(max(0.0, now - event_time))
         then, count = self._rate_window
         elapsed = time.monotonic() - then
         if elapsed >= 1.0:
@@ -708,7 +336,7 @@ class OnlineTrainer:
     def _send_snapshot_notice(self, pointer: Pointer, manifest: Manifest) -> None:
         """Best effort: the pointer file is the source of truth, so a failed notice is only logged."""
         try:
-            self.producer.send(
+            self.kafka.producer.send(
                 self.settings.snapshots_topic,
                 key=str(pointer.version).encode(),
                 value=snapshot_notice(pointer, manifest),
@@ -718,13 +346,8 @@ class OnlineTrainer:
 
     def commit_offsets(self) -> bool:
         """Commit the impression offsets to the group: for lag dashboards only, the manifest is the truth."""
-        offsets = {
-            tp: OffsetAndMetadata(offset, "", -1)
-            for tp in self.impression_tps
-            if (offset := self.offsets.get(tp.topic, tp.partition)) is not None
-        }
         try:
-            self.consumer.commit(offsets, timeout_ms=5000)
+            self.kafka.commit(self.offsets)
             return True
         except KafkaError as err:
             self.metrics.kafka_errors.inc()
@@ -733,79 +356,22 @@ class OnlineTrainer:
 
     # ------------------------------------------------------------------ loop
     def run(self, should_stop: Any, max_idle_polls: int | None = None) -> None:
-        """Poll, train and snapshot until `should_stop()` is true; Kafka errors are logged and retried with back-off.
-
-        `max_idle_polls`: also return after that many empty polls in a row (benchmarks, tests).
-        """
-        backoff = 0.1
-        idle = 0
-        while not should_stop():
-            self.heartbeat.beat()
-            self.lease.renew()
-            try:
-                handled = self.poll_once()
-                self.maybe_snapshot()
-                backoff = 0.1
-            except KafkaError as err:
-                self.metrics.kafka_errors.inc()
-                log.warning("Kafka error, retrying in %.1fs: %s", backoff, err)
-                _sleep_unless(should_stop, backoff)
-                backoff = min(backoff * 2, self.settings.retry_backoff_max_seconds)
-                continue
-            idle = 0 if handled else idle + 1
-            if max_idle_polls is not None and idle >= max_idle_polls:
-                return
+        """Poll, train and snapshot until `should_stop()` is true (see `trainer.loop.run_loop`)."""
+        run_loop(self, should_stop, max_idle_polls)
 
     def shutdown(self, timeout: float = 60.0) -> bool:
         """Final snapshot (retried while Kafka is away, up to `timeout`), commit, close; False if it failed."""
-        deadline = time.monotonic() + timeout
-        ok = False
-        while True:
-            try:
-                ok = self.maybe_snapshot(force=True) is not None
-            except KafkaError as err:
-                log.warning("final snapshot: Kafka error: %s", err)
-            if ok or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        if not ok:
-            log.error("no final snapshot: the next start resumes from the previous one (nothing is lost)")
+        ok = final_snapshot(self, timeout)
         self.close()
         return ok
 
     def close(self) -> None:
-        for client in (self.consumer, self.items_consumer):
-            try:
-                client.close(autocommit=False)
-            except Exception:  # closing is best effort
-                log.debug("consumer close failed", exc_info=True)
-        try:
-            self.producer.close(timeout=5)
-        except Exception:
-            log.debug("producer close failed", exc_info=True)
+        if getattr(self, "kafka", None) is not None:
+            self.kafka.close()
         if self._ids_file is not None:
             self._ids_file.close()
             self._ids_file = None
         self.lease.release()
 
 
-def _sleep_unless(should_stop: Any, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not should_stop() and time.monotonic() < deadline:
-        time.sleep(min(0.05, seconds))
-
-
-def consumed_ids(path: str | Path) -> list[str]:
-    """The event ids in a trained-ids file (one JSON string per line)."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
-
-
-__all__: Iterable[str] = [
-    "Catalogue",
-    "OffsetBook",
-    "OnlineTrainer",
-    "TrainerMetrics",
-    "consumed_ids",
-    "is_held_out",
-    "truncate_lines",
-]
+__all__: Iterable[str] = ["OnlineTrainer"]

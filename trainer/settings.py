@@ -9,8 +9,8 @@ from typing import Literal
 from pydantic import Field
 
 from hsnn.config import HSNNConfig
-from hsnn.events import IMPRESSIONS_DLQ, IMPRESSIONS_TOPIC, ITEMS_DLQ, ITEMS_TOPIC, SNAPSHOTS_TOPIC
-from hsnn.settings import ServiceSettings
+from streaming.events import IMPRESSIONS_DLQ, IMPRESSIONS_TOPIC, ITEMS_DLQ, ITEMS_TOPIC, SNAPSHOTS_TOPIC
+from streaming.settings import ServiceSettings
 
 
 class TrainerSettings(ServiceSettings):
@@ -54,7 +54,7 @@ class TrainerSettings(ServiceSettings):
     )
     model_config_path: str | None = Field(None, description="JSON file holding an HSNNConfig; wins over the preset.")
     model_preset: Literal["tiny", "default"] = Field(
-        "default", description="tiny: hsnn.planted.tiny_hsnn_config(); default: HSNNConfig()."
+        "default", description="tiny: streaming.presets.tiny_hsnn_config(); default: HSNNConfig()."
     )
     holdout_one_in: int = Field(
         20, ge=0, description="An event whose event-id hash is 0 modulo this is held out for eval NE (0: none)."
@@ -92,7 +92,7 @@ class TrainerSettings(ServiceSettings):
         if self.model_config_path:
             return HSNNConfig.model_validate(json.loads(Path(self.model_config_path).read_text()))
         if self.model_preset == "tiny":
-            from hsnn.planted import tiny_hsnn_config
+            from streaming.presets import tiny_hsnn_config
 
             return tiny_hsnn_config()
         return HSNNConfig()

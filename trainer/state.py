@@ -13,6 +13,8 @@ uninterrupted run on the same stream.
 from __future__ import annotations
 
 import json
+import logging
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,7 +22,10 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from hsnn.events import ImpressionEvent, ItemFeatures, decode_impression
+from streaming.events import ImpressionEvent, ItemFeatures, decode_impression
+from streaming.snapshots import Manifest
+
+log = logging.getLogger("hsnn.trainer")
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -79,3 +84,25 @@ def restore_trainer_state(
         (decode_impression(json.dumps(item["event"]).encode()), ItemFeatures.model_validate(item["features"]))
         for item in document["eval_buffer"]
     ]
+
+
+def restore_into(
+    optimizer: torch.optim.Optimizer,
+    eval_buffer: deque[tuple[ImpressionEvent, ItemFeatures]],
+    files: dict[str, bytes],
+    manifest: Manifest | None,
+) -> None:
+    """Adam moments, RNG and eval buffer from the snapshot: a resumed run continues the uninterrupted one.
+
+    A snapshot without (or with unusable) trainer state leaves a fresh optimiser and an empty eval buffer.
+    """
+    if STATE_FILE not in files or OPTIMIZER_FILE not in files:
+        if manifest is not None:
+            log.warning("snapshot %d has no trainer state: fresh optimiser, no eval buffer", manifest.version)
+        return
+    try:
+        eval_buffer.extend(restore_trainer_state(optimizer, files))
+    except (ValueError, KeyError, RuntimeError) as err:
+        log.warning("trainer state of the snapshot unusable (%s): fresh optimiser, empty eval buffer", err)
+        optimizer.state.clear()
+        eval_buffer.clear()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -132,3 +133,22 @@ def as_index_array(rows: Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
     if isinstance(rows, Tensor):
         return rows.detach().cpu().numpy().astype(np.int64, copy=False)
     return np.asarray(rows, dtype=np.int64)
+
+
+_Batch = TypeVar("_Batch")
+
+
+def row_batches(
+    num_rows: int,
+    make: Callable[[np.ndarray], _Batch],
+    batch_size: int,
+    rows: np.ndarray | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> Iterator[_Batch]:
+    """`make(rows)` over consecutive chunks of `rows` (default: all `num_rows`), in order unless `shuffle`."""
+    rows = np.arange(num_rows) if rows is None else np.asarray(rows, dtype=np.int64)
+    if shuffle:
+        rows = rows[np.random.default_rng(seed).permutation(len(rows))]
+    for start in range(0, len(rows), batch_size):
+        yield make(rows[start : start + batch_size])

@@ -24,6 +24,7 @@ from bench.datasets._common import (
     datasets_dir,
     normalize_category,
     parse_floats,
+    row_batches,
     standardize,
 )
 from hsnn.config import FeatureSchema
@@ -370,11 +371,7 @@ def kuairand_batches(
     logs: KuaiRandLogs, batch_size: int, rows: np.ndarray | None = None, shuffle: bool = False, seed: int = 0
 ) -> Iterator[TrainingBatch]:
     """Batches over `rows` (default: all impressions), in time order unless `shuffle`."""
-    rows = np.arange(len(logs)) if rows is None else np.asarray(rows, dtype=np.int64)
-    if shuffle:
-        rows = rows[np.random.default_rng(seed).permutation(len(rows))]
-    for start in range(0, len(rows), batch_size):
-        yield impression_batch(logs, rows[start : start + batch_size])
+    return row_batches(len(logs), lambda chunk: impression_batch(logs, chunk), batch_size, rows, shuffle, seed)
 
 
 def split_by_time(logs: KuaiRandLogs, cutoff_ms: int) -> tuple[np.ndarray, np.ndarray]:

@@ -33,7 +33,7 @@ from bench.datasets._common import Vocabulary, as_index_array, bucket_count, las
 from bench.datasets.gowalla import ImplicitSplit, Interactions, id_buckets, implicit_training_batches
 from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
-from hsnn.snapshots import sha256_file
+from streaming.snapshots import sha256_file
 
 # The wheel this loader was checked against: 943 users, 1,682 items and 100,000 ratings.
 RECBOLE_VERSION = "1.2.1"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.datasets._common import Vocabulary, bucket_count, datasets_dir, parse_floats, standardize
+from bench.datasets._common import Vocabulary, bucket_count, datasets_dir, parse_floats, row_batches, standardize
 from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
 
@@ -265,8 +265,4 @@ def open_bandit_batches(
     data: OpenBanditData, batch_size: int, rows: np.ndarray | None = None, shuffle: bool = False, seed: int = 0
 ) -> Iterator[TrainingBatch]:
     """Batches over `rows` (default: every impression), in time order unless `shuffle`."""
-    rows = np.arange(len(data)) if rows is None else np.asarray(rows, dtype=np.int64)
-    if shuffle:
-        rows = rows[np.random.default_rng(seed).permutation(len(rows))]
-    for start in range(0, len(rows), batch_size):
-        yield impression_batch(data, rows[start : start + batch_size])
+    return row_batches(len(data), lambda chunk: impression_batch(data, chunk), batch_size, rows, shuffle, seed)

@@ -7,8 +7,8 @@ import torch
 
 from hsnn.config import HSNNConfig, LTIConfig
 from hsnn.model import HSNN
-from hsnn.planted import tiny_monn
 from hsnn.training import make_optimizer, train_step
+from worlds.planted import tiny_monn
 
 
 def _one_hsnn_step(schema, batch) -> float:

@@ -13,7 +13,7 @@ from bench.deep_retrieval import (
     train_deep_retrieval,
 )
 from hsnn.config import TowerConfig
-from hsnn.planted import SCHEMA, make_users, true_logits
+from worlds.planted import SCHEMA, make_users, true_logits
 
 SMALL_TOWER = TowerConfig(num_embed=1, dim=32, sparse_dim=8, hidden=[32], afm_attention_dim=8)
 

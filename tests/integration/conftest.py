@@ -36,12 +36,8 @@ def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServ
     reason = KafkaServer.unavailable_reason()
     if reason is not None:
         _unavailable(reason)
-    server = KafkaServer(tmp_path_factory.mktemp("kafka"))
-    server.start()
-    try:
+    with KafkaServer(tmp_path_factory.mktemp("kafka")) as server:  # started, and stopped at the end
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -57,9 +53,5 @@ def redis_binary() -> str:
 @pytest.fixture(scope="session")
 def redis_server(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One redis-server per test session; tests should use their own key prefixes."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:  # started, and stopped at the end
         yield server
-    finally:
-        server.stop()

@@ -8,9 +8,9 @@ import pytest
 from fastapi.testclient import TestClient
 from kafka import KafkaConsumer, TopicPartition
 
-from hsnn.events import ItemEvent, decode_item, encode, event_key
 from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings
+from streaming.events import ItemEvent, decode_item, encode, event_key
 
 pytestmark = pytest.mark.integration
 

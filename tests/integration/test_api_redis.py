@@ -11,16 +11,15 @@ import pytest
 import redis as redis_lib
 import torch
 
-from hsnn.events import ItemEvent, ItemFeatures
 from hsnn.index import build_index
-from hsnn.index_store import ItemEncoder, allocate_version, apply_item_events, flip_pointer, write_index
 from hsnn.model import HSNN
-from hsnn.planted import make_batches, make_users, make_world, tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
-from hsnn.training import train
 from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import ServingState
+from streaming.events import ItemEvent, ItemFeatures
+from streaming.index_store import ItemEncoder, allocate_version, apply_item_events, flip_pointer, write_index
+from streaming.snapshots import SnapshotStore
+from worlds.planted import briefly_trained, make_users, make_world
 
 pytestmark = pytest.mark.integration
 
@@ -35,10 +34,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def model(world) -> HSNN:
-    torch.manual_seed(3)
-    model = HSNN(tiny_hsnn_config(num_nodes=(8, 4)))
-    train(model, make_batches(world, 4, 128, seed=3, users_per_batch=32))
-    return model.eval()
+    return briefly_trained(world, batches=4, seed=3)
 
 
 def _create(world, row: int, seq: int, op: str = "create") -> ItemEvent:

@@ -12,7 +12,7 @@ from kafka.admin import ConfigResource, ConfigResourceType
 from devservers import KafkaServer
 from feed.__main__ import main as feed_main
 from feed.feed import FeedConfig, run_feed
-from hsnn.events import MalformedEvent, decode_impression, decode_item
+from streaming.events import MalformedEvent, decode_impression, decode_item
 
 pytestmark = pytest.mark.integration
 
@@ -69,19 +69,21 @@ def test_feed_streams_decodable_ordered_events(kafka_server: KafkaServer) -> Non
         config.impressions_topic,
         stats.impressions + stats.malformed.get(config.impressions_topic, 0),
     )
-    items, impressions, bad = [], [], {config.items_topic: 0, config.impressions_topic: 0}
-    for record in item_records:
-        try:
-            items.append((record, decode_item(record.value)))
-        except MalformedEvent:
-            bad[config.items_topic] += 1
-            assert record.key.startswith(b"malformed-")
-    for record in impression_records:
-        try:
-            impressions.append((record, decode_impression(record.value)))
-        except MalformedEvent:
-            bad[config.impressions_topic] += 1
-            assert record.key.startswith(b"malformed-")
+    bad = {config.items_topic: 0, config.impressions_topic: 0}
+
+    def decoded(records: list, decode) -> list:
+        """(record, event) for the records that decode; the others count as bad and carry a malformed- key."""
+        good = []
+        for record in records:
+            try:
+                good.append((record, decode(record.value)))
+            except MalformedEvent:
+                bad[record.topic] += 1
+                assert record.key.startswith(b"malformed-")
+        return good
+
+    items = decoded(item_records, decode_item)
+    impressions = decoded(impression_records, decode_impression)
     assert len(items) == stats.item_events and len(impressions) == stats.impressions
     assert bad == {topic: stats.malformed.get(topic, 0) for topic in bad}
     assert all(record.key == str(event.ad_id).encode() for record, event in items)

@@ -11,9 +11,15 @@ import redis as redis_lib
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from hsnn.events import ItemEvent, ItemFeatures, encode, event_key, read_dead_letter
 from hsnn.index import build_index, level_health, within_capacity
-from hsnn.index_store import (
+from hsnn.model import HSNN
+from hsnn.training import train
+from indexer.catalogue_offsets import read_catalogue_offsets, write_catalogue_offsets
+from indexer.metrics import IndexerMetrics
+from indexer.service import Indexer
+from indexer.settings import IndexerSettings
+from streaming.events import ItemEvent, ItemFeatures, encode, event_key, read_dead_letter
+from streaming.index_store import (
     IndexNotFound,
     apply_item_events,
     catalog_entry,
@@ -28,12 +34,8 @@ from hsnn.index_store import (
     rollback,
     write_index,
 )
-from hsnn.model import HSNN
-from hsnn.planted import make_batches, make_world, tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
-from hsnn.training import train
-from indexer.service import Indexer, IndexerMetrics, read_catalogue_offsets, write_catalogue_offsets
-from indexer.settings import IndexerSettings
+from streaming.snapshots import SnapshotStore
+from worlds.planted import make_batches, make_world, tiny_hsnn_config
 
 pytestmark = pytest.mark.integration
 
@@ -83,14 +85,14 @@ def _event(world, row: int, seq: int, op: str = "create", dense=None, event_time
     )
 
 
-def _setup(tmp_path: Path, redis, world, model: HSNN, kafka=None, seed_ads: int = NUM_ADS - 20) -> Indexer:
-    """A snapshot store with `model` promoted, a catalogue of the first `seed_ads` ads, an indexer on both."""
+def _settings_with_store(tmp_path: Path, model: HSNN, bootstrap: str, **overrides) -> IndexerSettings:
+    """A snapshot store with `model` promoted, and settings with this test's own topics and key prefix."""
     tag = uuid.uuid4().hex[:8]
     store = SnapshotStore(tmp_path / "store")
     store.promote(store.write(model).version)
-    settings = IndexerSettings(
+    return IndexerSettings(
         redis_url="redis://unused",
-        kafka_bootstrap_servers=kafka.bootstrap_servers if kafka else "127.0.0.1:1",
+        kafka_bootstrap_servers=bootstrap,
         items_topic=f"items-{tag}",
         dlq_topic=f"items-dlq-{tag}",
         group_id=f"indexer-{tag}",
@@ -98,7 +100,13 @@ def _setup(tmp_path: Path, redis, world, model: HSNN, kafka=None, seed_ads: int 
         key_prefix=f"test-{tag}:",
         chunk_bytes=4096,
         poll_timeout_ms=50,
+        **overrides,
     )
+
+
+def _setup(tmp_path: Path, redis, world, model: HSNN, kafka=None, seed_ads: int = NUM_ADS - 20) -> Indexer:
+    """A snapshot store with `model` promoted, a catalogue of the first `seed_ads` ads, an indexer on both."""
+    settings = _settings_with_store(tmp_path, model, kafka.bootstrap_servers if kafka else "127.0.0.1:1")
     if kafka is not None:
         kafka.create_topics([settings.items_topic, settings.dlq_topic])
     events = [_event(world, row, 1, event_time=1.7e9) for row in range(seed_ads)]
@@ -122,6 +130,18 @@ def _join(indexer: Indexer, timeout: float = 20.0) -> None:
     while not indexer._get_consumer().assignment() and time.monotonic() < deadline:
         indexer.consume_once(timeout_ms=100)
     assert indexer._get_consumer().assignment()
+
+
+def _started(tmp_path: Path, redis, world, model: HSNN, kafka) -> Indexer:
+    """`_setup` with Kafka, then started and joined to the items topic (closed again if that fails)."""
+    indexer = _setup(tmp_path, redis, world, model, kafka)
+    try:
+        indexer.start()
+        _join(indexer)
+    except BaseException:
+        indexer.close()
+        raise
+    return indexer
 
 
 def _ids(indexer: Indexer, model: HSNN) -> dict[int, int]:
@@ -208,10 +228,8 @@ def test_pointer_compare_and_set_rollback_and_gc(redis, world, models):
 
 def test_created_ad_is_indexed_and_expired_ad_gone_within_two_seconds(tmp_path, redis, world, models, kafka_server):
     model = models[0]
-    indexer = _setup(tmp_path, redis, world, model, kafka_server)
+    indexer = _started(tmp_path, redis, world, model, kafka_server)
     try:
-        indexer.start()
-        _join(indexer)
         new = _event(world, NUM_ADS - 1, 1)  # not in the catalogue the index was built from
         sent = time.monotonic()
         _produce(kafka_server, indexer.settings.items_topic, [(event_key(new), encode(new))])
@@ -238,10 +256,8 @@ def test_created_ad_is_indexed_and_expired_ad_gone_within_two_seconds(tmp_path, 
 
 def test_replayed_and_out_of_order_item_events(tmp_path, redis, world, models, kafka_server):
     model = models[0]
-    indexer = _setup(tmp_path, redis, world, model, kafka_server)
+    indexer = _started(tmp_path, redis, world, model, kafka_server)
     try:
-        indexer.start()
-        _join(indexer)
         ad_row = 4
         v3 = _event(world, ad_row, 3, op="update", dense=[3.0, 3.0, 3.0, 3.0])
         v2 = _event(world, ad_row, 2, op="update", dense=[2.0, 2.0, 2.0, 2.0])
@@ -337,21 +353,7 @@ def test_corrupt_snapshot_is_refused_and_a_good_one_replaces_the_index(tmp_path,
 # ------------------------------------------------------------------------------ lost Redis state, DLQ failures
 def _kafka_fed_settings(tmp_path, model, kafka, *, dlq: bool = True) -> IndexerSettings:
     """Settings for an indexer whose catalogue comes only from the items topic (nothing written behind its back)."""
-    tag = uuid.uuid4().hex[:8]
-    store = SnapshotStore(tmp_path / "store")
-    store.promote(store.write(model).version)
-    settings = IndexerSettings(
-        redis_url="redis://unused",
-        kafka_bootstrap_servers=kafka.bootstrap_servers,
-        items_topic=f"items-{tag}",
-        dlq_topic=f"items-dlq-{tag}",
-        group_id=f"indexer-{tag}",
-        store_dir=str(store.root),
-        key_prefix=f"test-{tag}:",
-        chunk_bytes=4096,
-        poll_timeout_ms=50,
-        dlq_flush_timeout_s=2.0,
-    )
+    settings = _settings_with_store(tmp_path, model, kafka.bootstrap_servers, dlq_flush_timeout_s=2.0)
     kafka.create_topics([settings.items_topic] + ([settings.dlq_topic] if dlq else []), partitions=2)
     return settings
 

@@ -11,9 +11,9 @@ import pytest
 import redis as redis_lib
 
 from devservers import RedisServer
-from hsnn import index_store
-from hsnn.snapshots import SnapshotStore
 from hsnn_ops import cli
+from streaming import index_store
+from streaming.snapshots import SnapshotStore
 
 pytestmark = pytest.mark.integration
 

@@ -22,11 +22,11 @@ from prometheus_support import query, running_prometheus, targets_up, wait_for
 
 from devservers._proc import free_port
 from hsnn.model import HSNN
-from hsnn.planted import make_world, tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
 from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import Catalog, CatalogIndexSource
+from streaming.snapshots import SnapshotStore
+from worlds.planted import make_world, tiny_hsnn_config
 
 pytestmark = pytest.mark.integration
 

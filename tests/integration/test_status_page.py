@@ -25,12 +25,12 @@ import torch
 import uvicorn
 
 from hsnn.model import HSNN
-from hsnn.planted import make_batches, make_users, make_world, tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
 from hsnn.training import train
 from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import Catalog, CatalogIndexSource
+from streaming.snapshots import SnapshotStore
+from worlds.planted import make_batches, make_users, make_world, tiny_hsnn_config
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from devservers import KafkaServer
-from hsnn.events import (
+from hsnn.model import HSNN
+from streaming.events import (
     Engagement,
     ImpressionEvent,
     ItemEvent,
@@ -31,13 +32,13 @@ from hsnn.events import (
     event_key,
     read_dead_letter,
 )
-from hsnn.model import HSNN
-from hsnn.planted import tiny_hsnn_config
-from hsnn.snapshots import SnapshotStore
-from hsnn.streams import StoredOffsetOutOfRange
+from streaming.offsets import StoredOffsetOutOfRange
+from streaming.snapshots import SnapshotStore
+from trainer.bookkeeping import consumed_ids, is_held_out
 from trainer.fencing import LeaseHeld
-from trainer.service import OnlineTrainer, consumed_ids, is_held_out
+from trainer.service import OnlineTrainer
 from trainer.settings import TrainerSettings
+from worlds.planted import tiny_hsnn_config
 
 pytestmark = pytest.mark.integration
 
@@ -174,6 +175,18 @@ def _lines(path: str | Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+def _stream(
+    kafka_server: KafkaServer, rows: range, prefix: str = "imp", partitions: int = 2
+) -> tuple[dict[str, str], str, list[ImpressionEvent]]:
+    """Fresh topics holding every ad's create and one impression per row: (topics, bootstrap, impressions)."""
+    topics = _topics(kafka_server, partitions=partitions)
+    bootstrap = kafka_server.bootstrap_servers
+    _produce_events(bootstrap, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
+    events = [_impression(i, prefix=prefix) for i in rows]
+    _produce_events(bootstrap, topics["impressions"], events)
+    return topics, bootstrap, events
+
+
 def _drain(trainer: OnlineTrainer, topic: str, end: dict[str, int], timeout: float = 240.0) -> None:
     deadline = time.monotonic() + timeout
     while {str(p): o for p, o in trainer.offsets.topic(topic).items()} != end:
@@ -187,11 +200,7 @@ def _expected_trained(events: list[ImpressionEvent]) -> set[str]:
 
 # ------------------------------------------------------------------------------------------ tests
 def test_end_to_end_snapshot_has_end_offsets_and_eval_metrics(kafka_server: KafkaServer, tmp_path: Path) -> None:
-    topics = _topics(kafka_server)
-    bootstrap = kafka_server.bootstrap_servers
-    _produce_events(bootstrap, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
-    events = [_impression(i) for i in range(400)]
-    _produce_events(bootstrap, topics["impressions"], events)
+    topics, bootstrap, events = _stream(kafka_server, range(400))
     end = _end_offsets(bootstrap, topics["impressions"])
 
     registry = CollectorRegistry()
@@ -281,11 +290,7 @@ def test_malformed_impressions_go_to_the_dlq_and_the_loop_survives(kafka_server:
 def test_sigkill_between_snapshots_then_restart_trains_every_event_once(
     kafka_server: KafkaServer, tmp_path: Path
 ) -> None:
-    topics = _topics(kafka_server)
-    bootstrap = kafka_server.bootstrap_servers
-    _produce_events(bootstrap, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
-    first = [_impression(i) for i in range(600)]
-    _produce_events(bootstrap, topics["impressions"], first)
+    topics, bootstrap, first = _stream(kafka_server, range(600))
     settings = _settings(kafka_server, topics, tmp_path, snapshot_every_events=250)
     store = SnapshotStore(settings.store_dir)
     ids_path = settings.trained_ids_path
@@ -336,11 +341,7 @@ def test_sigkill_between_snapshots_then_restart_trains_every_event_once(
 
 
 def test_broker_restart_mid_stream_loses_nothing(kafka_server: KafkaServer, tmp_path: Path) -> None:
-    topics = _topics(kafka_server)
-    bootstrap = kafka_server.bootstrap_servers
-    _produce_events(bootstrap, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
-    first = [_impression(i, prefix="br") for i in range(300)]
-    _produce_events(bootstrap, topics["impressions"], first)
+    topics, bootstrap, first = _stream(kafka_server, range(300), prefix="br")
     settings = _settings(kafka_server, topics, tmp_path, snapshot_every_seconds=1.0)
     registry = CollectorRegistry()
     trainer = OnlineTrainer(settings, registry=registry)
@@ -372,11 +373,7 @@ def test_broker_restart_mid_stream_loses_nothing(kafka_server: KafkaServer, tmp_
 
 
 def test_stored_offset_past_the_log_end_halts_instead_of_retraining(kafka_server: KafkaServer, tmp_path: Path) -> None:
-    topics = _topics(kafka_server)
-    bootstrap = kafka_server.bootstrap_servers
-    _produce_events(bootstrap, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
-    events = [_impression(i, prefix="oor") for i in range(40)]
-    _produce_events(bootstrap, topics["impressions"], events)
+    topics, bootstrap, events = _stream(kafka_server, range(40), prefix="oor")
     end = _end_offsets(bootstrap, topics["impressions"])
     settings = _settings(kafka_server, topics, tmp_path)
     # A snapshot from before the topic was recreated: partition 0 claims far more than the log holds.
@@ -459,11 +456,7 @@ def _weights(trainer: OnlineTrainer) -> dict[str, torch.Tensor]:
 
 def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(kafka_server: KafkaServer, tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    topics = _topics(kafka_server, partitions=1)
-    bootstrap = kafka_server.bootstrap_servers
-    _produce_events(bootstrap, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
-    events = [_impression(i, prefix="exact") for i in range(8 * 64)]
-    _produce_events(bootstrap, topics["impressions"], events)
+    topics, bootstrap, events = _stream(kafka_server, range(8 * 64), prefix="exact", partitions=1)
     end = _end_offsets(bootstrap, topics["impressions"])
     common = {"batch_size": 64, "max_poll_records": 64, "snapshot_every_events": 3 * 64, "trained_ids_path": None}
 

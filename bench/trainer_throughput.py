@@ -1,0 +1,270 @@
+"""Throughput of the online trainer, end to end from Kafka, on realistic impressions.
+
+    python -m bench.trainer_throughput --events 20000 --label after            # starts its own broker (devservers)
+    python -m bench.trainer_throughput --bootstrap 127.0.0.1:9092 --events 20000
+
+The impressions come from the marketplace simulator (`worlds.simulator`): users with engagement
+histories of up to `--history` (32) events, ads that live for the whole run. The model is the
+default preset: `HSNNConfig()` on the simulator's feature schema (MoNN-Large and Medium levels).
+The bench produces the items and impressions to fresh topics, runs an OnlineTrainer until it has
+drained them and reports events/s, where the time went per event (Kafka poll, items catch-up,
+decode + routing, batch build, train step, snapshot) and the click NE of the trained model on the
+held-out events (speed that costs quality does not count). Results merge by `--label` into
+reports/trainer_throughput.json and the table in reports/trainer_throughput.md.
+`--source synthetic` keeps the old 3-event synthetic impressions and `--levels` the per-level presets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+from prometheus_client import CollectorRegistry
+
+from hsnn.config import HSNNConfig, LTIConfig, preset
+from streaming import events as contract
+from streaming.events import ImpressionEvent, ItemEvent, ItemFeatures, UserFeatures
+from trainer.service import OnlineTrainer
+from trainer.settings import TrainerSettings
+from worlds.planted import SCHEMA
+
+
+def make_events(count: int, ads: int, seed: int = 0) -> tuple[list[ItemEvent], list[ImpressionEvent]]:
+    g = torch.Generator().manual_seed(seed)
+    items = [
+        ItemEvent(
+            op="create",
+            ad_id=ad,
+            event_time=1.7e9,
+            sequence=1,
+            features=ItemFeatures(
+                dense=torch.randn(4, generator=g).tolist(), sparse={"advertiser": ad % 97 + 1, "category": ad % 13 + 1}
+            ),
+        )
+        for ad in range(1, ads + 1)
+    ]
+    ad_ids = torch.randint(1, ads + 1, (count,), generator=g).tolist()
+    clicks = (torch.rand(count, generator=g) < 0.1).long().tolist()
+    impressions = []
+    for i, (ad, click) in enumerate(zip(ad_ids, clicks, strict=True)):
+        history = [
+            contract.Engagement(
+                attributes={"item_id": h, "advertiser": h % 97 + 1, "category": h % 13 + 1}, age_hours=float(j)
+            )
+            for j, h in enumerate(((ad * 7 + i) % ads + 1, (ad * 13 + i) % ads + 1, ad))
+        ]
+        impressions.append(
+            ImpressionEvent(
+                event_id=f"bench-{i}",
+                event_time=1.7e9 + i * 0.001,
+                user=UserFeatures(
+                    dense=[0.1, -0.2], sparse={"segment": [i % 32 + 1], "age_bucket": [i % 8]}, history=history
+                ),
+                ad_id=ad,
+                labels=contract.Labels(click=click, conversion=0),
+            )
+        )
+    return items, impressions
+
+
+def bench_config(levels: str) -> HSNNConfig:
+    if levels == "default":
+        level_models = [preset("monn_large"), preset("monn_medium")]
+    else:
+        level_models = [preset(levels), preset(levels)]
+    return HSNNConfig(
+        features=SCHEMA,
+        levels=[LTIConfig(num_nodes=16), LTIConfig(num_nodes=8)],
+        level_models=level_models,
+        item_model=preset("monn_small"),
+    )
+
+
+STAGES = ("poll", "items", "decode", "batch", "train", "snapshot")
+REPORT = Path(__file__).resolve().parents[1] / "reports" / "trainer_throughput"
+
+
+def simulator_feed(events: int, ads: int, users: int, history: int, seed: int) -> tuple[HSNNConfig, list, list]:
+    """(model config on the simulator's schema, item events, impressions), ads alive for the whole run."""
+    from worlds.simulator import Marketplace, feature_schema, scaled_config
+
+    config = scaled_config(ads, users, seed).model_copy(
+        update={"history_length": history, "mean_ad_lifespan_hours": 1e4, "mean_update_interval_hours": None}
+    )
+    market = Marketplace(config)
+    items = market.initial_item_events()
+    impressions, more_items = market.step(events)
+    return HSNNConfig(features=feature_schema(config)), items + more_items, impressions
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_report(label: str, result: dict, path: Path = REPORT) -> None:
+    """Merge `result` under `label` into <path>.json and re-render <path>.md."""
+    json_path, md_path = path.with_suffix(".json"), path.with_suffix(".md")
+    data = json.loads(json_path.read_text()) if json_path.exists() else {}
+    data[label] = result
+    json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    lines = [
+        "# Online trainer throughput (`python -m bench.trainer_throughput`)",
+        "",
+        "End to end from Kafka: simulator impressions (histories up to 32 events), default preset HSNN.",
+        "Per-stage figures are microseconds per event; NE is the click NE on the held-out events.",
+        "",
+        "| run | events/s | " + " | ".join(f"{s} us" for s in STAGES) + " | NE | events | batch | threads | commit |",
+        "|---|" + "---|" * (len(STAGES) + 6),
+    ]
+    for name, r in data.items():
+        stages = " | ".join(f"{r['us_per_event'][s]:.1f}" for s in STAGES)
+        ne = "n/a" if r.get("ne") is None else f"{r['ne']:.4f}"
+        lines.append(
+            f"| {name} | {r['events_per_second']:,.0f} | {stages} | {ne} | {r['events']:,} | {r['batch_size']} "
+            f"| {r['threads']} | {r['commit']} |"
+        )
+    lines += ["", "Commands:", ""] + [f"- {name}: `{r['command']}`" for name, r in data.items()]
+    md_path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.trainer_throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--bootstrap", help="a running broker; default: start one with devservers")
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--source", choices=("simulator", "synthetic"), default="simulator")
+    parser.add_argument("--ads", type=int, default=2_000)
+    parser.add_argument("--users", type=int, default=5_000)
+    parser.add_argument("--history", type=int, default=32, help="engagements per user history (simulator)")
+    parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--levels", default="default", help="synthetic source: 'default' or a preset for both levels")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label", help="record the result under this name in reports/trainer_throughput.*")
+    args = parser.parse_args(argv)
+    commit = _git_commit()  # the code that runs is the code at start
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.source == "simulator":
+        model_config, items, impressions = simulator_feed(args.events, args.ads, args.users, args.history, args.seed)
+    else:
+        model_config = bench_config(args.levels)
+        items, impressions = make_events(args.events, args.ads, seed=args.seed)
+    work = Path(tempfile.mkdtemp(prefix="trainer-bench-"))
+    server = None
+    bootstrap = args.bootstrap
+    if bootstrap is None:
+        from devservers import KafkaServer
+
+        server = KafkaServer(work / "kafka").start()
+        bootstrap = server.bootstrap_servers
+    try:
+        tag = uuid.uuid4().hex[:6]
+        topics = {k: f"bench-{k}-{tag}" for k in ("imp", "items", "dlq", "items-dlq")}
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        admin.create_topics(
+            [NewTopic(t, args.partitions, 1) for t in topics.values() if t != topics["items"]]
+            + [NewTopic(topics["items"], args.partitions, 1, topic_configs={"cleanup.policy": "compact"})]
+        )
+        admin.close()
+        t0 = time.perf_counter()
+        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=1 << 18)
+        for event in items:
+            producer.send(topics["items"], key=contract.event_key(event), value=contract.encode(event))
+        record_bytes = 0
+        for event in impressions:
+            value = contract.encode(event)
+            record_bytes += len(value)
+            producer.send(topics["imp"], key=contract.event_key(event), value=value)
+        producer.flush()
+        producer.close()
+        histories = [len(e.user.history) for e in impressions]
+        print(
+            f"produced {len(impressions)} impressions ({record_bytes / len(impressions):,.0f} B, history mean "
+            f"{sum(histories) / len(histories):.1f} max {max(histories)}) + {len(items)} item events "
+            f"in {time.perf_counter() - t0:.1f}s"
+        )
+
+        config_path = work / "hsnn.json"
+        config_path.write_text(model_config.model_dump_json())
+        settings = TrainerSettings(
+            kafka_bootstrap_servers=bootstrap,
+            impressions_topic=topics["imp"],
+            items_topic=topics["items"],
+            impressions_dlq_topic=topics["dlq"],
+            items_dlq_topic=topics["items-dlq"],
+            store_dir=str(work / "store"),
+            model_config_path=str(config_path),
+            batch_size=args.batch_size,
+            max_poll_records=args.batch_size,
+            metrics_port=0,
+            snapshot_every_seconds=1e9,
+            snapshot_every_events=10**12,
+        )
+        registry = CollectorRegistry()
+        trainer = OnlineTrainer(settings, registry=registry)
+        trainer.catch_up_items()
+        started = time.perf_counter()
+        trainer.run(lambda: sum(trainer.offsets.topic(topics["imp"]).values()) >= args.events, max_idle_polls=50)
+        drained = time.perf_counter() - started
+        metrics = trainer.eval_metrics()
+        snapshot_started = time.perf_counter()
+        trainer.maybe_snapshot(force=True)
+        trainer.timings.snapshot = time.perf_counter() - snapshot_started
+        trainer.close()
+        t = trainer.timings
+        dead = registry.get_sample_value("hsnn_trainer_events_total", {"outcome": "dead_letter"}) or 0
+        result = {
+            "events": args.events,
+            "events_per_second": args.events / drained,
+            "seconds": drained,
+            "us_per_event": {name: 1e6 * getattr(t, name) / args.events for name in STAGES},
+            "ne": metrics.get("ne"),
+            "eval_events": int(metrics["events"]),
+            "dead_letters": int(dead),
+            "clipped_steps": int(registry.get_sample_value("hsnn_trainer_clipped_steps_total") or 0),
+            "skipped_steps": int(registry.get_sample_value("hsnn_trainer_skipped_steps_total") or 0),
+            "last_grad_norm": registry.get_sample_value("hsnn_trainer_grad_norm"),
+            "source": args.source,
+            "record_bytes_mean": record_bytes / len(impressions),
+            "history_mean": sum(histories) / len(histories),
+            "batch_size": args.batch_size,
+            "partitions": args.partitions,
+            "threads": torch.get_num_threads(),
+            "commit": commit,
+            "command": "python -m bench.trainer_throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+        print(f"threads={result['threads']} batch={args.batch_size} source={args.source} dead letters={int(dead)}")
+        print(f"drained {args.events} events in {drained:.2f}s: {result['events_per_second']:,.0f} events/s")
+        for name in STAGES:
+            print(f"  {name:<9}{getattr(t, name):7.2f}s  {result['us_per_event'][name]:7.1f} us/event")
+        print(f"held-out click NE: {result['ne']} over {result['eval_events']} events")
+        if args.label:
+            write_report(args.label, result)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,1 +1,0 @@
-"""publisher: writes versioned, checksummed model snapshots and promotes them (see the pipeline issue)."""

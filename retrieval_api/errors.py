@@ -1,0 +1,57 @@
+"""Domain errors -> HTTP answers: the one place the API maps what went wrong on /retrieve to a status code.
+
+Routes raise the batcher's errors; the handlers installed here answer them, each with `{"detail": ...}`
+(a list of problems for a 422) and, where retrying later helps (429, 503), a Retry-After header.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+
+from retrieval_api.batcher import (
+    ConfigurationError,
+    DeadlineExceeded,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    QueryFailed,
+)
+
+# error -> (metric outcome label, status code, answer carries Retry-After)
+ERRORS: dict[type[Exception], tuple[str, int, bool]] = {
+    InvalidRequest: ("invalid", status.HTTP_422_UNPROCESSABLE_CONTENT, False),
+    Overloaded: ("overloaded", status.HTTP_429_TOO_MANY_REQUESTS, True),
+    NotReady: ("not_ready", status.HTTP_503_SERVICE_UNAVAILABLE, True),
+    DeadlineExceeded: ("deadline", status.HTTP_504_GATEWAY_TIMEOUT, False),
+    ConfigurationError: ("configuration", status.HTTP_500_INTERNAL_SERVER_ERROR, False),
+    QueryFailed: ("internal", status.HTTP_500_INTERNAL_SERVER_ERROR, False),  # this request alone, not its batch
+}
+DOMAIN_ERRORS = tuple(ERRORS)
+
+
+def _mapping(exc: BaseException) -> tuple[str, int, bool] | None:
+    return next((ERRORS[cls] for cls in type(exc).__mro__ if cls in ERRORS), None)
+
+
+def outcome(exc: BaseException) -> str:
+    """The `outcome` label of a failed request (anything unexpected is "internal")."""
+    known = _mapping(exc)
+    return known[0] if known else "internal"
+
+
+def problem(code: int, detail: str, retry_after_s: int | None = None) -> JSONResponse:
+    headers = None if retry_after_s is None else {"Retry-After": str(retry_after_s)}
+    return JSONResponse(status_code=code, content={"detail": detail}, headers=headers)
+
+
+async def domain_error(request: Request, exc: Exception) -> JSONResponse:
+    _, code, retry = _mapping(exc) or ("internal", status.HTTP_500_INTERNAL_SERVER_ERROR, False)
+    if isinstance(exc, InvalidRequest):
+        return JSONResponse(status_code=code, content={"detail": exc.errors})
+    return problem(code, str(exc), request.app.state.settings.retry_after_s if retry else None)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for error in ERRORS:
+        app.add_exception_handler(error, domain_error)

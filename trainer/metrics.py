@@ -1,0 +1,72 @@
+"""The trainer's Prometheus series and its per-stage timings (the throughput bench prints those)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class TrainerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
+        self.events = Counter("hsnn_trainer_events", "Impressions consumed, by outcome", ["outcome"], **kw)
+        self.events_per_second = Gauge("hsnn_trainer_events_per_second", "Impressions consumed per second", **kw)
+        self.lag_messages = Gauge(
+            "hsnn_trainer_consumer_lag_messages", "High watermark minus next offset", ["partition"], **kw
+        )
+        self.lag_seconds = Gauge(
+            "hsnn_trainer_consumer_lag_seconds", "Now minus event time of the last consumed record", ["partition"], **kw
+        )
+        self.loss = Gauge("hsnn_trainer_loss", "Total loss of the last train step", **kw)
+        self.rolling_ne = Gauge("hsnn_trainer_rolling_ne", "Click NE on the held-out buffer at the last snapshot", **kw)
+        self.last_snapshot = Gauge(
+            "hsnn_trainer_last_snapshot_timestamp_seconds", "When the trainer last published a snapshot", **kw
+        )
+        self.dead_letters = Counter(
+            "hsnn_trainer_dead_letters", "Records sent to a dead-letter topic", ["reason"], **kw
+        )
+        self.item_events = Counter("hsnn_trainer_item_events", "Item records read, by outcome", ["outcome"], **kw)
+        self.kafka_errors = Counter("hsnn_trainer_kafka_errors", "Kafka errors survived by the loop", **kw)
+        self.skipped_steps = Counter(
+            "hsnn_trainer_skipped_steps", "Train steps skipped: non-finite loss or gradient (batch not applied)", **kw
+        )
+        self.clipped_steps = Counter("hsnn_trainer_clipped_steps", "Train steps whose gradients were clipped", **kw)
+        self.grad_norm = Gauge("hsnn_trainer_grad_norm", "Gradient norm of the last step, before clipping", **kw)
+        self.offset_out_of_range = Counter(
+            "hsnn_trainer_offset_out_of_range",
+            "Stored offsets found outside the partition's log (the trainer halts unless told how to reset)",
+            **kw,
+        )
+        self.halted = Gauge("hsnn_trainer_halted", "1 when the trainer stopped itself and needs an operator", **kw)
+        self.lease_epoch = Gauge("hsnn_trainer_lease_epoch", "Fencing epoch of the store lease held", **kw)
+        self.non_finite_snapshots = Counter(
+            "hsnn_trainer_non_finite_snapshots_refused", "Snapshots not written because a weight was NaN/inf", **kw
+        )
+        for outcome in ("trained", "dead_letter", "eval", "skipped"):  # export zeros: dashboards see every series
+            self.events.labels(outcome)
+        for reason in ("malformed", "schema_mismatch", "unknown_ad"):
+            self.dead_letters.labels(reason)
+
+
+def reason_label(reason: str) -> str:
+    """A bounded label value for the dead-letter counter (the full reason is in the DLQ record)."""
+    if reason.startswith("unknown ad"):
+        return "unknown_ad"
+    if reason.startswith("schema mismatch"):
+        return "schema_mismatch"
+    return "malformed"
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage since start (the bench prints these)."""
+
+    poll: float = 0.0
+    items: float = 0.0
+    decode: float = 0.0
+    batch: float = 0.0
+    train: float = 0.0
+    snapshot: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
