@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> None:
         "--level-nodes",
         help="HSNN codebook size per level, coarsest first, e.g. 64,8 (default: from the corpus size, ~100 per leaf)",
     )
+    parser.add_argument(
+        "--index-input",
+        choices=("item_embedding", "score_profile"),
+        default="item_embedding",
+        help="what every HSNN index clusters: item tower outputs, or click-logit profiles over probe users",
+    )
     parser.add_argument("--out", default="reports")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -123,6 +129,7 @@ def _run_once(args: argparse.Namespace, protocol: str | None, seed: int) -> dict
         hsnn_exhaustive=quick,  # with preset models one exhaustive pass costs minutes per model
         mf_softmax=not args.no_mf,
         mf_epochs=args.mf_epochs,
+        index_input=args.index_input,
         level_nodes=tuple(int(n) for n in args.level_nodes.split(",")) if args.level_nodes else None,
     )
     if quick:

@@ -197,8 +197,10 @@ def with_paths(data: BenchData, paths: Tensor):
     return attach
 
 
+@torch.no_grad()
 def _catalog_vectors(model: HSNN, data: BenchData) -> Tensor:
-    return encode_catalog(model, data.items).flatten(1).detach()
+    """What the model's index clusters, for every catalogue item (the k-means and EM builders use it too)."""
+    return model.index_vectors(encode_catalog(model, data.items), data.items).detach()
 
 
 def build_hsnn(builder: str, config: HSNNConfig, data: BenchData, steps: int, seed: int, em_rounds: int = 3):

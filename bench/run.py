@@ -75,6 +75,7 @@ class RunConfig:
     # the mf_softmax reference baseline, on data sets with (user, item) training positives
     mf_softmax: bool = True
     mf_epochs: int | None = None  # None: MFSoftmaxConfig's default
+    index_input: str = "item_embedding"  # what every HSNN index clusters (HSNNConfig.index_input)
 
 
 def _model_config(name: str, quick: bool, sparse_dim: int | None = None) -> MoNNConfig:
@@ -131,6 +132,7 @@ def hsnn_config(data: BenchData, run: RunConfig, builder: str) -> HSNNConfig:
         levels=levels,
         level_models=level_models,
         item_model=_model_config(run.item_model, run.quick, run.sparse_dim),
+        index_input=run.index_input,
         **{"index_warmup_steps": max(2, run.steps // 4), "index_freeze_step": max(1, run.steps // 2)}
         | hsnn_updates
         | _freeze_fraction(hsnn_updates, run.steps),
@@ -211,6 +213,7 @@ def run_benchmark(data: BenchData, run: RunConfig) -> dict:
         "num_eval_users": len(data.eval_users),
         "steps": run.steps,
         "quick": run.quick,
+        "index_input": run.index_input,
         "notes": data.notes,
         "models": models,
         "index_health": health,

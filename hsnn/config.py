@@ -5,6 +5,8 @@ Presets are values of these models, not subclasses, so a new size is one dict aw
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -210,6 +212,13 @@ class HSNNConfig(StrictModel):
     use_joint_index: bool = Field(
         True, description="False stops index/level gradients reaching the item tower (separate index learning)."
     )
+    index_input: Literal["item_embedding", "score_profile"] = Field(
+        "item_embedding",
+        description="What the index clusters. item_embedding: the item tower's output. score_profile: the item "
+        "model's click logits for a fixed set of probe users (captured from a training batch half-way through "
+        "the index warm-up), so items that the same users like share nodes; costs probe_users pair scores per item.",
+    )
+    probe_users: int = Field(64, ge=2, description="Probe users of the score_profile index input (its dimension).")
     index_stop_gradient: bool = Field(
         True,
         description="The index reads a detached item embedding (VQ-style): reconstruction, FLOPs and node losses "

@@ -79,7 +79,7 @@ class HierarchicalIndex:
         if item_embeddings is None:
             item_embeddings = encode_catalog(model, items)
         if paths is None:
-            paths = model.index.assign(item_embeddings.flatten(1))
+            paths = model.index.assign(model.index_vectors(item_embeddings, items))
         live = self.live.clone()
         if replace and len(item_ids):
             live &= ~torch.isin(self.item_ids, item_ids)
@@ -142,7 +142,7 @@ def build_index(
     if len(item_ids) == 0:
         raise ValueError("cannot build an index over an empty catalogue")
     item_embeddings = encode_catalog(model, items, batch_size, progress)
-    vectors = item_embeddings.flatten(1)
+    vectors = model.index_vectors(item_embeddings, items)
     if paths is None and capacity_factor is not None:
         paths = model.index.assign_with_capacity(vectors, capacity_factor)
     elif paths is None:
@@ -159,7 +159,7 @@ def _layout(
     A node's representative is its closest *live* member when it has one (its closest member otherwise);
     with every item live this is exactly what `build_index` always did.
     """
-    vectors = item_embeddings.flatten(1)
+    vectors = model.index_vectors(item_embeddings, items)
     penalty = None if bool(live.all()) else torch.where(live, 0.0, float("inf"))
     codebook_sizes = [level.num_nodes for level in model.index.levels]
     item_nodes = torch.empty_like(paths)

@@ -273,6 +273,10 @@ class ResidualIndex(nn.Module):
             out.append(total)
         return out
 
+    def clear_reservoir(self) -> None:
+        """Forget the recent inputs (when what the index reads changes meaning)."""
+        self._reservoir.clear()
+
     @torch.no_grad()
     def seed_with_kmeans(self, seed: int = 0) -> bool:
         """Residual k-means over the recent item embeddings (the warmed-up item tower's), level by level.

@@ -17,10 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hsnn.config import HSNNConfig
-from hsnn.features import TrainingBatch
+from hsnn.config import FeatureSchema, HSNNConfig
+from hsnn.features import ItemBatch, TrainingBatch, UserBatch
 from hsnn.lti import IndexOutput, LevelOutput, ResidualIndex
 from hsnn.monn import MoNN, in_batch_softmax_loss
+
+
+def _empty_history_user(schema: FeatureSchema, device: torch.device) -> UserBatch:
+    """One user with no engagement history: the I2IF side of a score profile, the same for every probe."""
+    length = schema.history_length
+    return UserBatch(
+        dense=torch.zeros(1, schema.user_dense_dim, device=device),
+        sparse={name: torch.zeros(1, 1, dtype=torch.long, device=device) for name in schema.user_sparse},
+        history={a: torch.zeros(1, length, dtype=torch.long, device=device) for a in schema.history_attributes},
+        history_age=torch.zeros(1, length, device=device),
+    )
 
 
 class Ensemble(nn.Module):
@@ -57,8 +68,15 @@ class HSNN(nn.Module):
         self.config = config
         schema = config.features
         self.item_model = MoNN(config.item_model, schema)
-        index_dim = self.item_model.item_embedding_size
+        profile = config.index_input == "score_profile"
+        index_dim = config.probe_users if profile else self.item_model.item_embedding_size
         self.index = ResidualIndex(index_dim, config.levels)
+        if profile:
+            # the item model's user-tower output for the probe users, fixed once captured: the axes of the
+            # score profiles the index clusters (`index_vectors`), kept with the weights for serving
+            user = config.item_model.user
+            self.register_buffer("probe_user_embeddings", torch.zeros(config.probe_users, user.num_embed, user.dim))
+            self.register_buffer("probes_captured", torch.zeros((), dtype=torch.bool))
         # A node has no features of its own (its representative item's I2IF would differ from the
         # training item's), so level models read the user and the node embedding: identical inputs
         # in training and at serving.
@@ -102,9 +120,13 @@ class HSNN(nn.Module):
         item_interaction = item_model.encode_interactions(users, items, rows, rows)
         z_item = item_model.pair_logits(item_user_emb, item_emb, item_interaction)  # (B, tasks)
 
-        index_input = item_emb.flatten(1)  # (B, index_dim)
+        if self._probes_due():
+            self._capture_probes(item_user_emb.detach())
         if self.config.index_stop_gradient or not self.config.use_joint_index:
-            index_input = index_input.detach()
+            with torch.no_grad():
+                index_input = self.index_vectors(item_emb, items)  # (B, index_dim)
+        else:
+            index_input = self.index_vectors(item_emb, items)
         if batch.item_paths is not None:
             index_out = self._fixed_index(index_input, batch.item_paths)
         else:
@@ -140,6 +162,53 @@ class HSNN(nn.Module):
             losses["retrieval"] = self.config.retrieval_weight * retrieval
         losses["total"] = sum((v for k, v in losses.items() if k != "total"), batch.labels.new_zeros(()))
         return HSNNOutput(logits=logits, losses=losses)
+
+    def index_vectors(self, item_emb: Tensor, items: ItemBatch, chunk: int = 4096) -> Tensor:
+        """What the index assigns, one row per item: (N, index_dim), from item embeddings (N, n_item, d).
+
+        item_embedding: the flattened embedding. score_profile: the item model's click logit for each
+        probe user (I2IF computed against an empty history, so a profile depends on the item alone).
+        Training, index builds and the indexer's deltas all call this one function.
+        """
+        if self.config.index_input == "item_embedding":
+            return item_emb.flatten(1)
+        model, probes = self.item_model, self.probe_user_embeddings  # probes: (K, n_user, d)
+        k = probes.shape[0]
+        nobody = _empty_history_user(self.config.features, item_emb.device)
+        parts = []
+        for start in range(0, len(item_emb), chunk):
+            rows = torch.arange(start, min(start + chunk, len(item_emb)), device=item_emb.device)
+            interaction = model.encode_interactions(nobody, items, torch.zeros_like(rows), rows)  # (n, n_x, d)
+            pair_probe = torch.arange(k, device=item_emb.device).repeat(len(rows))  # (n * K,)
+            pair_item = torch.arange(len(rows), device=item_emb.device).repeat_interleave(k)  # (n * K,)
+            logits = model.pair_logits(
+                probes[pair_probe],
+                item_emb[rows][pair_item],
+                interaction[pair_item] if interaction is not None else None,
+            )[:, CLICK]
+            parts.append(logits.view(len(rows), k))
+        return torch.cat(parts) if parts else item_emb.new_zeros(0, k)
+
+    def _probes_due(self) -> bool:
+        """Score-profile input: probes are captured once, half-way to the k-means seeding step."""
+        if self.config.index_input != "score_profile" or not self.training or bool(self.probes_captured):
+            return False
+        return int(self.step) >= self.seed_step() // 2
+
+    @torch.no_grad()
+    def _capture_probes(self, user_emb: Tensor) -> None:
+        """Fix the probe users from this batch's users (sampled with replacement when the batch is small);
+        what the index saw before is dropped, so k-means seeding reads score profiles only."""
+        k = self.probe_user_embeddings.shape[0]
+        generator = torch.Generator().manual_seed(int(self.step))
+        rows = (
+            torch.randperm(len(user_emb), generator=generator)[:k]
+            if len(user_emb) >= k
+            else (torch.randint(len(user_emb), (k,), generator=generator))
+        )
+        self.probe_user_embeddings.copy_(user_emb[rows.to(user_emb.device)])
+        self.probes_captured.fill_(True)
+        self.index.clear_reservoir()
 
     def _fixed_index(self, v: Tensor, paths: Tensor) -> IndexOutput:
         """Hard, given assignments (an existing hierarchy, k-means, EM): node embeddings are the codes

@@ -400,7 +400,7 @@ class ItemEncoder:
             return []
         items = catalog_to_batch(entries, self.schema)
         embeddings = encode_catalog(self.model, items, self.batch_size)
-        paths = self.model.index.assign(embeddings.flatten(1))
+        paths = self.model.index.assign(self.model.index_vectors(embeddings, items))
         out = []
         for row, entry in enumerate(entries):
             out.append(
