@@ -9,6 +9,8 @@ else: it trains one item-level MoNN, builds residual k-means indexes of several 
 - `score_profile`: the MoNN's click logits for K probe users drawn from the training stream (an
   item is described by who would click it);
 - `score_profile_centred`: the same, centred per probe user and scaled to unit length per item;
+- `score_profile_no_history_match`: the profile with the I2IF input computed against an empty
+  history (what a profile costs to store: no raw probe histories), the user tower still reading them;
 
 and reports the oracle cost of each next to the given hierarchy, over several seeds.
 
@@ -36,7 +38,7 @@ from bench.run import _model_config
 from hsnn.monn import MoNN
 from hsnn.progress import progress_bar
 
-REPRESENTATIONS = ("item_embedding", "score_profile", "score_profile_centred")
+REPRESENTATIONS = ("item_embedding", "score_profile", "score_profile_centred", "score_profile_no_history_match")
 
 
 def leaf_oracle_cost(leaf: Tensor, true_rows: Tensor, share: float = 0.5, top: int = 100) -> float:
@@ -51,19 +53,23 @@ def leaf_oracle_cost(leaf: Tensor, true_rows: Tensor, share: float = 0.5, top: i
 
 
 @torch.no_grad()
-def score_profiles(model: MoNN, data: BenchData, probes: int, seed: int) -> Tensor:
-    """(N, probes) click logits of every catalogue item for `probes` users from the training stream."""
+def score_profiles(model: MoNN, data: BenchData, probes: int, seed: int, history_match: bool = True) -> Tensor:
+    """(N, probes) click logits of every catalogue item for `probes` users from the training stream.
+
+    Without `history_match` the I2IF input is computed for a user with an empty history."""
     model.eval()
     users = next(iter(data.batches(1, seed + 10_000))).users
     rows = torch.randperm(len(users), generator=torch.Generator().manual_seed(seed))[:probes]
     probe = users.select(rows)
     user_emb = model.encode_users(probe)  # (K, n_user, d)
+    nobody = probe.select(torch.zeros(len(rows), dtype=torch.long))
+    nobody.history = {name: torch.zeros_like(ids) for name, ids in nobody.history.items()}
     item_emb = model.encode_items(data.items)  # (N, n_item, d)
     items = torch.arange(data.num_items)
     profile = torch.empty(data.num_items, len(rows))
     for u in progress_bar(range(len(rows)), "score profiles"):
         pair_user = torch.full((data.num_items,), u)
-        interaction = model.encode_interactions(probe, data.items, pair_user, items)
+        interaction = model.encode_interactions(probe if history_match else nobody, data.items, pair_user, items)
         profile[:, u] = model.pair_logits(user_emb[pair_user], item_emb, interaction)[:, 0]
     return profile
 
@@ -84,6 +90,7 @@ def run_seed(seed: int, items: int, steps: int, probes: int, shapes: list[list[i
         "item_embedding": embedding,
         "score_profile": profile,
         "score_profile_centred": centred / centred.norm(dim=1, keepdim=True).clamp(min=1e-6),
+        "score_profile_no_history_match": score_profiles(model, data, probes, seed, history_match=False),
     }
     result: dict = {"seed": seed, "oracle_cost": {}}
     for shape in shapes:

@@ -132,7 +132,8 @@ def hsnn_config(data: BenchData, run: RunConfig, builder: str) -> HSNNConfig:
         levels=levels,
         level_models=level_models,
         item_model=_model_config(run.item_model, run.quick, run.sparse_dim),
-        index_input=run.index_input,
+        # a given hierarchy's node codes are set from the catalogue before training, so they read item embeddings
+        index_input="item_embedding" if builder == "hierarchy" else run.index_input,
         **{"index_warmup_steps": max(2, run.steps // 4), "index_freeze_step": max(1, run.steps // 2)}
         | hsnn_updates
         | _freeze_fraction(hsnn_updates, run.steps),

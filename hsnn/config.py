@@ -215,10 +215,11 @@ class HSNNConfig(StrictModel):
     index_input: Literal["item_embedding", "score_profile"] = Field(
         "item_embedding",
         description="What the index clusters. item_embedding: the item tower's output. score_profile: the item "
-        "model's click logits for a fixed set of probe users (captured from a training batch half-way through "
-        "the index warm-up), so items that the same users like share nodes; costs probe_users pair scores per item.",
+        "model's click logits (I2IF included) for probe_users users drawn once from the training stream and saved "
+        "with the weights, so items that the same users would click share nodes; costs probe_users pair scores "
+        "per item.",
     )
-    probe_users: int = Field(64, ge=2, description="Probe users of the score_profile index input (its dimension).")
+    probe_users: int = Field(128, ge=2, description="Probe users of the score_profile index input (its dimension).")
     index_stop_gradient: bool = Field(
         True,
         description="The index reads a detached item embedding (VQ-style): reconstruction, FLOPs and node losses "

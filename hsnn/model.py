@@ -23,15 +23,55 @@ from hsnn.lti import IndexOutput, LevelOutput, ResidualIndex
 from hsnn.monn import MoNN, in_batch_softmax_loss
 
 
-def _empty_history_user(schema: FeatureSchema, device: torch.device) -> UserBatch:
-    """One user with no engagement history: the I2IF side of a score profile, the same for every probe."""
-    length = schema.history_length
-    return UserBatch(
-        dense=torch.zeros(1, schema.user_dense_dim, device=device),
-        sparse={name: torch.zeros(1, 1, dtype=torch.long, device=device) for name in schema.user_sparse},
-        history={a: torch.zeros(1, length, dtype=torch.long, device=device) for a in schema.history_attributes},
-        history_age=torch.zeros(1, length, device=device),
-    )
+class ProbeUsers(nn.Module):
+    """K users drawn once from the training stream, raw features kept as buffers (saved with the weights).
+
+    They are the axes of the score-profile index input: an item is described by the item model's click
+    logits for these users, I2IF included, so the profile says who would click it. Sparse id lists are
+    kept up to `max_ids` per feature (mean-pooled bags ignore the zero padding).
+    """
+
+    def __init__(self, schema: FeatureSchema, count: int, max_ids: int = 8):
+        super().__init__()
+        self.sparse_names, self.history_names = sorted(schema.user_sparse), list(schema.history_attributes)
+        self.max_ids = max_ids
+        self.register_buffer("dense", torch.zeros(count, schema.user_dense_dim))
+        for name in self.sparse_names:
+            self.register_buffer(f"sparse_{name}", torch.zeros(count, max_ids, dtype=torch.long))
+        for name in self.history_names:
+            self.register_buffer(f"history_{name}", torch.zeros(count, schema.history_length, dtype=torch.long))
+        self.register_buffer("history_age", torch.zeros(count, schema.history_length))
+        self.register_buffer("captured", torch.zeros((), dtype=torch.bool))
+
+    def __len__(self) -> int:
+        return self.dense.shape[0]
+
+    @torch.no_grad()
+    def capture(self, users: UserBatch, seed: int) -> None:
+        """Draw the probes from a batch of users (with replacement when the batch is smaller than K)."""
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(len(users), generator=generator)[: len(self)]
+        if len(rows) < len(self):
+            rows = torch.randint(len(users), (len(self),), generator=generator)
+        chosen = users.select(rows.to(users.dense.device))
+        self.dense.copy_(chosen.dense)
+        for name in self.sparse_names:
+            ids = chosen.sparse[name][:, : self.max_ids]
+            buffer = getattr(self, f"sparse_{name}")
+            buffer.zero_()
+            buffer[:, : ids.shape[1]] = ids
+        for name in self.history_names:
+            getattr(self, f"history_{name}").copy_(chosen.history[name])
+        self.history_age.copy_(chosen.history_age)
+        self.captured.fill_(True)
+
+    def batch(self) -> UserBatch:
+        return UserBatch(
+            dense=self.dense,
+            sparse={name: getattr(self, f"sparse_{name}") for name in self.sparse_names},
+            history={name: getattr(self, f"history_{name}") for name in self.history_names},
+            history_age=self.history_age,
+        )
 
 
 class Ensemble(nn.Module):
@@ -71,12 +111,7 @@ class HSNN(nn.Module):
         profile = config.index_input == "score_profile"
         index_dim = config.probe_users if profile else self.item_model.item_embedding_size
         self.index = ResidualIndex(index_dim, config.levels)
-        if profile:
-            # the item model's user-tower output for the probe users, fixed once captured: the axes of the
-            # score profiles the index clusters (`index_vectors`), kept with the weights for serving
-            user = config.item_model.user
-            self.register_buffer("probe_user_embeddings", torch.zeros(config.probe_users, user.num_embed, user.dim))
-            self.register_buffer("probes_captured", torch.zeros((), dtype=torch.bool))
+        self.probes = ProbeUsers(schema, config.probe_users) if profile else None
         # A node has no features of its own (its representative item's I2IF would differ from the
         # training item's), so level models read the user and the node embedding: identical inputs
         # in training and at serving.
@@ -120,8 +155,9 @@ class HSNN(nn.Module):
         item_interaction = item_model.encode_interactions(users, items, rows, rows)
         z_item = item_model.pair_logits(item_user_emb, item_emb, item_interaction)  # (B, tasks)
 
-        if self._probes_due():
-            self._capture_probes(item_user_emb.detach())
+        if self.probes is not None and self.training and not bool(self.probes.captured):
+            self.probes.capture(users, seed=int(self.step))
+            self.index.clear_reservoir()  # what the index saw so far was not a profile over these users
         if self.config.index_stop_gradient or not self.config.use_joint_index:
             with torch.no_grad():
                 index_input = self.index_vectors(item_emb, items)  # (B, index_dim)
@@ -163,52 +199,27 @@ class HSNN(nn.Module):
         losses["total"] = sum((v for k, v in losses.items() if k != "total"), batch.labels.new_zeros(()))
         return HSNNOutput(logits=logits, losses=losses)
 
-    def index_vectors(self, item_emb: Tensor, items: ItemBatch, chunk: int = 4096) -> Tensor:
+    def index_vectors(self, item_emb: Tensor, items: ItemBatch, chunk: int = 1024) -> Tensor:
         """What the index assigns, one row per item: (N, index_dim), from item embeddings (N, n_item, d).
 
         item_embedding: the flattened embedding. score_profile: the item model's click logit for each
-        probe user (I2IF computed against an empty history, so a profile depends on the item alone).
-        Training, index builds and the indexer's deltas all call this one function.
+        probe user, I2IF included (`ProbeUsers`). Training, index builds and the indexer's deltas all
+        call this one function.
         """
-        if self.config.index_input == "item_embedding":
+        if self.probes is None:
             return item_emb.flatten(1)
-        model, probes = self.item_model, self.probe_user_embeddings  # probes: (K, n_user, d)
-        k = probes.shape[0]
-        nobody = _empty_history_user(self.config.features, item_emb.device)
+        model, probes = self.item_model, self.probes.batch()
+        user_emb = model.encode_users(probes)  # (K, n_user, d)
+        k = len(self.probes)
         parts = []
         for start in range(0, len(item_emb), chunk):
             rows = torch.arange(start, min(start + chunk, len(item_emb)), device=item_emb.device)
-            interaction = model.encode_interactions(nobody, items, torch.zeros_like(rows), rows)  # (n, n_x, d)
             pair_probe = torch.arange(k, device=item_emb.device).repeat(len(rows))  # (n * K,)
-            pair_item = torch.arange(len(rows), device=item_emb.device).repeat_interleave(k)  # (n * K,)
-            logits = model.pair_logits(
-                probes[pair_probe],
-                item_emb[rows][pair_item],
-                interaction[pair_item] if interaction is not None else None,
-            )[:, CLICK]
+            pair_item = rows.repeat_interleave(k)  # (n * K,) catalogue rows
+            interaction = model.encode_interactions(probes, items, pair_probe, pair_item)  # (n * K, n_x, d)
+            logits = model.pair_logits(user_emb[pair_probe], item_emb[pair_item], interaction)[:, CLICK]
             parts.append(logits.view(len(rows), k))
         return torch.cat(parts) if parts else item_emb.new_zeros(0, k)
-
-    def _probes_due(self) -> bool:
-        """Score-profile input: probes are captured once, half-way to the k-means seeding step."""
-        if self.config.index_input != "score_profile" or not self.training or bool(self.probes_captured):
-            return False
-        return int(self.step) >= self.seed_step() // 2
-
-    @torch.no_grad()
-    def _capture_probes(self, user_emb: Tensor) -> None:
-        """Fix the probe users from this batch's users (sampled with replacement when the batch is small);
-        what the index saw before is dropped, so k-means seeding reads score profiles only."""
-        k = self.probe_user_embeddings.shape[0]
-        generator = torch.Generator().manual_seed(int(self.step))
-        rows = (
-            torch.randperm(len(user_emb), generator=generator)[:k]
-            if len(user_emb) >= k
-            else (torch.randint(len(user_emb), (k,), generator=generator))
-        )
-        self.probe_user_embeddings.copy_(user_emb[rows.to(user_emb.device)])
-        self.probes_captured.fill_(True)
-        self.index.clear_reservoir()
 
     def _fixed_index(self, v: Tensor, paths: Tensor) -> IndexOutput:
         """Hard, given assignments (an existing hierarchy, k-means, EM): node embeddings are the codes
