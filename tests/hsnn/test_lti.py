@@ -280,3 +280,59 @@ def test_flops_at_target_temperature_sees_a_collapse_the_early_soft_assignment_h
         losses[target] = float(level.train()(x, step=0).flops_loss.detach())
     assert losses[False] < 2.0  # at alpha_min the soft assignment looks almost balanced (1 = perfect)
     assert losses[True] > 6.0  # at alpha_max it shows what argmin serves: nearly all in one of 8 nodes
+
+
+@pytest.fixture(scope="module")
+def profile_hsnn(world):
+    """An HSNN whose index clusters score profiles over probe users."""
+    from hsnn.training import train
+
+    torch.manual_seed(0)
+    config = tiny_hsnn_config(num_nodes=(8, 4), schedule_steps=30).model_copy(
+        update={"index_warmup_steps": 20, "index_input": "score_profile", "probe_users": 16}
+    )
+    model = HSNN(config)
+    train(model, make_batches(world, 30, 128, seed=11, users_per_batch=32))
+    return model.eval()
+
+
+def test_score_profile_probes_are_drawn_once_and_saved_with_the_weights(profile_hsnn, world, tmp_path):
+    from hsnn.index import encode_catalog
+    from hsnn.weights import load_model, save_model
+
+    model = profile_hsnn
+    assert bool(model.probes.captured)
+    history = model.probes.history_item_id.clone()
+    assert bool((history > 0).any()), "probes carry real engagement histories (their I2IF is the profile's signal)"
+    items = world.items.select(torch.arange(200))
+    embeddings = encode_catalog(model, items)
+    profiles = model.index_vectors(embeddings, items)
+    assert profiles.shape == (200, 16)
+    assert profiles.std(dim=0).min() > 0, "every probe tells items apart"
+    save_model(model, tmp_path)
+    restored = load_model(tmp_path)
+    assert torch.equal(restored.probes.history_item_id, history)
+    assert torch.allclose(restored.index_vectors(encode_catalog(restored, items), items), profiles, atol=1e-5)
+
+
+def test_score_profile_training_reads_what_the_build_assigns(profile_hsnn, world):
+    """The index input of a training forward equals `index_vectors` over the catalogue (one function)."""
+    from hsnn.index import encode_catalog
+
+    model = profile_hsnn
+    batch = make_batches(world, 1, 64, seed=5)[0]
+    seen = {}
+    original = model.index.forward
+
+    def spy(v, step):
+        seen["input"] = v
+        return original(v, step)
+
+    model.index.forward = spy
+    try:
+        model(batch)
+    finally:
+        del model.index.forward
+    rows = world.item_ids.new_tensor([int(i) - 1 for i in batch.items.sparse["item_id"]])
+    items = world.items.select(rows)
+    assert torch.allclose(seen["input"], model.index_vectors(encode_catalog(model, items), items), atol=1e-5)
