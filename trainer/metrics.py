@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Seconds from an impression's event time to the train step that applied it (online training runs behind
+# Kafka by the poll, the catalogue catch-up and the queue of batches before it).
+EVENT_TO_TRAINED_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 
 class TrainerMetrics:
@@ -18,6 +22,17 @@ class TrainerMetrics:
         )
         self.lag_seconds = Gauge(
             "hsnn_trainer_consumer_lag_seconds", "Now minus event time of the last consumed record", ["partition"], **kw
+        )
+        self.event_to_trained = Histogram(
+            "hsnn_trainer_event_to_trained_seconds",
+            "Per trained impression: when its train step finished minus its event time",
+            buckets=EVENT_TO_TRAINED_BUCKETS,
+            **kw,
+        )
+        self.trained_event_time = Gauge(
+            "hsnn_trainer_trained_event_time_seconds",
+            "Newest impression event time trained into the weights (epoch s; 0: nothing trained yet)",
+            **kw,
         )
         self.loss = Gauge("hsnn_trainer_loss", "Total loss of the last train step", **kw)
         self.rolling_ne = Gauge("hsnn_trainer_rolling_ne", "Click NE on the held-out buffer at the last snapshot", **kw)
