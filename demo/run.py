@@ -224,7 +224,7 @@ class Demo:
         )
         created = ensure_topics(self.feed_config)
         self.say(f"  topics: {', '.join(created) or 'already there'}")
-        self.traffic = Traffic(self.feed_config)
+        self.traffic = Traffic(self.feed_config, wall_clock_impressions=True)  # event time = when sent
         market = self.traffic.market
         self.say(
             f"  marketplace: {int(market.live.sum())} live ads, {market.config.num_users} users, "
