@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
+from collections import Counter as Tally
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +66,25 @@ class TrainerMetrics:
             self.events.labels(outcome)
         for reason in ("malformed", "schema_mismatch", "unknown_ad"):
             self.dead_letters.labels(reason)
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """`histogram.observe(v)` for every v, with one increment per bucket touched instead of one per value.
+
+    A train step's batch is hundreds of events; observing each costs about 3 us (lock, loop over the bounds)
+    where this costs well under 1. It writes the same bucket and sum values (tested against `observe`), through
+    the client's internal `_upper_bounds`, `_buckets` and `_sum`; without them it falls back to `observe`.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    for index, count in Tally(bisect.bisect_left(bounds, value) for value in values).items():
+        buckets[index].inc(count)  # bisect_left: the first bound >= value, as `observe` picks (+Inf last)
+    total.inc(sum(values))
 
 
 def reason_label(reason: str) -> str:

@@ -45,7 +45,7 @@ from trainer.fencing import TrainerLease
 from trainer.guard import GuardedOptimizer, non_finite_tensors
 from trainer.kafka_io import TrainerKafka
 from trainer.loop import final_snapshot, run_loop
-from trainer.metrics import Timings, TrainerMetrics
+from trainer.metrics import Timings, TrainerMetrics, observe_many
 from trainer.publisher import Publisher, PublisherMetrics, PublisherSettings, PublishResult, snapshot_notice
 from trainer.settings import TrainerSettings
 from trainer.startup import load_or_create, remove_unfinished_snapshots
@@ -255,9 +255,7 @@ class OnlineTrainer:
     def _observe_trained(self, events: list[ImpressionEvent]) -> None:
         """Freshness: each event's (trained_at - event_time), and the newest event time now in the weights."""
         trained_at = self.clock()
-        observe = self.metrics.event_to_trained.observe
-        for event in events:
-            observe(max(0.0, trained_at - event.event_time))
+        observe_many(self.metrics.event_to_trained, [max(0.0, trained_at - e.event_time) for e in events])
         if self.watermark is not None:
             self.metrics.trained_event_time.set(self.watermark)
 

@@ -25,7 +25,7 @@ from retrieval_api.settings import ApiSettings
 from retrieval_api.state import Catalog, CatalogIndexSource, ServingState, load_pair_from_store
 from retrieval_api.watcher import SUCCESS, SnapshotWatcher
 from streaming.snapshots import SnapshotStore
-from trainer.metrics import TrainerMetrics
+from trainer.metrics import TrainerMetrics, observe_many
 from trainer.publisher import Publisher, PublisherMetrics, PublisherSettings
 from trainer.service import OnlineTrainer
 from worlds.planted import make_world, tiny_hsnn_config
@@ -176,6 +176,26 @@ def test_trainer_observes_trained_at_minus_event_time_per_event() -> None:
     assert samples[("hsnn_trainer_event_to_trained_seconds_bucket", "2.0")] == 2
     gauge = {s.name: s.value for metric in trainer.metrics.trained_event_time.collect() for s in metric.samples}
     assert gauge["hsnn_trainer_trained_event_time_seconds"] == 1999.0
+
+
+def test_observe_many_writes_what_observe_would() -> None:
+    values = [0.0, 0.1, 0.1000001, 0.5, 1.0, 4.99, 5.0, 5.01, 3599.0, 3600.0, 1e9, 2.5, 2.5, 0.05]
+    one, many = TrainerMetrics(CollectorRegistry()), TrainerMetrics(CollectorRegistry())
+    for value in values:
+        one.event_to_trained.observe(value)
+    observe_many(many.event_to_trained, values)
+
+    def samples(metrics: TrainerMetrics) -> list[tuple[str, dict, float]]:
+        return [
+            (s.name, s.labels, s.value)
+            for m in metrics.event_to_trained.collect()
+            for s in m.samples
+            if not s.name.endswith("_created")
+        ]
+
+    assert samples(many) == samples(one)
+    counts = [value for name, _, value in samples(one) if name.endswith("_count")]
+    assert counts == [len(values)]
 
 
 def test_publisher_observes_created_at_minus_the_watermark(tmp_path, model, monkeypatch) -> None:
