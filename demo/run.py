@@ -87,6 +87,52 @@ class Observed:
     recalls: list[RecallResult] = field(default_factory=list)
     create: CreateCheck | None = None
     served_versions: set[tuple[int, int]] = field(default_factory=set)
+    adoptions: dict[tuple[int, float], dict[str, Any]] = field(default_factory=dict)  # the API's, by (version, when)
+
+    def note_api(self, api: dict[str, Any] | None) -> None:
+        """Keep every adoption the API's /status.json lists (it keeps the last 256; the demo keeps them all)."""
+        for adoption in ((api or {}).get("freshness") or {}).get("adoptions", []):
+            self.adoptions[(adoption["model_version"], adoption["adopted_at"])] = adoption
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of `values`, linear between order statistics (numpy's default)."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def freshness_lines(adoptions: list[dict[str, Any]], trainer: dict[str, float]) -> list[str]:
+    """The summary's freshness figures: exact p50/p99 from the API's adoption timestamps, and the trainer's
+    event -> trained from its histogram (bucket-interpolated, as Prometheus would)."""
+    from retrieval_api.status import histogram_quantile
+
+    lines = []
+    observed = [a for a in adoptions if a.get("observed")]
+    for key, label in (("published_to_served_s", "snapshot published -> served"), ("event_to_served_s", None)):
+        values = [a[key] for a in observed if a.get(key) is not None]
+        label = label or "newest event trained -> served"
+        if not values:
+            lines.append(f"freshness: {label}: no new snapshot adopted by the API while it ran")
+            continue
+        target = " (target p99 <= 10 s)" if key == "published_to_served_s" else ""
+        lines.append(
+            f"freshness: {label} p50 {percentile(values, 0.5):.2f}s / p99 {percentile(values, 0.99):.2f}s / "
+            f"max {max(values):.2f}s over {len(values)} snapshots{target}"
+        )
+    name = "hsnn_trainer_event_to_trained_seconds_bucket"
+    buckets = []
+    for sample, value in trainer.items():
+        if sample.startswith(name + "{"):
+            le = dict(part.split("=", 1) for part in sample[len(name) + 1 : -1].split(",") if part).get("le")
+            if le is not None:
+                buckets.append((float(le), value))
+    p50, p99 = histogram_quantile(0.5, buckets), histogram_quantile(0.99, buckets)
+    if p50 is not None and p99 is not None:
+        lines.append(f"freshness: event -> trained p50 {p50:.2f}s / p99 {p99:.2f}s (trainer histogram, per impression)")
+    return lines
 
 
 def fmt_age(now: float, then: float | None) -> str:
@@ -178,7 +224,7 @@ class Demo:
         )
         created = ensure_topics(self.feed_config)
         self.say(f"  topics: {', '.join(created) or 'already there'}")
-        self.traffic = Traffic(self.feed_config)
+        self.traffic = Traffic(self.feed_config, wall_clock_impressions=True)  # event time = when sent
         market = self.traffic.market
         self.say(
             f"  marketplace: {int(market.live.sum())} live ads, {market.config.num_users} users, "
@@ -292,6 +338,7 @@ class Demo:
         seen.index = redis_index(self.redis, KEY_PREFIX)
         status, api = http_json(f"{self.api}/status.json", timeout=5)
         seen.api = api if status == 200 else None
+        seen.note_api(seen.api)
         served = (seen.api or {}).get("served", {})
         if served.get("ready"):
             seen.served_versions.add((served["model_version"], served["index_version"]))
@@ -467,6 +514,7 @@ class Demo:
             served = (data or {}).get("served", {}) if status == 200 else {}
             if served.get("ready"):
                 self.seen.api = data
+                self.seen.note_api(data)
                 self.seen.served_versions.add((served["model_version"], served["index_version"]))
                 if served["model_version"] >= final.promoted:
                     self.say(
@@ -522,6 +570,9 @@ class Demo:
             self.say(f"api: served model {model} / index {index} (pairs seen: {pairs}){fresh}")
         else:
             self.say("api: served nothing")
+        adoptions = sorted(seen.adoptions.values(), key=lambda a: a["adopted_at"])
+        for line in freshness_lines(adoptions, seen.trainer):
+            self.say(line)
         c = seen.create
         if c is not None and c.seen_after_s is not None:
             self.say(

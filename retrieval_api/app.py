@@ -92,6 +92,7 @@ def create_app(
             interval_s=settings.reload_interval_s,
             backoff_s=settings.reload_backoff_s,
             on_reload=metrics.observe_reload,
+            on_adopt=metrics.observe_adoption,
         )
     elif store is not None and index_source is not None:
         device = settings.resolved_device()
@@ -103,6 +104,7 @@ def create_app(
             interval_s=settings.reload_interval_s,
             backoff_s=settings.reload_backoff_s,
             on_reload=metrics.observe_reload,
+            on_adopt=metrics.observe_adoption,
         )
     elif store is not None or index_source is not None:
         log.warning("hot swap is off: it needs both a snapshot store and an index source (catalog)")

@@ -56,6 +56,7 @@ class RedisIndexFollower:
             model_version=model_version,
             index_version=view.version,
             snapshot_created_at=manifest.created_at,
+            event_time_watermark=manifest.event_time_watermark,
         )
 
     def refresh(self, state: ServingState) -> bool:

@@ -49,6 +49,7 @@ class ServingPair:
     index_version: int
     loaded_at: float = field(default_factory=time.time)
     snapshot_created_at: float | None = None  # the manifest's created_at (None for pairs not loaded from a store)
+    event_time_watermark: float | None = None  # the manifest's newest trained event time (None: unknown)
 
     @property
     def schema(self) -> FeatureSchema:
@@ -147,4 +148,5 @@ def load_pair_from_store(
         model_version=manifest.version,
         index_version=source_version if index_version is None else index_version,
         snapshot_created_at=manifest.created_at,
+        event_time_watermark=manifest.event_time_watermark,
     )

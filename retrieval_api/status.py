@@ -133,6 +133,10 @@ def status_router(state: Any, metrics: Any, settings: Any) -> APIRouter:
             "index": index,
             "promoted": promoted,
             "requests": request_stats(metrics.registry),
+            "freshness": {  # timestamps of each snapshot swapped in (the histograms' raw data; newest last)
+                "watching_since": metrics.watching_since,
+                "adoptions": [adoption.as_json() for adoption in list(metrics.adoptions)],
+            },
         }
 
     @router.get("/status.json")

@@ -40,15 +40,18 @@ class SnapshotWatcher:
         interval_s: float = 2.0,
         backoff_s: float = 60.0,
         on_reload: Callable[[str, float], None] | None = None,
+        on_adopt: Callable[[ServingPair, ServingPair | None], None] | None = None,
     ):
         """`load(version)` returns the pair for a version (run in a worker thread); `on_reload(outcome, seconds)`
-        is told of every attempt ("success" or "failure")."""
+        is told of every attempt ("success" or "failure"); `on_adopt(new, previous)` right after each swap
+        (the freshness metrics take their adoption time there)."""
         self.store = store
         self.state = state
         self.load = load
         self.interval_s = interval_s
         self.backoff_s = backoff_s
         self.on_reload = on_reload
+        self.on_adopt = on_adopt
         self._failed: tuple[Pointer, float] | None = None  # the pointer that last failed, and when
         self._task: asyncio.Task | None = None
 
@@ -104,7 +107,12 @@ class SnapshotWatcher:
             )
             return FAILURE
         self._failed = None
-        self.state.swap(pair)  # only this watcher changes the model; index refreshes never do
+        previous = self.state.swap(pair)  # only this watcher changes the model; index refreshes never do
+        if self.on_adopt is not None:
+            try:
+                self.on_adopt(pair, previous)
+            except Exception:  # metrics must never undo or fail a swap
+                log.exception("recording the adoption of snapshot %d failed", pair.model_version)
         self._report(SUCCESS, started)
         if served and pair.model_version < served:
             log.warning("rolled back from snapshot %d to %d (the pointer moved back)", served, pair.model_version)

@@ -61,6 +61,13 @@ METRICS = frozenset(
         "hsnn_api_served_snapshot_timestamp_seconds",
         "hsnn_api_errors_total",
         "hsnn_api_reloads_total",
+        "hsnn_api_snapshot_published_to_served_seconds",
+        "hsnn_api_event_to_served_seconds",
+        "hsnn_api_served_snapshot_event_time_seconds",
+        "hsnn_trainer_event_to_trained_seconds",
+        "hsnn_trainer_trained_event_time_seconds",
+        "hsnn_publisher_event_to_published_seconds",
+        "hsnn_publisher_published_event_time_seconds",
     }
 )
 HISTOGRAMS = frozenset(
@@ -69,6 +76,10 @@ HISTOGRAMS = frozenset(
         "hsnn_indexer_rebuild_seconds",
         "hsnn_api_request_latency_seconds",
         "hsnn_api_batch_size",
+        "hsnn_api_snapshot_published_to_served_seconds",
+        "hsnn_api_event_to_served_seconds",
+        "hsnn_trainer_event_to_trained_seconds",
+        "hsnn_publisher_event_to_published_seconds",
     }
 )
 # What the dashboard must show (brief of the deployment issue).
@@ -87,6 +98,10 @@ DASHBOARD_MUST_USE = frozenset(
         "hsnn_indexer_item_event_to_indexed_seconds",
         "hsnn_trainer_dead_letters_total",
         "hsnn_indexer_dead_letters_total",
+        # Freshness end to end (issue 14): event -> trained -> published -> served.
+        "hsnn_trainer_event_to_trained_seconds",
+        "hsnn_api_snapshot_published_to_served_seconds",
+        "hsnn_api_event_to_served_seconds",
     }
 )
 SECRET_NAME = "hsnn-secrets"

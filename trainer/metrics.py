@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import bisect
+from collections import Counter as Tally
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Seconds from an impression's event time to the train step that applied it (online training runs behind
+# Kafka by the poll, the catalogue catch-up and the queue of batches before it).
+EVENT_TO_TRAINED_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 
 class TrainerMetrics:
@@ -18,6 +25,17 @@ class TrainerMetrics:
         )
         self.lag_seconds = Gauge(
             "hsnn_trainer_consumer_lag_seconds", "Now minus event time of the last consumed record", ["partition"], **kw
+        )
+        self.event_to_trained = Histogram(
+            "hsnn_trainer_event_to_trained_seconds",
+            "Per trained impression: when its train step finished minus its event time",
+            buckets=EVENT_TO_TRAINED_BUCKETS,
+            **kw,
+        )
+        self.trained_event_time = Gauge(
+            "hsnn_trainer_trained_event_time_seconds",
+            "Newest impression event time trained into the weights (epoch s; 0: nothing trained yet)",
+            **kw,
         )
         self.loss = Gauge("hsnn_trainer_loss", "Total loss of the last train step", **kw)
         self.rolling_ne = Gauge("hsnn_trainer_rolling_ne", "Click NE on the held-out buffer at the last snapshot", **kw)
@@ -48,6 +66,25 @@ class TrainerMetrics:
             self.events.labels(outcome)
         for reason in ("malformed", "schema_mismatch", "unknown_ad"):
             self.dead_letters.labels(reason)
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """`histogram.observe(v)` for every v, with one increment per bucket touched instead of one per value.
+
+    A train step's batch is hundreds of events; observing each costs about 3 us (lock, loop over the bounds)
+    where this costs well under 1. It writes the same bucket and sum values (tested against `observe`), through
+    the client's internal `_upper_bounds`, `_buckets` and `_sum`; without them it falls back to `observe`.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    for index, count in Tally(bisect.bisect_left(bounds, value) for value in values).items():
+        buckets[index].inc(count)  # bisect_left: the first bound >= value, as `observe` picks (+Inf last)
+    total.inc(sum(values))
 
 
 def reason_label(reason: str) -> str:

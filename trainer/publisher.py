@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field
 
 from hsnn.model import HSNN
@@ -103,6 +103,17 @@ class PublisherMetrics:
             "hsnn_publisher_last_promoted_timestamp_seconds", "When the promoted snapshot was promoted", **kwargs
         )
         self.promoted_version = Gauge("hsnn_publisher_promoted_version", "Promoted snapshot version", **kwargs)
+        self.published_event_time = Gauge(
+            "hsnn_publisher_published_event_time_seconds",
+            "Newest impression event time in the newest snapshot written (manifest event_time_watermark, epoch s)",
+            **kwargs,
+        )
+        self.event_to_published = Histogram(
+            "hsnn_publisher_event_to_published_seconds",
+            "Per snapshot written: manifest created_at minus its event_time_watermark (newest event -> published)",
+            buckets=(1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0),
+            **kwargs,
+        )
 
 
 class Publisher:
@@ -150,6 +161,9 @@ class Publisher:
         )
         self.metrics.published.inc()
         self.metrics.last_published.set(manifest.created_at)
+        if manifest.event_time_watermark is not None:
+            self.metrics.published_event_time.set(manifest.event_time_watermark)
+            self.metrics.event_to_published.observe(max(0.0, manifest.created_at - manifest.event_time_watermark))
         ok, reason = self._gate(manifest, promoted, first=not earlier)
         if ok:
             pointer = self.store.promote(manifest.version)

@@ -45,7 +45,7 @@ from trainer.fencing import TrainerLease
 from trainer.guard import GuardedOptimizer, non_finite_tensors
 from trainer.kafka_io import TrainerKafka
 from trainer.loop import final_snapshot, run_loop
-from trainer.metrics import Timings, TrainerMetrics
+from trainer.metrics import Timings, TrainerMetrics, observe_many
 from trainer.publisher import Publisher, PublisherMetrics, PublisherSettings, PublishResult, snapshot_notice
 from trainer.settings import TrainerSettings
 from trainer.startup import load_or_create, remove_unfinished_snapshots
@@ -92,6 +92,9 @@ class OnlineTrainer:
         self.optimizer = GuardedOptimizer(self.model, make_optimizer(self.model, settings.lr), settings.max_grad_norm)
         self.offsets = OffsetBook.from_manifest(self.manifest.offsets if self.manifest else {})
         self.watermark: float | None = self.manifest.event_time_watermark if self.manifest else None
+        self.clock = time.time  # wall clock of the freshness metrics (epoch s; tests replace it)
+        if self.watermark is not None:
+            self.metrics.trained_event_time.set(self.watermark)
         metrics = self.manifest.eval_metrics if self.manifest else {}
         self.trained_total = int(metrics.get(TRAINED_TOTAL_METRIC, 0))
         self.catalogue = Catalogue()
@@ -243,10 +246,18 @@ class OnlineTrainer:
             self.trained_total += len(chunk)
             newest = max(e.event_time for e in chunk)
             self.watermark = newest if self.watermark is None else max(self.watermark, newest)
+            self._observe_trained(chunk)
             if self._ids_file is not None:
                 self._ids_file.write("".join(json.dumps(e.event_id) + "\n" for e in chunk))
                 self._ids_file.flush()  # visible to readers now; durable (fsync) only at the next snapshot
                 self._ids_lines += len(chunk)
+
+    def _observe_trained(self, events: list[ImpressionEvent]) -> None:
+        """Freshness: each event's (trained_at - event_time), and the newest event time now in the weights."""
+        trained_at = self.clock()
+        observe_many(self.metrics.event_to_trained, [max(0.0, trained_at - e.event_time) for e in events])
+        if self.watermark is not None:
+            self.metrics.trained_event_time.set(self.watermark)
 
     # ------------------------------------------------------------------ dead letters
     def _dead_letter(self, topic: str, record: Any, reason: str) -> None:

@@ -75,3 +75,7 @@ def test_demo_until_served(tmp_path: Path) -> None:
     assert recall and 0.0 <= float(recall.group(2)) <= 1.0, summary
     assert re.search(r"^trainer: [\d,]+ events trained .*exited 0", summary, re.M), summary
     assert "stopped by --until-served" in summary
+    # Freshness from the API's adoption timestamps: the first snapshot is published after the API starts, so
+    # at least that adoption is a sample (seconds, not the minutes a stale start would give).
+    fresh = re.search(r"^freshness: snapshot published -> served p50 ([\d.]+)s / p99 ([\d.]+)s", summary, re.M)
+    assert fresh and 0.0 <= float(fresh.group(1)) <= float(fresh.group(2)) < 60, summary
