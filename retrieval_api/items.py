@@ -61,6 +61,7 @@ def kafka_producer(settings: ApiSettings) -> RecordProducer:
         acks="all",
         enable_idempotence=True,
         linger_ms=1,
+        batch_size=1 << 18,  # a 1,000-event post fills a few batches, not dozens (each one wakes the sender thread)
         bootstrap_timeout_ms=timeout_ms,
         max_block_ms=timeout_ms,
         request_timeout_ms=max(timeout_ms - 1, 1),
@@ -96,6 +97,10 @@ def bearer_credentials(authorization: str | None) -> HTTPAuthorizationCredential
 def check_authorization_header(settings: ApiSettings, authorization: str | None) -> None:
     """`check_token` on a raw Authorization header (the request gate runs it before the body is read)."""
     check_token(settings, bearer_credentials(authorization))
+
+
+ANSWER_RESERVE_S = 0.2
+"""Of the `kafka_ack_timeout_s` budget, at most this much (and at most a tenth) is kept for answering the client."""
 
 
 class KafkaUnavailable(Exception):
@@ -144,23 +149,30 @@ class ItemForwarder:
             self._lock.release()
 
     async def forward_async(
-        self, events: Sequence[ItemEvent]
+        self, events: Sequence[ItemEvent], received_at: float | None = None
     ) -> tuple[list[RecordPosition], list[UnacknowledgedEvent]]:
-        """`forward` on the Kafka threads, answered within `kafka_ack_timeout_s` (plus scheduling) whatever Kafka does.
+        """`forward` on the Kafka threads, answered within `kafka_ack_timeout_s` of `received_at` whatever Kafka does.
 
+        `received_at` (`time.monotonic()`, default now) is when the request arrived: reading and
+        validating the body count against the same budget, so the client has its answer within
+        `kafka_ack_timeout_s` of sending. Kafka gets the budget less a small reserve for answering.
         A batch abandoned at the deadline may still be written afterwards; a retry is safe (idempotent by sequence).
         """
         timeout_s = self.settings.kafka_ack_timeout_s
+        answer_by = (time.monotonic() if received_at is None else received_at) + timeout_s
+        kafka_deadline = answer_by - min(ANSWER_RESERVE_S, timeout_s / 10)
         if self._busy >= self.settings.kafka_workers:
             return [], _all_failed(events, f"{self._busy} batches are already waiting for Kafka; retry later")
+        if kafka_deadline <= time.monotonic():
+            return [], _all_failed(events, f"not sent within {timeout_s:g}s (the request waited for the server)")
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.settings.kafka_workers, thread_name_prefix="hsnn-kafka")
         self._busy += 1
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self.forward, events, timeout_s)
+        future = loop.run_in_executor(self._executor, self._forward_until, events, kafka_deadline, timeout_s)
         future.add_done_callback(self._finished)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s + 0.25)
+            return await asyncio.wait_for(asyncio.shield(future), max(answer_by - time.monotonic(), 0.0))
         except asyncio.TimeoutError:
             return [], _all_failed(events, f"not acknowledged within {timeout_s:g}s")
 
@@ -176,7 +188,12 @@ class ItemForwarder:
         at once (a broker that cannot take one record now will not take the next).
         """
         timeout_s = self.settings.kafka_ack_timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
+        return self._forward_until(events, time.monotonic() + timeout_s, timeout_s)
+
+    def _forward_until(
+        self, events: Sequence[ItemEvent], deadline: float, timeout_s: float
+    ) -> tuple[list[RecordPosition], list[UnacknowledgedEvent]]:
+        """`forward` with an absolute `deadline` (`time.monotonic()`); `timeout_s` only names the budget in errors."""
         try:
             producer = self.producer(deadline)
         except Exception as exc:  # no broker reachable: nothing was sent
