@@ -1,12 +1,13 @@
 """E9: Kafka down while ad systems post item batches: /retrieve must not notice, item posts fail fast.
 
-    python -m chaos e9                        # 8 concurrent 1,000-event batches, 20 s per phase
-    python -m chaos e9 --seconds 8            # the scaled run
+    python -m chaos e9                        # 8 concurrent 1,000-event batches, 2 x (10 s up, 10 s down)
+    python -m chaos e9 --seconds 5 --rounds 1 # the scaled run
 
 The API runs as its own process (`python -m retrieval_api`: a tiny model over a planted catalogue,
-item events to a devservers broker). Two phases, measured the same way in the same run: Kafka up,
-then the broker stopped. In each, `--posters` clients post authenticated `--batch`-event item
-batches back to back while `--concurrency` clients time POST /retrieve (closed loop, bench.loadgen).
+item events to a devservers broker). Phases measured the same way in the same run: Kafka up,
+then the broker stopped, `--rounds` times (the broker restarted in between). In each, `--posters`
+clients post authenticated `--batch`-event item batches back to back while `--concurrency`
+closed-loop clients time POST /retrieve.
 Pass: /retrieve p99 with Kafka down is within +-`--tolerance` of p99 with Kafka up, /retrieve never
 answers 5xx, every item post with Kafka up is 202 and every one with Kafka down is 503 within
 `kafka_ack_timeout_s`.
@@ -24,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from bench.loadgen import drive
+from bench.loadgen import Tally
 from bench.trainer_throughput import make_events
 from chaos.harness import api_service, create_topics, wait_for, wait_ready
 from chaos.report import ExperimentResult, finish, loop_result, parse_loop_args
@@ -35,36 +36,64 @@ TOKEN = "chaos-e9-token"
 
 
 async def phase(url: str, bodies: list[dict], batches: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
-    """/retrieve timed by `drive` while every batch is posted back to back by its own client, for the window."""
+    """/retrieve timed by `--concurrency` closed-loop clients while every batch is posted back to back by its own
+    client, for `--warmup` + `--seconds`; returns the /retrieve tally and each item post's (status, seconds)."""
+    tally = Tally(truth={})
     posts: list[tuple[int, float]] = []
     stop = asyncio.Event()
-    limits = httpx.Limits(max_connections=len(batches), max_keepalive_connections=len(batches))
-
+    measuring = False
+    connections = len(batches) + args.concurrency
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
 
         async def poster(body: bytes) -> None:
             while not stop.is_set():
                 status, seconds, _ = await post_items(client, body, TOKEN)
-                posts.append((status, seconds))
+                if measuring:
+                    posts.append((status, seconds))
 
-        async def timed() -> dict[str, Any]:
-            try:
-                return await drive(url, bodies, args.concurrency, args.seconds, args.warmup, truth={})
-            finally:
-                stop.set()
+        async def retriever(number: int) -> None:
+            while not stop.is_set():
+                body_number = number % len(bodies)
+                number += args.concurrency
+                started = time.perf_counter()
+                response = await client.post("/retrieve", json=bodies[body_number])
+                if measuring:
+                    tally.add(body_number, response, time.perf_counter() - started)
 
         tasks = [asyncio.create_task(poster(body)) for body in batches]
-        retrieve = await timed()
+        tasks += [asyncio.create_task(retriever(n)) for n in range(args.concurrency)]
+        await asyncio.sleep(args.warmup)
+        measuring = True
+        await asyncio.sleep(args.seconds)
+        measuring = False
+        stop.set()
         await asyncio.gather(*tasks)
+    return {"tally": tally, "posts": posts}
+
+
+def pooled(phases: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """One summary of the phases run in one condition (Kafka up, or down)."""
+    tally = Tally(truth={})
+    posts = [post for ph in phases for post in ph["posts"]]
+    for ph in phases:
+        tally.latencies += ph["tally"].latencies
+        tally.items_scored += ph["tally"].items_scored
+        tally.flops += ph["tally"].flops
+        for code, n in ph["tally"].errors.items():
+            tally.errors[code] = tally.errors.get(code, 0) + n
+    summary = tally.summary(seconds * len(phases))
     statuses: dict[str, int] = {}
     for status, _ in posts:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
+    ordered = sorted(s for _, s in posts)
     return {
-        "retrieve": {k: round(v, 2) if isinstance(v, float) else v for k, v in retrieve.items()},
+        "retrieve": {k: summary[k] for k in ("requests", "errors", "qps", "p50_ms", "p99_ms", "mean_ms")},
+        "retrieve_p99_ms_per_phase": [round(ph["tally"].summary(seconds)["p99_ms"], 1) for ph in phases],
         "item_posts": len(posts),
         "item_statuses": statuses,
-        "item_seconds_max": round(max((s for _, s in posts), default=0.0), 3),
-        "item_seconds_p50": round(sorted(s for _, s in posts)[len(posts) // 2], 3) if posts else 0.0,
+        "item_seconds_p50": round(ordered[len(ordered) // 2], 3) if ordered else 0.0,
+        "item_seconds_max": round(ordered[-1], 3) if ordered else 0.0,
     }
 
 
@@ -101,13 +130,18 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         api.start()
         wait_ready(api, url)
 
-        def item_post_acknowledged() -> bool:  # a fresh broker may still be electing the topic's leaders
+        def item_post_acknowledged() -> bool:  # a (re)started broker may still be electing the topic's leaders
             return asyncio.run(_post_once(url, batches[0]))[0] == 202
 
-        wait_for(item_post_acknowledged, 60, "a first item batch acknowledged", 0.5)
-        up = asyncio.run(phase(url, bodies, batches, args))
-        kafka.stop()
-        down = asyncio.run(phase(url, bodies, batches, args))
+        phases: dict[str, list[dict[str, Any]]] = {"up": [], "down": []}
+        for number in range(args.rounds):  # alternated, so drifting background load hits both alike
+            if number:
+                kafka.start()
+            wait_for(item_post_acknowledged, 60, "an item batch acknowledged", 0.5)
+            phases["up"].append(asyncio.run(phase(url, bodies, batches, args)))
+            kafka.stop()
+            phases["down"].append(asyncio.run(phase(url, bodies, batches, args)))
+        up, down = pooled(phases["up"], args.seconds), pooled(phases["down"], args.seconds)
         api_alive = api.alive
         api.stop(timeout=30)
     finally:
@@ -117,7 +151,8 @@ def run(args: argparse.Namespace) -> ExperimentResult:
     p99_up, p99_down = up["retrieve"]["p99_ms"], down["retrieve"]["p99_ms"]
     ratio = p99_down / p99_up if p99_up > 0 else float("inf")
     retrieve_5xx = sum(n for ph in (up, down) for code, n in ph["retrieve"]["errors"].items() if int(code) >= 500)
-    unexpected_5xx = sum(n for ph, ok in ((up, "202"), (down, "503")) for c, n in ph["item_statuses"].items() if c != ok)
+    expected = ((up, "202"), (down, "503"))
+    unexpected_5xx = sum(n for ph, ok in expected for c, n in ph["item_statuses"].items() if c != ok and int(c) >= 500)
     checks = {
         "retrieve_p99_within_tolerance": abs(ratio - 1) <= args.tolerance,
         "retrieve_never_5xx": retrieve_5xx == 0,
@@ -128,7 +163,7 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         "api_stayed_up": api_alive,
     }
     details = {
-        "faults": "broker stopped",
+        "faults": f"broker stopped {args.rounds}x",
         "kafka_ack_timeout_s": args.ack_timeout,
         "p99_ratio_down_over_up": round(ratio, 3),
         "kafka_up": up,
@@ -139,7 +174,9 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         f"Kafka stopped: {args.posters} concurrent {args.batch:,}-event item batches while timing /retrieve "
         f"(p99 {p99_up:.1f} ms up, {p99_down:.1f} ms down; item posts 503 in <= {down['item_seconds_max']:.2f} s)"
     )
-    result = loop_result(args, "e9", title, started, work, checks, details, faults_injected=1, lost=0, duplicated=0)
+    result = loop_result(
+        args, "e9", title, started, work, checks, details, faults_injected=args.rounds, lost=0, duplicated=0
+    )
     result.http_5xx = retrieve_5xx + unexpected_5xx
     return result
 
@@ -154,7 +191,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--posters", type=int, default=8, help="concurrent item batches (and kafka_workers)")
     parser.add_argument("--batch", type=int, default=1000, help="events per item batch")
     parser.add_argument("--concurrency", type=int, default=4, help="closed-loop /retrieve clients")
-    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per phase")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per phase")
+    parser.add_argument("--rounds", type=int, default=2, help="(Kafka up, Kafka down) phase pairs, alternated")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring, per phase")
     parser.add_argument("--ack-timeout", type=float, default=2.0, help="the API's kafka_ack_timeout_s")
     parser.add_argument("--tolerance", type=float, default=0.2, help="allowed relative change of /retrieve p99")
