@@ -11,6 +11,8 @@ scores /retrieve), the whole batch gets one time budget (`kafka_ack_timeout_s`) 
 is answered 503 when it is spent, whatever the thread is still waiting for. When every Kafka
 thread is busy, a batch is refused 503 at once rather than queued. A failed connection attempt
 is not repeated for `kafka_ack_timeout_s`, so an outage costs one bootstrap, not one per request.
+A producer that acknowledges nothing of a whole batch is dropped and the next batch connects
+afresh (a killed and restarted broker can leave kafka-python's producer stuck, chaos E2).
 
 The producer is created on first use from the settings (so the app starts without a broker),
 or injected (`ItemForwarder(producer=...)`) in tests.
@@ -221,7 +223,24 @@ class ItemForwarder:
                 )
             except Exception as exc:
                 failed.append(UnacknowledgedEvent(index=index, ad_id=event.ad_id, error=_reason(exc, timeout_s)))
+        if failed and not acknowledged:
+            self._discard(producer)
         return acknowledged, failed
+
+    def _discard(self, producer: RecordProducer) -> None:
+        """Drop a producer that acknowledged nothing of a whole batch; the next batch connects afresh.
+
+        kafka-python's producer does not always find a broker again after it was killed and restarted
+        (E2 saw one answer nothing for minutes while a new one connected at once). Its pending records
+        fail (they were answered 503); a new connection is tried at most once per `kafka_ack_timeout_s`.
+        """
+        with self._lock:
+            if self._producer is not producer:
+                return
+            self._producer = None
+            self._failed_at, self._failure = time.monotonic(), "the previous producer acknowledged nothing"
+        log.warning("the Kafka producer acknowledged no event of a batch: reconnecting on the next batch")
+        threading.Thread(target=_close_quietly, args=(producer,), name="hsnn-kafka-close", daemon=True).start()
 
     def close(self) -> None:
         with self._lock:
@@ -234,6 +253,13 @@ class ItemForwarder:
                 producer.close(timeout=5)
             except Exception:
                 log.exception("closing the Kafka producer failed")
+
+
+def _close_quietly(producer: RecordProducer) -> None:
+    try:
+        producer.close(timeout=0)
+    except Exception:
+        log.debug("closing a discarded Kafka producer failed", exc_info=True)
 
 
 def _all_failed(events: Sequence[ItemEvent], reason: str) -> list[UnacknowledgedEvent]:
