@@ -152,8 +152,8 @@ def run(args: argparse.Namespace) -> ExperimentResult:
     p99_up, p99_down = up["retrieve"]["p99_ms"], down["retrieve"]["p99_ms"]
     ratio = p99_down / p99_up if p99_up > 0 else float("inf")
     retrieve_5xx = sum(n for ph in (up, down) for code, n in ph["retrieve"]["errors"].items() if int(code) >= 500)
-    expected = ((up, "202"), (down, "503"))
-    unexpected_5xx = sum(n for ph, ok in expected for c, n in ph["item_statuses"].items() if c != ok and int(c) >= 500)
+    # A 503 is the documented answer to an unacknowledged batch, with Kafka up (rarely) or down; other 5xx are not.
+    unexpected_5xx = sum(n for ph in (up, down) for c, n in ph["item_statuses"].items() if int(c) >= 500 and c != "503")
     checks = {
         "retrieve_p99_within_tolerance": abs(ratio - 1) <= args.tolerance,
         "retrieve_never_5xx": retrieve_5xx == 0,
