@@ -6,6 +6,7 @@
     python -m chaos e10              # runbook rollback, then an expire (starts Kafka and Redis)
     python -m chaos fast             # e4, e5, e7 (~200 cases) and e10
     python -m chaos e1 | e3 | e6     # trainer SIGKILLs, Redis kill -9 / FLUSHALL, 900 KB records (--help: sizes)
+    python -m chaos e2 | e9          # broker SIGKILLs under item posts, Kafka down under item posts + /retrieve
 
 Results go to reports/reliability.json (merged by experiment) and the table in docs/reliability.md.
 Exit status 1 when an experiment fails its pass condition.
@@ -29,7 +30,13 @@ from chaos.report import DOCS_PATH, REPORT_PATH, ExperimentResult, record
 
 EXPERIMENTS = ("e4", "e5", "e7", "e10")
 # The streaming-loop experiments take their own options (`python -m chaos e1 --help`) and start their own servers.
-LOOP_EXPERIMENTS = {"e1": "chaos.e1_trainer_kills", "e3": "chaos.e3_redis_faults", "e6": "chaos.e6_large_records"}
+LOOP_EXPERIMENTS = {
+    "e1": "chaos.e1_trainer_kills",
+    "e2": "chaos.e2_broker_kills",
+    "e3": "chaos.e3_redis_faults",
+    "e6": "chaos.e6_large_records",
+    "e9": "chaos.e9_kafka_down",
+}
 
 
 @contextlib.contextmanager

@@ -178,3 +178,46 @@ def indexer_service(
         },
         logs,
     )
+
+
+def api_service(store: Any, logs: Path, port: int, items: tuple[str, str, str], **settings: Any) -> Service:
+    """`python -m retrieval_api` on `store`, item events on `items` = (bootstrap, topic, bearer token)."""
+    bootstrap, topic, token = items
+    return Service(
+        "retrieval_api",
+        "HSNN_API_",
+        {
+            "host": "127.0.0.1",
+            "port": port,
+            "store_dir": store.root,
+            "kafka_bootstrap_servers": bootstrap,
+            "items_topic": topic,
+            "items_token": token,
+            "log_level": "WARNING",
+            **settings,
+        },
+        logs,
+    )
+
+
+def wait_ready(service: Service, url: str, timeout: float = 120.0) -> None:
+    """Until GET /readyz answers 200; raises with the service's log if it exits first."""
+    import httpx
+
+    def ready() -> bool:
+        if not service.alive:
+            raise RuntimeError(f"{service.module} exited:\n{service.last_log()}")
+        try:
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, timeout, f"{service.module} ready on {url}", 0.2)
+
+
+def kill_broker(server: Any) -> None:
+    """SIGKILL a devservers broker and reap it; `server.start()` restarts it on the same ports and data."""
+    pid = server.pid
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+    server.stop(timeout=10)

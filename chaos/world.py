@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import torch
 import uvicorn
 
@@ -91,3 +93,34 @@ async def wait_until(predicate, timeout: float, what: str) -> float:
             raise TimeoutError(f"{what} did not happen within {timeout:g}s")
         await asyncio.sleep(0.05)
     return time.monotonic() - started
+
+
+def item_batch_bodies(events: list[Any], size: int) -> list[bytes]:
+    """POST /items/events bodies of `size` events each, encoded once (a client's JSON costs nothing per post)."""
+    return [
+        json.dumps({"events": [e.model_dump(mode="json", exclude_none=True) for e in events[i : i + size]]}).encode()
+        for i in range(0, len(events), size)
+    ]
+
+
+async def post_items(
+    client: httpx.AsyncClient, body: bytes, token: str, read_202: bool = False
+) -> tuple[int, float, Any]:
+    """One authenticated POST /items/events; returns (status, seconds, JSON answer or None).
+
+    A 202's answer (a position per record) is parsed only with `read_202`: 1,000 of them would load the client.
+    """
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    started = time.perf_counter()
+    try:
+        response = await client.post("/items/events", content=body, headers=headers)
+    except httpx.HTTPError as err:
+        return 0, time.perf_counter() - started, f"{type(err).__name__}: {err}"
+    seconds = time.perf_counter() - started
+    if response.status_code == 202 and not read_202:
+        return 202, seconds, None
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    return response.status_code, seconds, answer

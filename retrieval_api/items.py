@@ -11,6 +11,8 @@ scores /retrieve), the whole batch gets one time budget (`kafka_ack_timeout_s`) 
 is answered 503 when it is spent, whatever the thread is still waiting for. When every Kafka
 thread is busy, a batch is refused 503 at once rather than queued. A failed connection attempt
 is not repeated for `kafka_ack_timeout_s`, so an outage costs one bootstrap, not one per request.
+A producer that acknowledges nothing of a whole batch is dropped and the next batch connects
+afresh (a killed and restarted broker can leave kafka-python's producer stuck, chaos E2).
 
 The producer is created on first use from the settings (so the app starts without a broker),
 or injected (`ItemForwarder(producer=...)`) in tests.
@@ -61,6 +63,7 @@ def kafka_producer(settings: ApiSettings) -> RecordProducer:
         acks="all",
         enable_idempotence=True,
         linger_ms=1,
+        batch_size=1 << 18,  # a 1,000-event post fills a few batches, not dozens (each one wakes the sender thread)
         bootstrap_timeout_ms=timeout_ms,
         max_block_ms=timeout_ms,
         request_timeout_ms=max(timeout_ms - 1, 1),
@@ -96,6 +99,10 @@ def bearer_credentials(authorization: str | None) -> HTTPAuthorizationCredential
 def check_authorization_header(settings: ApiSettings, authorization: str | None) -> None:
     """`check_token` on a raw Authorization header (the request gate runs it before the body is read)."""
     check_token(settings, bearer_credentials(authorization))
+
+
+ANSWER_RESERVE_S = 0.2
+"""Of the `kafka_ack_timeout_s` budget, at most this much (and at most a tenth) is kept for answering the client."""
 
 
 class KafkaUnavailable(Exception):
@@ -144,23 +151,30 @@ class ItemForwarder:
             self._lock.release()
 
     async def forward_async(
-        self, events: Sequence[ItemEvent]
+        self, events: Sequence[ItemEvent], received_at: float | None = None
     ) -> tuple[list[RecordPosition], list[UnacknowledgedEvent]]:
-        """`forward` on the Kafka threads, answered within `kafka_ack_timeout_s` (plus scheduling) whatever Kafka does.
+        """`forward` on the Kafka threads, answered within `kafka_ack_timeout_s` of `received_at` whatever Kafka does.
 
+        `received_at` (`time.monotonic()`, default now) is when the request arrived: reading and
+        validating the body count against the same budget, so the client has its answer within
+        `kafka_ack_timeout_s` of sending. Kafka gets the budget less a small reserve for answering.
         A batch abandoned at the deadline may still be written afterwards; a retry is safe (idempotent by sequence).
         """
         timeout_s = self.settings.kafka_ack_timeout_s
+        answer_by = (time.monotonic() if received_at is None else received_at) + timeout_s
+        kafka_deadline = answer_by - min(ANSWER_RESERVE_S, timeout_s / 10)
         if self._busy >= self.settings.kafka_workers:
             return [], _all_failed(events, f"{self._busy} batches are already waiting for Kafka; retry later")
+        if kafka_deadline <= time.monotonic():
+            return [], _all_failed(events, f"not sent within {timeout_s:g}s (the request waited for the server)")
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.settings.kafka_workers, thread_name_prefix="hsnn-kafka")
         self._busy += 1
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self.forward, events, timeout_s)
+        future = loop.run_in_executor(self._executor, self._forward_until, events, kafka_deadline, timeout_s)
         future.add_done_callback(self._finished)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s + 0.25)
+            return await asyncio.wait_for(asyncio.shield(future), max(answer_by - time.monotonic(), 0.0))
         except asyncio.TimeoutError:
             return [], _all_failed(events, f"not acknowledged within {timeout_s:g}s")
 
@@ -176,7 +190,12 @@ class ItemForwarder:
         at once (a broker that cannot take one record now will not take the next).
         """
         timeout_s = self.settings.kafka_ack_timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
+        return self._forward_until(events, time.monotonic() + timeout_s, timeout_s)
+
+    def _forward_until(
+        self, events: Sequence[ItemEvent], deadline: float, timeout_s: float
+    ) -> tuple[list[RecordPosition], list[UnacknowledgedEvent]]:
+        """`forward` with an absolute `deadline` (`time.monotonic()`); `timeout_s` only names the budget in errors."""
         try:
             producer = self.producer(deadline)
         except Exception as exc:  # no broker reachable: nothing was sent
@@ -204,7 +223,24 @@ class ItemForwarder:
                 )
             except Exception as exc:
                 failed.append(UnacknowledgedEvent(index=index, ad_id=event.ad_id, error=_reason(exc, timeout_s)))
+        if failed and not acknowledged:
+            self._discard(producer)
         return acknowledged, failed
+
+    def _discard(self, producer: RecordProducer) -> None:
+        """Drop a producer that acknowledged nothing of a whole batch; the next batch connects afresh.
+
+        kafka-python's producer does not always find a broker again after it was killed and restarted
+        (E2 saw one answer nothing for minutes while a new one connected at once). Its pending records
+        fail (they were answered 503); a new connection is tried at most once per `kafka_ack_timeout_s`.
+        """
+        with self._lock:
+            if self._producer is not producer:
+                return
+            self._producer = None
+            self._failed_at, self._failure = time.monotonic(), "the previous producer acknowledged nothing"
+        log.warning("the Kafka producer acknowledged no event of a batch: reconnecting on the next batch")
+        threading.Thread(target=_close_quietly, args=(producer,), name="hsnn-kafka-close", daemon=True).start()
 
     def close(self) -> None:
         with self._lock:
@@ -217,6 +253,13 @@ class ItemForwarder:
                 producer.close(timeout=5)
             except Exception:
                 log.exception("closing the Kafka producer failed")
+
+
+def _close_quietly(producer: RecordProducer) -> None:
+    try:
+        producer.close(timeout=0)
+    except Exception:
+        log.debug("closing a discarded Kafka producer failed", exc_info=True)
 
 
 def _all_failed(events: Sequence[ItemEvent], reason: str) -> list[UnacknowledgedEvent]:

@@ -11,7 +11,8 @@ middleware sits in front of the routes and, for every request that carries a bod
 3. otherwise reads the body itself, counting bytes as they stream in (chunked uploads have no
    Content-Length), and answers 413 as soon as the count passes the limit; at most the limit
    is ever held in memory;
-4. hands the buffered body on to the application unchanged.
+4. hands the buffered body on to the application unchanged, with the time it arrived
+   (`request.state.received_at`, `time.monotonic()`) for the routes' time budgets.
 
 A 413 closes the connection, so the unread rest of an oversized body is never consumed.
 """
@@ -19,6 +20,7 @@ A 413 closes the connection, so the unread rest of an oversized body is never co
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -58,6 +60,7 @@ class RequestGate:
         if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
+        scope.setdefault("state", {})["received_at"] = time.monotonic()  # time budgets count from here
         headers = {name.lower(): value for name, value in scope.get("headers", [])}
         check = self.authenticate.get((scope["method"], scope["path"]))
         if check is not None:

@@ -1,8 +1,9 @@
-"""Scaled-down E1, E3 and E6 (chaos/): each takes 1-2 minutes on 2 busy cores, so they run only on request.
+"""Scaled-down E1, E2, E3, E6 and E9 (chaos/): each takes 1-2 minutes on 2 busy cores, so they run only on request.
 
     HSNN_CHAOS_LOOP=1 .venv/bin/python -m pytest tests/integration/test_chaos_loop.py -q
 
-The full-size runs are `python -m chaos e1`, `python -m chaos e3` and `python -m chaos e6` (docs/reliability.md).
+The full-size runs are `python -m chaos e1|e2|e3|e6|e9` (docs/reliability.md). E2 and E9 kill or stop
+their broker, so they start their own rather than share the session's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from chaos import e1_trainer_kills, e3_redis_faults, e6_large_records
+from chaos import e1_trainer_kills, e2_broker_kills, e3_redis_faults, e6_large_records, e9_kafka_down
 from devservers import KafkaServer
 
 pytestmark = [
@@ -45,3 +46,18 @@ def test_e6_900_kb_records_are_dead_lettered_and_nothing_stalls(kafka_server: Ka
     result = e6_large_records.run(args)
     assert result.passed, result.checks
     assert result.checks["details"]["largest_letter_bytes"] < 64 * 1024
+
+
+def test_e2_broker_kills_lose_no_acknowledged_item(tmp_path: Path) -> None:
+    args = e2_broker_kills.parse(["--ads", "1000", "--batch", "100", "--work", str(tmp_path), "--report-key", ""])
+    result = e2_broker_kills.run(args)
+    assert result.passed, result.checks
+    assert result.faults_injected == 3 and result.lost == 0 and result.http_5xx == 0
+
+
+def test_e9_kafka_down_item_posts_answer_503_fast(tmp_path: Path) -> None:
+    argv = ["--seconds", "5", "--rounds", "1", "--work", str(tmp_path), "--report-key", ""]
+    result = e9_kafka_down.run(e9_kafka_down.parse(argv))
+    checks = result.checks
+    # The p99 ratio and the client-side 503 time depend on the machine's load (docs/reliability.md, E9).
+    assert checks["items_503_while_down"] and checks["retrieve_never_5xx"] and checks["api_stayed_up"], checks

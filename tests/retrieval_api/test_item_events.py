@@ -214,3 +214,24 @@ def test_openapi_documents_the_item_endpoint():
     assert set(post["responses"]) >= {"202", "401", "403", "422", "503"}
     assert post["security"] == [{"HTTPBearer": []}]
     assert schema["components"]["schemas"]["ItemEventsRequest"]["examples"]
+
+
+def test_a_producer_that_acknowledges_nothing_is_replaced():
+    """A killed and restarted broker can leave the producer stuck (chaos E2): dropped, the next batch reconnects."""
+    stuck = FakeProducer(fail={CREATE["ad_id"]: TimeoutError("stuck"), EXPIRE["ad_id"]: TimeoutError("stuck")})
+    fresh = FakeProducer()
+    made = []
+
+    def factory(settings):
+        made.append(fresh)
+        return fresh
+
+    settings = ApiSettings(items_token=TOKEN, kafka_ack_timeout_s=0.2)
+    forwarder = ItemForwarder(settings, producer=stuck, producer_factory=factory)
+    acknowledged, failed = forwarder.forward([ItemEvent.model_validate(CREATE), ItemEvent.model_validate(EXPIRE)])
+    assert acknowledged == [] and len(failed) == 2
+    _, failed = forwarder.forward([ItemEvent.model_validate(CREATE)])
+    assert made == [] and "acknowledged nothing" in failed[0].error  # one reconnection per timeout, not per request
+    time.sleep(0.25)
+    acknowledged, failed = forwarder.forward([ItemEvent.model_validate(CREATE)])
+    assert made == [fresh] and len(acknowledged) == 1 and failed == []
