@@ -147,19 +147,27 @@ def build_index(
         paths = model.index.assign_with_capacity(vectors, capacity_factor)
     elif paths is None:
         paths = torch.cat([model.index.assign(chunk) for chunk in vectors.split(batch_size)])
-    return _layout(model, item_ids.clone(), items, item_embeddings, paths, torch.ones(len(item_ids), dtype=torch.bool))
+    live = torch.ones(len(item_ids), dtype=torch.bool)
+    return _layout(model, item_ids.clone(), items, item_embeddings, paths, live, vectors)
 
 
 @torch.no_grad()
 def _layout(
-    model: HSNN, item_ids: Tensor, items: ItemBatch, item_embeddings: Tensor, paths: Tensor, live: Tensor
+    model: HSNN,
+    item_ids: Tensor,
+    items: ItemBatch,
+    item_embeddings: Tensor,
+    paths: Tensor,
+    live: Tensor,
+    vectors: Tensor | None = None,
 ) -> HierarchicalIndex:
     """Lay the hierarchy out over items whose embeddings and hard paths are known.
 
     A node's representative is its closest *live* member when it has one (its closest member otherwise);
     with every item live this is exactly what `build_index` always did.
     """
-    vectors = model.index_vectors(item_embeddings, items)
+    if vectors is None:  # (N, index_dim): what the index assigns, for each node's closest member
+        vectors = model.index_vectors(item_embeddings, items)
     penalty = None if bool(live.all()) else torch.where(live, 0.0, float("inf"))
     codebook_sizes = [level.num_nodes for level in model.index.levels]
     item_nodes = torch.empty_like(paths)
