@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -124,7 +125,7 @@ def loop_result(
         duplicated=duplicated,
         checks={**checks, "details": details},
     ).finish(all(checks.values()), started)
-    return tidy_work_dir(result, work, args.keep, details)
+    return tidy_work_dir(result, work, args.keep)
 
 
 def finish(result: ExperimentResult, report_key: str) -> int:
@@ -135,10 +136,11 @@ def finish(result: ExperimentResult, report_key: str) -> int:
     return 0 if result.passed else 1
 
 
-def tidy_work_dir(result: ExperimentResult, work: Path, keep: bool, details: dict[str, Any]) -> ExperimentResult:
-    """A passed run leaves nothing behind (unless kept); a failed one names its work directory for the post-mortem."""
+def tidy_work_dir(result: ExperimentResult, work: Path, keep: bool) -> ExperimentResult:
+    """A passed run leaves nothing behind (unless kept); a failed one names its work directory for the post-mortem
+    on stderr (not in the report: a machine's temporary path means nothing in reports/)."""
     if not keep and result.passed:
         shutil.rmtree(work, ignore_errors=True)
     else:
-        details["work_dir"] = str(work)
+        print(f"{result.experiment}: work directory kept at {work}", file=sys.stderr)
     return result
