@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> None:
         default="item_embedding",
         help="what every HSNN index clusters: item tower outputs, or click-logit profiles over probe users",
     )
+    parser.add_argument(
+        "--node-input",
+        choices=("code", "member_mean"),
+        default="code",
+        help="what every HSNN level model reads for a node: its path's codes, or its members' mean item embedding",
+    )
     parser.add_argument("--out", default="reports")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -130,6 +136,8 @@ def _run_once(args: argparse.Namespace, protocol: str | None, seed: int) -> dict
         mf_softmax=not args.no_mf,
         mf_epochs=args.mf_epochs,
         index_input=args.index_input,
+        node_input=args.node_input,
+        sparse_dim=args.sparse_dim or (64 if args.dataset in ("gowalla", "movielens") else None),
         level_nodes=tuple(int(n) for n in args.level_nodes.split(",")) if args.level_nodes else None,
     )
     if quick:

@@ -76,6 +76,7 @@ class RunConfig:
     mf_softmax: bool = True
     mf_epochs: int | None = None  # None: MFSoftmaxConfig's default
     index_input: str = "item_embedding"  # what every HSNN index clusters (HSNNConfig.index_input)
+    node_input: str = "code"  # what every HSNN level model reads for a node (HSNNConfig.node_input)
 
 
 def _model_config(name: str, quick: bool, sparse_dim: int | None = None) -> MoNNConfig:
@@ -134,6 +135,7 @@ def hsnn_config(data: BenchData, run: RunConfig, builder: str) -> HSNNConfig:
         item_model=_model_config(run.item_model, run.quick, run.sparse_dim),
         # a given hierarchy's node codes are set from the catalogue before training, so they read item embeddings
         index_input="item_embedding" if builder == "hierarchy" else run.index_input,
+        node_input=run.node_input,
         **{"index_warmup_steps": max(2, run.steps // 4), "index_freeze_step": max(1, run.steps // 2)}
         | hsnn_updates
         | _freeze_fraction(hsnn_updates, run.steps),
@@ -215,6 +217,7 @@ def run_benchmark(data: BenchData, run: RunConfig) -> dict:
         "steps": run.steps,
         "quick": run.quick,
         "index_input": run.index_input,
+        "node_input": run.node_input,
         "notes": data.notes,
         "models": models,
         "index_health": health,

@@ -183,7 +183,11 @@ def _layout(
         ranked = distance if penalty is None else distance + penalty
         representative = _closest_per_group(inverse, ranked, len(node_keys))
         embedding = cumulative[representative]
-        projected = model.level_models[level_idx].project_nodes(embedding)  # (M, num_embed, dim)
+        flat = item_embeddings.flatten(1)  # (N, item_size)
+        member_means = torch.zeros(len(node_keys), flat.shape[1]).index_add_(0, inverse, flat)
+        member_means /= torch.bincount(inverse, minlength=len(node_keys)).clamp(min=1).unsqueeze(1)
+        node_input = model.node_inputs(level_idx, node_keys, embedding, member_means)
+        projected = model.level_models[level_idx].project_nodes(node_input)  # (M, num_embed, dim)
         levels.append(
             IndexLevel(
                 keys=node_keys,

@@ -74,6 +74,53 @@ class ProbeUsers(nn.Module):
         )
 
 
+class NodeMeans(nn.Module):
+    """Per level, the running mean item embedding of every node's members: what a level model reads with
+    `node_input="member_mean"`.
+
+    A level-l node is a path prefix, numbered key = ((k_1 * K_2 + k_2) * K_3 + ...) as in the serving
+    layout. Each training step moves a node's row towards the mean of the batch items on it (an EMA,
+    detached: the table describes the item tower, it does not train it). The table is a buffer, saved
+    with the weights, and the index layout reads the same rows, so training and serving see one input.
+    """
+
+    def __init__(self, codebook_sizes: list[int], dim: int, decay: float):
+        super().__init__()
+        self.codebook_sizes, self.decay = list(codebook_sizes), decay
+        nodes = 1
+        for level, size in enumerate(self.codebook_sizes):
+            nodes *= size
+            self.register_buffer(f"mean_{level}", torch.zeros(nodes, dim))
+            self.register_buffer(f"seen_{level}", torch.zeros(nodes))  # training rows that reached the node
+
+    def means(self, level: int) -> Tensor:
+        return getattr(self, f"mean_{level}")
+
+    def seen(self, level: int) -> Tensor:
+        return getattr(self, f"seen_{level}")
+
+    def keys(self, paths: Tensor) -> list[Tensor]:
+        """paths: (N, levels) hard codes -> one (N,) prefix key per level."""
+        keys, out = torch.zeros(len(paths), dtype=torch.long, device=paths.device), []
+        for level, size in enumerate(self.codebook_sizes):
+            keys = keys * size + paths[:, level]
+            out.append(keys)
+        return out
+
+    @torch.no_grad()
+    def update(self, keys: list[Tensor], vectors: Tensor) -> None:
+        """vectors: (N, dim) detached item embeddings of the batch rows whose prefix keys are `keys`."""
+        for level, key in enumerate(keys):
+            means, seen = self.means(level), self.seen(level)
+            counts = torch.bincount(key, minlength=len(seen)).to(vectors.dtype)  # (nodes,)
+            sums = torch.zeros_like(means).index_add_(0, key, vectors)
+            hit = counts > 0
+            batch_mean = sums[hit] / counts[hit, None]
+            fresh = (seen[hit] == 0)[:, None]
+            means[hit] = torch.where(fresh, batch_mean, self.decay * means[hit] + (1 - self.decay) * batch_mean)
+            seen += counts
+
+
 class Ensemble(nn.Module):
     """Output level l = per-task weighted sum of the MoNN outputs z_0..z_l along the path + bias.
 
@@ -112,11 +159,17 @@ class HSNN(nn.Module):
         index_dim = config.probe_users if profile else self.item_model.item_embedding_size
         self.index = ResidualIndex(index_dim, config.levels)
         self.probes = ProbeUsers(schema, config.probe_users) if profile else None
+        item_size = self.item_model.item_embedding_size
+        member_mean = config.node_input == "member_mean"
+        node_dim = item_size if member_mean else index_dim
+        self.node_means = (
+            NodeMeans([c.num_nodes for c in config.levels], item_size, config.node_mean_decay) if member_mean else None
+        )
         # A node has no features of its own (its representative item's I2IF would differ from the
         # training item's), so level models read the user and the node embedding: identical inputs
         # in training and at serving.
         self.level_models = nn.ModuleList(
-            MoNN(c.model_copy(update={"interaction": None}), schema, item_input_dim=index_dim)
+            MoNN(c.model_copy(update={"interaction": None}), schema, item_input_dim=node_dim)
             for c in config.level_models
         )
         self.num_outputs = len(config.levels) + 1
@@ -177,10 +230,16 @@ class HSNN(nn.Module):
                 self.index.rebalance(self.config.training_capacity_factor)
             index_out = self.index(index_input, step)
 
+        node_inputs = index_out.node_embeddings  # per level (B, index_dim), or member means (B, item_size)
+        if self.node_means is not None:
+            keys = self.node_means.keys(torch.stack([lvl.hard for lvl in index_out.levels], dim=1))
+            if self.training:
+                self.node_means.update(keys, item_emb.flatten(1).detach())
+            node_inputs = [self.node_means.means(level)[key] for level, key in enumerate(keys)]
         level_z, level_users = [], []
         for level, model in enumerate(self.level_models):
             user_emb = model.encode_users(users)  # (B, n_user, d)
-            node_emb = model.project_nodes(index_out.node_embeddings[level])  # (B, n_item, d)
+            node_emb = model.project_nodes(node_inputs[level])  # (B, n_item, d)
             level_z.append(model.pair_logits(user_emb, node_emb, None))
             level_users.append(user_emb)
 
@@ -221,6 +280,15 @@ class HSNN(nn.Module):
             parts.append(logits.view(len(rows), k))
         return torch.cat(parts) if parts else item_emb.new_zeros(0, k)
 
+    def node_inputs(self, level: int, keys: Tensor, code_sums: Tensor, member_means: Tensor) -> Tensor:
+        """What level `level`'s model reads for the nodes with prefix `keys` (M,): the code sums (M, index_dim),
+        or with `node_input="member_mean"` the trained member-mean rows (M, item_size); a node no training
+        item reached takes `member_means`, its members' mean embedding over the catalogue."""
+        if self.node_means is None:
+            return code_sums
+        seen = (self.node_means.seen(level)[keys] > 0).unsqueeze(1)
+        return torch.where(seen, self.node_means.means(level)[keys], member_means)
+
     def _fixed_index(self, v: Tensor, paths: Tensor) -> IndexOutput:
         """Hard, given assignments (an existing hierarchy, k-means, EM): node embeddings are the codes
         along each item's path, still learned by the level losses; no LTI aids apply."""
@@ -245,19 +313,29 @@ class HSNN(nn.Module):
         if len(clicked) == 0:
             return total
         num_clicked = len(clicked)
+        parent_key = torch.zeros(num_clicked, dtype=torch.long, device=clicked.device)  # (P,)
         for level, model in enumerate(self.level_models):
             codebook = self.index.levels[level].codebook  # (K, dim)
             k = codebook.shape[0]
-            prefix = (
-                index_out.node_embeddings[level - 1][clicked]
-                if level > 0
-                else codebook.new_zeros(num_clicked, codebook.shape[1])
-            )  # (P, dim)
-            candidates = (prefix.unsqueeze(1) + codebook.unsqueeze(0)).flatten(0, 1)  # (P * K, dim)
+            sibling_keys = (parent_key.unsqueeze(1) * k + torch.arange(k, device=clicked.device)).flatten()  # (P*K,)
+            parent_key = parent_key * k + index_out.levels[level].hard[clicked]
+            unused = None
+            if self.node_means is not None:  # siblings no training item reached yet do not exist at serving
+                candidates = self.node_means.means(level)[sibling_keys]  # (P * K, item_size)
+                unused = (self.node_means.seen(level)[sibling_keys] == 0).view(num_clicked, k)
+            else:
+                prefix = (
+                    index_out.node_embeddings[level - 1][clicked]
+                    if level > 0
+                    else codebook.new_zeros(num_clicked, codebook.shape[1])
+                )  # (P, dim)
+                candidates = (prefix.unsqueeze(1) + codebook.unsqueeze(0)).flatten(0, 1)  # (P * K, dim)
             user_emb = level_users[level][clicked].repeat_interleave(k, dim=0)
             z = model.pair_logits(user_emb, model.project_nodes(candidates), None)  # (P * K, tasks)
             ancestors = path[clicked, :level].repeat_interleave(k, dim=0)  # (P * K, level, tasks)
             scores = self.ensemble(level, torch.cat([ancestors, z.unsqueeze(1)], dim=1))[:, CLICK]
+            if unused is not None:
+                scores = scores.view(num_clicked, k).masked_fill(unused, float("-inf"))
             total = total + F.cross_entropy(scores.view(num_clicked, k), index_out.levels[level].hard[clicked])
         return total
 

@@ -336,3 +336,64 @@ def test_score_profile_training_reads_what_the_build_assigns(profile_hsnn, world
     rows = world.item_ids.new_tensor([int(i) - 1 for i in batch.items.sparse["item_id"]])
     items = world.items.select(rows)
     assert torch.allclose(seen["input"], model.index_vectors(encode_catalog(model, items), items), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def member_mean_hsnn(world):
+    """Score-profile index whose level models read each node's member-mean item embedding."""
+    from hsnn.training import train
+
+    torch.manual_seed(0)
+    config = tiny_hsnn_config(num_nodes=(8, 4), schedule_steps=30).model_copy(
+        update={
+            "index_warmup_steps": 20,
+            "index_input": "score_profile",
+            "probe_users": 16,
+            "node_input": "member_mean",
+        }
+    )
+    model = HSNN(config)
+    train(model, make_batches(world, 30, 128, seed=11, users_per_batch=32))
+    return model.eval()
+
+
+def test_member_mean_node_input_is_what_serving_reads_and_is_saved(member_mean_hsnn, world, tmp_path):
+    """Level models read the same member-mean row for a node in training and in the built index."""
+    from hsnn.index import build_index
+    from hsnn.weights import load_model, save_model
+
+    model = member_mean_hsnn
+    index = build_index(model, world.item_ids, world.items, capacity_factor=None)
+    keys = model.node_means.keys(index.paths)
+    for level, level_model in enumerate(model.level_models):
+        seen = model.node_means.seen(level)[keys[level]] > 0
+        assert bool(seen.any()), "training reached some nodes"
+        training_input = level_model.project_nodes(model.node_means.means(level)[keys[level]])  # (N, n, d)
+        served = index.levels[level].projected[index.item_nodes[:, level]]
+        assert torch.allclose(served[seen], training_input[seen], atol=1e-6)
+        # a node no training row reached reads its members' catalogue mean
+        unseen_nodes = torch.unique(index.item_nodes[~seen, level])
+        for node in unseen_nodes.tolist()[:3]:
+            members = index.item_embeddings[index.item_nodes[:, level] == node].flatten(1).mean(dim=0)
+            expected = level_model.project_nodes(members.unsqueeze(0))[0]
+            assert torch.allclose(index.levels[level].projected[node], expected, atol=1e-5)
+    save_model(model, tmp_path)
+    restored = load_model(tmp_path)
+    for level in range(model.num_levels):
+        assert torch.equal(restored.node_means.means(level), model.node_means.means(level))
+
+
+def test_member_means_follow_their_members():
+    """One update sets an unseen node to its batch mean; later updates are an EMA; other nodes stay."""
+    from hsnn.model import NodeMeans
+
+    means = NodeMeans([2, 3], dim=2, decay=0.5)
+    paths = torch.tensor([[0, 1], [0, 1], [1, 2]])
+    vectors = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    keys = means.keys(paths)
+    assert keys[1].tolist() == [1, 1, 5]
+    means.update(keys, vectors)
+    assert means.means(0)[0].tolist() == [2.0, 0.0] and means.means(1)[5].tolist() == [0.0, 4.0]
+    means.update(keys[:1] + keys[1:], torch.tensor([[5.0, 0.0], [5.0, 0.0], [0.0, 0.0]]))
+    assert means.means(0)[0].tolist() == [3.5, 0.0]  # 0.5 * 2 + 0.5 * 5
+    assert means.seen(1).tolist() == [0, 4, 0, 0, 0, 2]
