@@ -145,17 +145,37 @@ def _aggregate_entries(entries: list[dict]) -> dict:
     return merged
 
 
+def _matched_points(reports: list[dict]) -> list[list[dict]]:
+    """The seeds' rows grouped: by (method, setting) when every seed has that setting, else by (method,
+    position among the method's settings) when every seed has as many settings (beams follow each seed's
+    index shape, e.g. a given hierarchy's sizes). A row some seed lacks is left out, not guessed."""
+    keyed = [{(p["method"], p["knob"]): p for p in r["points"]} for r in reports]
+    per_method = [{} for _ in reports]
+    for rows, report in zip(per_method, reports, strict=True):
+        for point in report["points"]:
+            rows.setdefault(point["method"], []).append(point)
+    groups = []
+    for point in reports[0]["points"]:
+        key = (point["method"], point["knob"])
+        if all(key in rows for rows in keyed):
+            groups.append([rows[key] for rows in keyed])
+            continue
+        position = per_method[0][point["method"]].index(point)
+        if all(len(rows.get(point["method"], [])) == len(per_method[0][point["method"]]) for rows in per_method):
+            groups.append([rows[point["method"]][position] for rows in per_method])
+    return groups
+
+
+def _knob_label(group: list[dict]) -> str:
+    knobs = list(dict.fromkeys(p["knob"] for p in group))
+    return knobs[0] if len(knobs) == 1 else " / ".join(knobs) + " (per seed)"
+
+
 def aggregate_seeds(reports: list[dict], seeds: list[int]) -> dict:
     """One report from runs that differ only in the seed: each row keyed by (method, setting), each
     model, health level and oracle cost holds the mean over seeds and its sample standard deviation."""
     first = reports[0]
-    keyed = [{(p["method"], p["knob"]): p for p in r["points"]} for r in reports]
-    # a setting some seed did not produce (beams follow each seed's index shape) is left out, not guessed
-    points = [
-        _aggregate_entries([rows[(p["method"], p["knob"])] for rows in keyed])
-        for p in first["points"]
-        if all((p["method"], p["knob"]) in rows for rows in keyed)
-    ]
+    points = [_aggregate_entries(group) | {"knob": _knob_label(group)} for group in _matched_points(reports)]
     models = {name: _aggregate_entries([r["models"][name] for r in reports]) for name in first["models"]}
     health = {
         name: [

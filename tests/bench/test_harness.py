@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from bench.__main__ import main
@@ -59,3 +60,36 @@ def test_residual_kmeans_and_centroids_agree_on_their_own_paths():
     # centroids of the items holding each level-1 code are the k-means centroids (Lloyd's fixed point)
     used = torch.unique(paths[:, 0])
     torch.testing.assert_close(refit[0][used], books[0][used], atol=1e-4, rtol=1e-4)
+
+
+def test_seed_aggregation_keeps_settings_that_follow_each_seeds_index_shape():
+    """Shared settings are matched by name; a method whose settings differ per seed (a given hierarchy's
+    beams) is matched by position, labelled with every seed's setting; a row one seed lacks is dropped."""
+    from bench.report import aggregate_seeds
+
+    def report(hierarchy_knobs, recalls, extra=False):
+        points = [{"method": "ivf", "knob": "nprobe=1", "recall@100": recalls[0]}]
+        points += [
+            {"method": "hier", "knob": knob, "recall@100": r}
+            for knob, r in zip(hierarchy_knobs, recalls[1:], strict=True)
+        ]
+        if extra:
+            points.append({"method": "only_here", "knob": "x", "recall@100": 1.0})
+        return {"points": points, "models": {}, "index_health": {}, "wall_seconds": 1.0}
+
+    merged = aggregate_seeds(
+        [
+            report(["beams=[1, 2]", "beams=[2, 4]"], [0.1, 0.2, 0.4], extra=True),
+            report(["beams=[1, 3]", "beams=[2, 4]"], [0.3, 0.4, 0.6]),
+        ],
+        [0, 1],
+    )
+    rows = {(p["method"], p["knob"]): p for p in merged["points"]}
+    assert set(rows) == {
+        ("ivf", "nprobe=1"),
+        ("hier", "beams=[1, 2] / beams=[1, 3] (per seed)"),
+        ("hier", "beams=[2, 4]"),
+    }
+    assert rows[("ivf", "nprobe=1")]["recall@100"] == pytest.approx(0.2)
+    assert rows[("hier", "beams=[1, 2] / beams=[1, 3] (per seed)")]["recall@100"] == pytest.approx(0.3)
+    assert rows[("hier", "beams=[2, 4]")]["recall@100"] == pytest.approx(0.5)
