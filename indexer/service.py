@@ -38,8 +38,9 @@ from hsnn.model import HSNN
 from indexer.catalogue_offsets import CatalogueCursor, read_catalogue_offsets
 from indexer.metrics import IndexerMetrics
 from indexer.settings import IndexerSettings
+from streaming.codec import MalformedEvent, decode_item
+from streaming.contracts import ItemEvent
 from streaming.dead_letters import DeadLetterOutbox, letter_for_record
-from streaming.events import ItemEvent, MalformedEvent, SchemaMismatch, decode_item
 from streaming.health import Heartbeat
 from streaming.index_store import (
     APPLIED,
@@ -52,7 +53,6 @@ from streaming.index_store import (
     catalog_to_batch,
     catch_up,
     changes_position,
-    check_event_schema,
     current_version,
     delete_version,
     fits_schema,
@@ -65,6 +65,7 @@ from streaming.index_store import (
 from streaming.kafka_clients import dead_letter_producer, loop_consumer
 from streaming.offsets import assign_all_partitions
 from streaming.snapshots import CorruptSnapshot, SnapshotStore
+from streaming.validation import item_event_problems
 
 log = logging.getLogger("hsnn.indexer")
 
@@ -306,12 +307,11 @@ class Indexer:
         for record in records:
             try:
                 event = decode_item(record.value)
-                if schema is not None:
-                    check_event_schema(event, schema)
             except MalformedEvent as err:
                 self._dead_letter(outbox, record, err.reason)
-            except SchemaMismatch as err:
-                self._dead_letter(outbox, record, f"does not fit the model's feature schema: {err}")
+                continue
+            if schema is not None and (problems := item_event_problems(event, schema)):
+                self._dead_letter(outbox, record, f"does not fit the model's feature schema: {problems[0]}")
             else:
                 events.append(event)
         if events:

@@ -34,6 +34,7 @@ from retrieval_api.redis_index import RedisIndexFollower
 from retrieval_api.routers import ROUTERS
 from retrieval_api.routing import ApiRoute
 from retrieval_api.schema_route import schema_router
+from retrieval_api.scoring import PairScorer
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import CatalogIndexSource, IndexSource, ServingState, load_pair_from_store
 from retrieval_api.status import status_router
@@ -66,13 +67,10 @@ def create_app(
     if index_source is None and settings.catalog is not None:
         index_source = CatalogIndexSource(catalog_source(settings.catalog))
     batcher = Batcher(
-        state,
-        beams=settings.beams,
+        PairScorer(state, settings.beams, settings.user_limits),
         max_batch=settings.max_batch,
         max_wait_ms=settings.max_wait_ms,
         queue_size=settings.queue_size,
-        max_history=settings.max_history,
-        max_dense_magnitude=settings.max_dense_magnitude,
     )
     metrics = ApiMetrics(service_registry(), state, batcher)
     batcher.on_batch = metrics.batch_size.observe

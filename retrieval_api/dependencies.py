@@ -38,7 +38,7 @@ def get_forwarder(request: Request) -> ItemForwarder:
 
 Settings = Annotated[ApiSettings, Depends(get_settings)]
 Serving = Annotated[ServingState, Depends(get_serving)]
-Scorer = Annotated[Batcher, Depends(get_batcher)]
+Queue = Annotated[Batcher, Depends(get_batcher)]
 Metrics = Annotated[ApiMetrics, Depends(get_metrics)]
 Forwarder = Annotated[ItemForwarder, Depends(get_forwarder)]
 

@@ -36,7 +36,9 @@ from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch
 from hsnn.index import HierarchicalIndex, IndexLevel, encode_catalog
 from hsnn.model import HSNN
-from streaming.events import ItemEvent, check_item_features
+from streaming.contracts import ItemEvent
+from streaming.tensors import stack_items
+from streaming.validation import item_problems
 
 DEFAULT_PREFIX = "hsnn:"
 DEFAULT_CHUNK_BYTES = 8 << 20
@@ -423,28 +425,19 @@ def _expire_entry(entry: CatalogEntry) -> dict[str, Any]:
 
 
 def catalog_to_batch(entries: Sequence[CatalogEntry], schema: FeatureSchema) -> ItemBatch:
-    """Live catalogue entries as an ItemBatch (same rules as `streaming.events.items_to_batch`: item_id = ad id)."""
-    count = len(entries)
-    dense = torch.tensor([e.features["dense"] for e in entries], dtype=torch.float32)  # type: ignore[index]
-    sparse = {}
-    for name in schema.item_sparse:
-        if name == "item_id":
-            values = [e.ad_id for e in entries]
-        else:
-            values = [e.features["sparse"].get(name, 0) for e in entries]  # type: ignore[index]
-        sparse[name] = torch.tensor(values, dtype=torch.long).reshape(count)
-    return ItemBatch(dense=dense.reshape(count, schema.item_dense_dim), sparse=sparse)
+    """Live catalogue entries that fit `schema` (`fits_schema`) as an ItemBatch, built like the events' batches."""
+    features = [e.features or {} for e in entries]
+    return stack_items(
+        [e.ad_id for e in entries], [f["dense"] for f in features], [f["sparse"] for f in features], schema
+    )
 
 
 def fits_schema(entry: CatalogEntry, schema: FeatureSchema) -> bool:
+    """A live entry whose stored features pass the one validator (`streaming.validation.item_problems`)."""
     if entry.features is None:
         return False
     features = entry.features
-    return (
-        len(features.get("dense", ())) == schema.item_dense_dim
-        and set(features.get("sparse", {})) <= set(schema.item_sparse)
-        and features.get("sparse", {}).get("item_id", entry.ad_id) == entry.ad_id
-    )
+    return not item_problems(entry.ad_id, features.get("dense", ()), features.get("sparse", {}), schema)
 
 
 def apply_item_events(
@@ -626,9 +619,3 @@ def refresh(redis, view: IndexView, model: HSNN, prefix: str = DEFAULT_PREFIX) -
     return dataclasses.replace(
         view, index=apply_delta(view.index, model, entries), delta_seq=view.delta_seq + len(entries)
     )
-
-
-def check_event_schema(event: ItemEvent, schema: FeatureSchema) -> None:
-    """Raise SchemaMismatch when a create/update does not fit the model's item features."""
-    if event.features is not None:
-        check_item_features(event.features, event.ad_id, schema)

@@ -24,20 +24,13 @@ from prometheus_client import CollectorRegistry
 
 from hsnn.metrics import normalized_entropy
 from hsnn.training import make_optimizer, predict, train_step
-from streaming.events import (
-    ImpressionEvent,
-    ItemFeatures,
-    MalformedEvent,
-    SchemaMismatch,
-    check_item_features,
-    check_user_features,
-    decode_impression,
-    decode_item,
-    impressions_to_batch,
-)
+from streaming.codec import MalformedEvent, decode_impression, decode_item
+from streaming.contracts import ImpressionEvent, ItemFeatures
 from streaming.health import Heartbeat
 from streaming.offsets import StoredOffsetOutOfRange
 from streaming.snapshots import Manifest, Pointer, SnapshotStore
+from streaming.tensors import impressions_to_batch
+from streaming.validation import impression_problems
 from trainer.bookkeeping import OffsetBook, is_held_out, truncate_lines
 from trainer.catalogue import Catalogue
 from trainer.dead_letters import TrainerDeadLetters
@@ -189,11 +182,8 @@ class OnlineTrainer:
             reason = self.catalogue.why_missing(event.ad_id)
             if reason is None:
                 features = self.catalogue.live[event.ad_id]
-                try:
-                    check_user_features(event.user, self.schema)
-                    check_item_features(features, event.ad_id, self.schema)
-                except SchemaMismatch as err:
-                    reason = f"schema mismatch: {err}"
+                if problems := impression_problems(event, features, self.schema):
+                    reason = f"schema mismatch: {problems[0]}"
             if reason is not None:
                 self._dead_letter(topic, record, reason)
             elif is_held_out(event.event_id, self.settings.holdout_one_in):
@@ -214,7 +204,7 @@ class OnlineTrainer:
             chunk = events[start : start + size]
             t0 = time.perf_counter()
             try:
-                batch = impressions_to_batch(chunk, self.schema, self.catalogue.live)
+                batch = impressions_to_batch(chunk, self.schema, self.catalogue.live, checked=True)
             except ValueError as err:  # pre-checked per event, so this is a bug: dead-letter, do not crash
                 log.exception("batch conversion failed; dead-lettering %d events", len(chunk))
                 for event in chunk:
@@ -287,7 +277,7 @@ class OnlineTrainer:
         if len(self.eval_buffer) >= self.settings.eval_min_events and 0 < clicks < len(self.eval_buffer):
             events = [e for e, _ in self.eval_buffer]
             items = {e.ad_id: f for e, f in self.eval_buffer}  # an ad's newest features in the buffer
-            batch = impressions_to_batch(events, self.schema, items)
+            batch = impressions_to_batch(events, self.schema, items, checked=True)
             probs = predict(self.model, batch)
             metrics["ne"] = normalized_entropy(probs[:, 0], batch.labels[:, 0])
             self.metrics.rolling_ne.set(metrics["ne"])

@@ -21,6 +21,7 @@ from hsnn.model import HSNN
 from retrieval_api.app import create_app
 from retrieval_api.batcher import Batcher
 from retrieval_api.metrics import ApiMetrics
+from retrieval_api.scoring import PairScorer
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import Catalog, CatalogIndexSource, ServingState, load_pair_from_store
 from retrieval_api.watcher import SUCCESS, SnapshotWatcher
@@ -64,7 +65,7 @@ def write_at(store: SnapshotStore, model: HSNN, created_at: float, watermark: fl
 
 def rig(store: SnapshotStore, world, clock: Clock) -> tuple[SnapshotWatcher, ApiMetrics, ServingState]:
     state = ServingState()
-    metrics = ApiMetrics(CollectorRegistry(), state, Batcher(state, beams=[3, 3]), clock=clock)
+    metrics = ApiMetrics(CollectorRegistry(), state, Batcher(PairScorer(state, beams=[3, 3])), clock=clock)
     catalog = Catalog(item_ids=world.item_ids, items=world.items)
     watcher = SnapshotWatcher(
         store,
