@@ -23,7 +23,7 @@ from retrieval_api.batcher import Batcher
 from retrieval_api.metrics import ApiMetrics
 from retrieval_api.scoring import PairScorer
 from retrieval_api.settings import ApiSettings
-from retrieval_api.state import Catalog, CatalogIndexSource, ServingState, load_pair_from_store
+from retrieval_api.state import Catalog, CatalogIndexSource, ServingState
 from retrieval_api.watcher import SUCCESS, SnapshotWatcher
 from streaming.snapshots import SnapshotStore
 from trainer.metrics import TrainerMetrics, observe_many
@@ -69,8 +69,8 @@ def rig(store: SnapshotStore, world, clock: Clock) -> tuple[SnapshotWatcher, Api
     catalog = Catalog(item_ids=world.item_ids, items=world.items)
     watcher = SnapshotWatcher(
         store,
+        CatalogIndexSource(catalog),
         state,
-        load=lambda version: load_pair_from_store(store, version, catalog),
         on_reload=metrics.observe_reload,
         on_adopt=metrics.observe_adoption,
     )
