@@ -24,15 +24,13 @@ from streaming.contracts import (
     UserFeatures,
 )
 
-Path = tuple[str | int, ...]
-
 
 @dataclass(frozen=True)
 class Problem:
     """One way a user or an ad does not fit: `path` is the field within the event or request that carries it
     (`("user", "dense")`, `("features", "sparse", "brand")`), `message` says what is wrong."""
 
-    path: Path
+    path: tuple[str | int, ...]
     message: str
 
     @property
@@ -71,9 +69,7 @@ class UserLimits:
 WIRE_LIMITS = UserLimits()
 
 
-def user_problems(
-    user: UserFeatures, schema: FeatureSchema, limits: UserLimits = WIRE_LIMITS, root: Path = ("user",)
-) -> list[Problem]:
+def user_problems(user: UserFeatures, schema: FeatureSchema, limits: UserLimits = WIRE_LIMITS) -> list[Problem]:
     """Everything about `user` that does not fit `schema` or `limits` (empty when it fits).
 
     Each unknown history attribute is reported once, at its first engagement, not once per engagement.
@@ -82,7 +78,7 @@ def user_problems(
     if len(user.dense) != schema.user_dense_dim:
         problems.append(
             Problem(
-                (*root, "dense"),
+                ("user", "dense"),
                 f"has {len(user.dense)} values, the schema needs user_dense_dim={schema.user_dense_dim}",
             )
         )
@@ -91,14 +87,14 @@ def user_problems(
             if abs(value) > limits.max_dense_magnitude:
                 problems.append(
                     Problem(
-                        (*root, "dense", position),
+                        ("user", "dense", position),
                         f"{value!r} is beyond the accepted magnitude {limits.max_dense_magnitude:g}",
                     )
                 )
                 break
     problems += [
         Problem(
-            (*root, "sparse", name),
+            ("user", "sparse", name),
             f"unknown user sparse feature {name!r} (the schema has {sorted(schema.user_sparse)})",
         )
         for name in user.sparse
@@ -107,7 +103,8 @@ def user_problems(
     if len(user.history) > limits.max_history:
         problems.append(
             Problem(
-                (*root, "history"), f"history has {len(user.history)} events; at most {limits.max_history} are accepted"
+                ("user", "history"),
+                f"history has {len(user.history)} events; at most {limits.max_history} are accepted",
             )
         )
     known, reported = set(schema.history_attributes), set()
@@ -119,7 +116,7 @@ def user_problems(
                 reported.add(name)
                 problems.append(
                     Problem(
-                        (*root, "history", position, "attributes", name),
+                        ("user", "history", position, "attributes", name),
                         f"unknown history attribute {name!r} (the schema has {sorted(known)})",
                     )
                 )
@@ -127,7 +124,7 @@ def user_problems(
 
 
 def item_problems(
-    ad_id: int, dense: Sequence[float], sparse: Mapping[str, int], schema: FeatureSchema, root: Path = ("features",)
+    ad_id: int, dense: Sequence[float], sparse: Mapping[str, int], schema: FeatureSchema
 ) -> list[Problem]:
     """Everything about ad `ad_id` (its dense values and sparse ids) that does not fit `schema`.
 
@@ -140,13 +137,13 @@ def item_problems(
     if len(dense) != schema.item_dense_dim:
         problems.append(
             Problem(
-                (*root, "dense"),
+                ("features", "dense"),
                 f"ad {ad_id} has {len(dense)} values, the schema needs item_dense_dim={schema.item_dense_dim}",
             )
         )
     problems += [
         Problem(
-            (*root, "sparse", name),
+            ("features", "sparse", name),
             f"ad {ad_id} has an unknown item sparse feature {name!r} (the schema has {sorted(schema.item_sparse)})",
         )
         for name in sparse
@@ -154,7 +151,7 @@ def item_problems(
     ]
     if sparse.get("item_id", ad_id) != ad_id:
         problems.append(
-            Problem((*root, "sparse", "item_id"), f"is {sparse['item_id']} but item_id is the ad id ({ad_id})")
+            Problem(("features", "sparse", "item_id"), f"is {sparse['item_id']} but item_id is the ad id ({ad_id})")
         )
     return problems
 
