@@ -47,7 +47,7 @@ def get_index_source(request: Request) -> IndexSource | None:
 
 Settings = Annotated[ApiSettings, Depends(get_settings)]
 Serving = Annotated[ServingState, Depends(get_serving)]
-Queue = Annotated[Batcher, Depends(get_batcher)]
+RequestQueue = Annotated[Batcher, Depends(get_batcher)]
 Metrics = Annotated[ApiMetrics, Depends(get_metrics)]
 Forwarder = Annotated[ItemForwarder, Depends(get_forwarder)]
 Store = Annotated[SnapshotStore | None, Depends(get_store)]

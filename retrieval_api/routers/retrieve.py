@@ -6,7 +6,7 @@ import time
 
 from fastapi import APIRouter
 
-from retrieval_api.dependencies import Metrics, Queue, Serving, Settings
+from retrieval_api.dependencies import Metrics, RequestQueue, Serving, Settings
 from retrieval_api.errors import DOMAIN_ERRORS
 from retrieval_api.errors import outcome as error_outcome
 from retrieval_api.openapi import NOT_JSON, RETRY_AFTER, TOO_LARGE
@@ -31,7 +31,7 @@ router = APIRouter(route_class=ApiRoute)  # bodies read with JSON Schema's integ
     },
 )
 async def retrieve_ads(
-    request: RetrieveRequest, state: Serving, batcher: Queue, metrics: Metrics, settings: Settings
+    request: RetrieveRequest, state: Serving, batcher: RequestQueue, metrics: Metrics, settings: Settings
 ) -> RetrieveResponse:
     """Retrieve the top-k ads for one user.
 
