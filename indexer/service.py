@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import redis as redis_lib
 import torch
@@ -38,8 +39,10 @@ from hsnn.model import HSNN
 from indexer.catalogue_offsets import CatalogueCursor, read_catalogue_offsets
 from indexer.metrics import IndexerMetrics
 from indexer.settings import IndexerSettings
-from streaming.dead_letters import DeadLetterOutbox, letter_for_record
-from streaming.events import ItemEvent, MalformedEvent, SchemaMismatch, decode_item
+from streaming.codec import decode_item
+from streaming.consumer import DeadLetters, triage
+from streaming.contracts import ItemEvent
+from streaming.dead_letters import DeadLetterMessage
 from streaming.health import Heartbeat
 from streaming.index_store import (
     APPLIED,
@@ -52,7 +55,6 @@ from streaming.index_store import (
     catalog_to_batch,
     catch_up,
     changes_position,
-    check_event_schema,
     current_version,
     delete_version,
     fits_schema,
@@ -65,6 +67,7 @@ from streaming.index_store import (
 from streaming.kafka_clients import dead_letter_producer, loop_consumer
 from streaming.offsets import assign_all_partitions
 from streaming.snapshots import CorruptSnapshot, SnapshotStore
+from streaming.validation import item_event_problems
 
 log = logging.getLogger("hsnn.indexer")
 
@@ -93,7 +96,7 @@ class Indexer:
         self.refused: set[int] = set()  # snapshot versions that failed verification (not retried)
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
-        self._outbox: DeadLetterOutbox | None = None
+        self._dead_letters: DeadLetters | None = None
         self.cursor = CatalogueCursor(self.redis, self.prefix, settings.items_topic, self.metrics)
         self._last_flipped = 0  # highest index version this process flipped (survives a FLUSHALL of the counter)
         self.heartbeat = Heartbeat(settings.heartbeat_max_age_s)
@@ -272,11 +275,11 @@ class Indexer:
             self.cursor.attach(partitions)
         return self._consumer
 
-    def _get_outbox(self) -> DeadLetterOutbox:
-        if self._outbox is None:
+    def _get_dead_letters(self) -> DeadLetters:
+        if self._dead_letters is None:
             self._producer = dead_letter_producer(self.settings.kafka_bootstrap_servers, shared_connection=False)
-            self._outbox = DeadLetterOutbox(self._producer)
-        return self._outbox
+            self._dead_letters = DeadLetters(self._producer, self.settings.dlq_topic, on_letter=self._count_letter)
+        return self._dead_letters
 
     def consume_once(self, timeout_ms: int | None = None) -> int:
         """One poll: apply what it returned, dead-letter the bad records, checkpoint. Returns records handled.
@@ -301,37 +304,29 @@ class Indexer:
     def _handle(self, records: list) -> None:
         model = self.encoder.model if self.encoder is not None else self.model
         schema = model.config.features if model is not None else None
-        events: list[ItemEvent] = []
-        outbox = self._get_outbox()
-        for record in records:
-            try:
-                event = decode_item(record.value)
-                if schema is not None:
-                    check_event_schema(event, schema)
-            except MalformedEvent as err:
-                self._dead_letter(outbox, record, err.reason)
-            except SchemaMismatch as err:
-                self._dead_letter(outbox, record, f"does not fit the model's feature schema: {err}")
-            else:
-                events.append(event)
+
+        def reject(record: Any, event: ItemEvent) -> str | None:
+            if schema is not None and (problems := item_event_problems(event, schema)):
+                return f"does not fit the model's feature schema: {problems[0]}"
+            return None
+
+        dead_letters = self._get_dead_letters()
+        events = [event for _, event in triage(records, decode_item, reject, dead_letters)]
         if events:
             self.apply(events)
-        outbox.send()
+        dead_letters.send()
 
     def _dead_letters_acknowledged(self) -> bool:
         """True once every dead letter so far is acknowledged (the catalogue's offsets wait for them)."""
-        if self._outbox is None or not len(self._outbox):
+        if self._dead_letters is None:
             return True
-        acknowledged = self._outbox.flush(timeout=self.settings.dlq_flush_timeout_s)
-        self.metrics.pending_dead_letters.set(len(self._outbox))
-        if not acknowledged:
-            log.warning("offsets held back: %d dead letters not acknowledged", len(self._outbox))
+        acknowledged = self._dead_letters.acknowledged(self.settings.dlq_flush_timeout_s)
+        self.metrics.pending_dead_letters.set(len(self._dead_letters))
         return acknowledged
 
-    def _dead_letter(self, outbox: DeadLetterOutbox, record, reason: str) -> None:
-        outbox.add(letter_for_record(self.settings.dlq_topic, record, reason))
+    def _count_letter(self, letter: DeadLetterMessage, reason: str, origin: str) -> None:
         self.metrics.dead_letters.inc()
-        log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason[:300])
+        log.warning("dead-lettered %s: %s", origin, reason[:300])
 
     def apply(self, events: Sequence[ItemEvent]) -> list[str]:
         """Apply item events (catalogue + current delta); re-encodes with the new model if the pointer moved."""
@@ -392,4 +387,4 @@ class Indexer:
         if self._producer is not None:
             self._producer.close(timeout=5)
             self._producer = None
-            self._outbox = None
+            self._dead_letters = None

@@ -1,12 +1,13 @@
-"""Dynamic micro-batching: concurrent requests share one pass of the layer-wise search.
+"""Dynamic micro-batching: concurrent requests share one call of a scoring function.
 
-Requests wait in a bounded queue (a full queue is refused at once: `Overloaded`, HTTP 429).
-One worker takes the first waiting request, then gathers more until it has `max_batch` or
-`max_wait_ms` have passed, reads the serving pair once for the whole batch, and runs
-`hsnn.serving.retrieve` for all of them in a worker thread so the event loop keeps
-accepting requests. Each request's future gets its own result, or the error that concerns it:
-if the batched pass fails, every query is scored again on its own, so one poisoned request
-fails alone and never takes the rest of its micro-batch with it.
+A generic bounded queue: it knows nothing of models or users. Requests wait in the queue (a full
+queue is refused at once: `Overloaded`, HTTP 429). One worker takes the first waiting request, then
+gathers more until it has `max_batch` or `max_wait_ms` have passed, drops the ones whose deadline
+passed (`DeadlineExceeded`, 504) and calls `score` once for the rest in a worker thread, so the
+event loop keeps accepting requests. `score` returns one outcome per query, a result or the
+exception that concerns that query alone. If the batched call itself raises, every query is
+scored again on its own, so one poisoned request fails alone (`QueryFailed`) and never takes the
+rest of its micro-batch with it. What is scored, and how, is `retrieval_api.scoring`.
 """
 
 from __future__ import annotations
@@ -17,15 +18,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-import torch
-
-from hsnn.serving import Retrieved, retrieve
-from retrieval_api.schemas import schema_errors
-from retrieval_api.state import ServingPair, ServingState
-from streaming.events import MAX_FEATURE_MAGNITUDE, UserFeatures, users_to_batch
+from typing import Generic, TypeVar
 
 log = logging.getLogger("hsnn.retrieval_api")
+
+Q = TypeVar("Q")
+R = TypeVar("R")
 
 
 class Overloaded(Exception):
@@ -34,22 +32,6 @@ class Overloaded(Exception):
 
 class DeadlineExceeded(Exception):
     """The request's deadline passed before it could be scored."""
-
-
-class NotReady(Exception):
-    """No model/index pair is loaded yet."""
-
-
-class InvalidRequest(Exception):
-    """The request does not fit the served model; `errors` are FastAPI-style validation errors."""
-
-    def __init__(self, errors: list[dict]):
-        super().__init__("; ".join(e["msg"] for e in errors))
-        self.errors = errors
-
-
-class ConfigurationError(Exception):
-    """The service settings do not fit the served model (e.g. one beam width per level)."""
 
 
 class QueryFailed(Exception):
@@ -61,46 +43,33 @@ def _failure() -> QueryFailed:
 
 
 @dataclass
-class Query:
-    user: UserFeatures
-    k: int
-    exclude: list[int]
+class _Waiting(Generic[Q]):
+    """A query in the queue, with its deadline and the future its caller awaits."""
+
+    query: Q
     deadline: float | None  # time.monotonic() after which the query is not worth scoring
     future: asyncio.Future = field(repr=False)
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True)
-class Answer:
-    """One query's result and the pair that produced it."""
-
-    result: Retrieved
-    pair: ServingPair
-
-
-class Batcher:
-    """Queues queries and scores them in batches against the pair current when the batch starts."""
+class Batcher(Generic[Q, R]):
+    """Queues queries and hands them to `score` in batches of at most `max_batch`."""
 
     def __init__(
         self,
-        state: ServingState,
-        beams: Sequence[int],
+        score: Callable[[Sequence[Q]], Sequence[R | Exception]],
         max_batch: int = 32,
         max_wait_ms: float = 2.0,
         queue_size: int = 256,
-        max_history: int = 512,
         on_batch: Callable[[int], None] | None = None,
-        max_dense_magnitude: float = MAX_FEATURE_MAGNITUDE,
     ):
-        self.state = state
-        self.beams = list(beams)
+        """`on_batch(size)` is told the size of every batch handed to `score` (the batch-size histogram)."""
+        self.score = score
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.queue_size = queue_size
-        self.max_history = max_history
-        self.max_dense_magnitude = max_dense_magnitude
         self.on_batch = on_batch
-        self._queue: asyncio.Queue[Query] | None = None
+        self._queue: asyncio.Queue[_Waiting[Q]] | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -124,39 +93,35 @@ class Batcher:
                 await self._worker
         self._worker, self._queue, self._loop = None, None, None
 
-    async def submit(
-        self, user: UserFeatures, k: int, exclude: Sequence[int] = (), deadline_ms: int | None = None
-    ) -> Answer:
-        """Queue one query and wait for its answer; raises Overloaded at once when the queue is full."""
+    async def submit(self, query: Q, deadline_ms: int | None = None) -> R:
+        """Queue one query and wait for its outcome; raises Overloaded at once when the queue is full."""
         self.start()
         assert self._queue is not None
         now = time.monotonic()
-        query = Query(
-            user=user,
-            k=k,
-            exclude=list(exclude),
+        waiting = _Waiting(
+            query=query,
             deadline=None if deadline_ms is None else now + deadline_ms / 1000,
             future=asyncio.get_running_loop().create_future(),
             enqueued_at=now,
         )
         try:
-            self._queue.put_nowait(query)
+            self._queue.put_nowait(waiting)
         except asyncio.QueueFull:
             raise Overloaded(f"{self.queue_size} requests are already waiting; retry later") from None
-        return await query.future
+        return await waiting.future
 
-    async def _run(self, queue: asyncio.Queue[Query]) -> None:
+    async def _run(self, queue: asyncio.Queue[_Waiting[Q]]) -> None:
         while True:
             batch = await self._gather(queue)
             try:
                 await self._score(batch)
             except Exception as exc:  # never let one bad batch stop the worker
                 log.exception("batch of %d failed", len(batch))
-                for query in batch:
-                    if not query.future.done():
-                        query.future.set_exception(exc)
+                for waiting in batch:
+                    if not waiting.future.done():
+                        waiting.future.set_exception(exc)
 
-    async def _gather(self, queue: asyncio.Queue[Query]) -> list[Query]:
+    async def _gather(self, queue: asyncio.Queue[_Waiting[Q]]) -> list[_Waiting[Q]]:
         batch = [await queue.get()]
         until = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
@@ -174,73 +139,46 @@ class Batcher:
                 break
         return batch
 
-    async def _score(self, batch: list[Query]) -> None:
-        pair = self.state.current()  # once per batch: every query in it sees the same model and index
+    async def _score(self, batch: list[_Waiting[Q]]) -> None:
         now = time.monotonic()
         ready = []
-        for query in batch:
-            if query.future.done():  # the client went away
+        for waiting in batch:
+            if waiting.future.done():  # the client went away
                 continue
-            if pair is None:
-                query.future.set_exception(NotReady("no model/index pair is loaded yet"))
-            elif query.deadline is not None and now > query.deadline:
-                waited = (now - query.enqueued_at) * 1000
-                query.future.set_exception(
+            if waiting.deadline is not None and now > waiting.deadline:
+                waited = (now - waiting.enqueued_at) * 1000
+                waiting.future.set_exception(
                     DeadlineExceeded(f"deadline passed after {waited:.1f} ms in the queue, before scoring started")
                 )
-            elif errors := schema_errors(pair.schema, query.user, self.max_history, self.max_dense_magnitude):
-                query.future.set_exception(InvalidRequest(errors))  # the model was swapped for another schema
             else:
-                ready.append(query)
-        if not ready or pair is None:
-            return
-        if len(self.beams) != pair.model.num_levels:
-            exc = ConfigurationError(
-                f"beams {self.beams} give {len(self.beams)} widths; the served model has {pair.model.num_levels} levels"
-            )
-            for query in ready:
-                query.future.set_exception(exc)
+                ready.append(waiting)
+        if not ready:
             return
         if self.on_batch is not None:
             self.on_batch(len(ready))
-        outcomes = await asyncio.to_thread(self._retrieve_isolated, pair, ready)
-        for query, outcome in zip(ready, outcomes, strict=True):
-            if query.future.done():
+        outcomes = await asyncio.to_thread(self._score_isolated, [waiting.query for waiting in ready])
+        for waiting, outcome in zip(ready, outcomes, strict=True):
+            if waiting.future.done():
                 continue
             if isinstance(outcome, Exception):
-                query.future.set_exception(outcome)
+                waiting.future.set_exception(outcome)
             else:
-                query.future.set_result(Answer(result=outcome, pair=pair))
+                waiting.future.set_result(outcome)
 
-    def _retrieve_isolated(self, pair: ServingPair, queries: list[Query]) -> list[Retrieved | Exception]:
-        """Score the batch in one pass; if that fails, score each query alone so only the culprit fails."""
+    def _score_isolated(self, queries: list[Q]) -> list[R | Exception]:
+        """Score the batch in one call; if that raises, score each query alone so only the culprit fails."""
         try:
-            return list(self._retrieve(pair, queries))
+            return list(self.score(queries))
         except Exception:
             if len(queries) == 1:
                 log.exception("query failed")
                 return [_failure()]
             log.warning("batch of %d failed; scoring its queries one by one", len(queries), exc_info=True)
-        outcomes: list[Retrieved | Exception] = []
+        outcomes: list[R | Exception] = []
         for query in queries:
             try:
-                outcomes.extend(self._retrieve(pair, [query]))
+                outcomes.extend(self.score([query]))
             except Exception:
                 log.exception("query failed on its own")
                 outcomes.append(_failure())
         return outcomes
-
-    def _retrieve(self, pair: ServingPair, queries: list[Query]) -> list[Retrieved]:
-        users = users_to_batch([query.user for query in queries], pair.schema)
-        exclude = [torch.tensor(query.exclude, dtype=torch.long) if query.exclude else None for query in queries]
-        k = max(query.k for query in queries)
-        results = retrieve(pair.model, pair.index, users, k=k, beams=self.beams, exclude=exclude)
-        return [
-            Retrieved(
-                item_ids=result.item_ids[: query.k],
-                scores=result.scores[: query.k],
-                rows=result.rows[: query.k],
-                cost=result.cost,
-            )
-            for query, result in zip(queries, results, strict=True)
-        ]

@@ -11,7 +11,8 @@ from retrieval_api.batcher import Batcher
 from retrieval_api.items import ItemForwarder, check_token
 from retrieval_api.metrics import ApiMetrics
 from retrieval_api.settings import ApiSettings
-from retrieval_api.state import ServingState
+from retrieval_api.state import IndexSource, ServingState
+from streaming.snapshots import SnapshotStore
 
 BEARER = HTTPBearer(auto_error=False, description="The token in HSNN_API_ITEMS_TOKEN.")
 
@@ -36,11 +37,21 @@ def get_forwarder(request: Request) -> ItemForwarder:
     return request.app.state.forwarder
 
 
+def get_store(request: Request) -> SnapshotStore | None:
+    return request.app.state.store
+
+
+def get_index_source(request: Request) -> IndexSource | None:
+    return request.app.state.index_source
+
+
 Settings = Annotated[ApiSettings, Depends(get_settings)]
 Serving = Annotated[ServingState, Depends(get_serving)]
-Scorer = Annotated[Batcher, Depends(get_batcher)]
+RequestQueue = Annotated[Batcher, Depends(get_batcher)]
 Metrics = Annotated[ApiMetrics, Depends(get_metrics)]
 Forwarder = Annotated[ItemForwarder, Depends(get_forwarder)]
+Store = Annotated[SnapshotStore | None, Depends(get_store)]
+Source = Annotated[IndexSource | None, Depends(get_index_source)]
 
 
 def authorize(settings: Settings, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:

@@ -1,6 +1,6 @@
 """Domain errors -> HTTP answers: the one place the API maps what went wrong on /retrieve to a status code.
 
-Routes raise the batcher's errors; the handlers installed here answer them, each with `{"detail": ...}`
+Routes raise the batcher's and the scorer's errors; the handlers installed here answer them, each with `{"detail": ...}`
 (a list of problems for a 422) and, where retrying later helps (429, 503), a Retry-After header.
 """
 
@@ -9,14 +9,8 @@ from __future__ import annotations
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 
-from retrieval_api.batcher import (
-    ConfigurationError,
-    DeadlineExceeded,
-    InvalidRequest,
-    NotReady,
-    Overloaded,
-    QueryFailed,
-)
+from retrieval_api.batcher import DeadlineExceeded, Overloaded, QueryFailed
+from retrieval_api.scoring import ConfigurationError, InvalidRequest, NotReady
 
 # error -> (metric outcome label, status code, answer carries Retry-After)
 ERRORS: dict[type[Exception], tuple[str, int, bool]] = {
@@ -47,8 +41,9 @@ def problem(code: int, detail: str, retry_after_s: int | None = None) -> JSONRes
 
 async def domain_error(request: Request, exc: Exception) -> JSONResponse:
     _, code, retry = _mapping(exc) or ("internal", status.HTTP_500_INTERNAL_SERVER_ERROR, False)
-    if isinstance(exc, InvalidRequest):
-        return JSONResponse(status_code=code, content={"detail": exc.errors})
+    if isinstance(exc, InvalidRequest):  # the validator's problems, in the shape of FastAPI's own 422s
+        detail = [{"type": "value_error", "loc": ["body", *p.path], "msg": p.message} for p in exc.problems]
+        return JSONResponse(status_code=code, content={"detail": detail})
     return problem(code, str(exc), request.app.state.settings.retry_after_s if retry else None)
 
 

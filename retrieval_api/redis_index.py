@@ -1,10 +1,10 @@
 """Serve the indexer's index from Redis: its pointer names the (model, index) pair, its delta the item churn.
 
-The indexer writes index version v for snapshot m and flips `index:current` to v. This follower
-reports "serve snapshot m with index v" to the `SnapshotWatcher` (it quacks like the store's
-pointer), loads m from the snapshot store (sha256-verified) and v from Redis, and between
-versions polls v's delta list so created ads become retrievable and expired ones disappear
-within one poll. A rebuild for the same snapshot (a new v, same m) is picked up by `refresh`.
+The indexer writes index version v for snapshot m and flips `index:current` to v. This `IndexSource`
+tells the `SnapshotWatcher` to serve snapshot m (`wanted`), loads index v from Redis for it (`load`; the
+watcher loads m from the snapshot store, sha256-verified), and between snapshots applies v's delta list
+(`refresh`) so created ads become retrievable and expired ones disappear within one poll. A rebuild for
+the same snapshot (a new v, same m) is picked up by `refresh` too.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from typing import Any
 
+from hsnn.index import HierarchicalIndex
 from hsnn.model import HSNN
-from retrieval_api.state import ServingPair, ServingState
+from retrieval_api.state import ServingState
 from streaming import index_store
 from streaming.snapshots import Pointer, SnapshotStore
 
@@ -25,39 +27,32 @@ class IndexNotReady(RuntimeError):
     """Redis has no index built from the snapshot the watcher asked for (yet)."""
 
 
-class RedisIndexFollower:
-    def __init__(self, redis, store: SnapshotStore, prefix: str = index_store.DEFAULT_PREFIX, device: str = "cpu"):
-        self.redis, self.store, self.prefix, self.device = redis, store, prefix, device
-        self.root = f"redis index {prefix}"  # for the watcher's log lines
+class RedisIndexSource:
+    """The index the indexer keeps in Redis under `prefix` (one client, shared with /status)."""
+
+    kind = "redis"
+
+    def __init__(self, redis, prefix: str = index_store.DEFAULT_PREFIX):
+        self.redis, self.prefix = redis, prefix
         self._lock = threading.Lock()
         self._view: index_store.IndexView | None = None  # the view behind the served pair
 
-    def promoted(self) -> Pointer | None:
-        """The snapshot the current Redis index was built from (what the watcher should serve)."""
+    def wanted(self, store: SnapshotStore) -> Pointer | None:
+        """The snapshot the current Redis index was built from (the store's own pointer is the indexer's input)."""
         version = index_store.current_version(self.redis, self.prefix)
         if version is None:
             return None
         meta = index_store.read_meta(self.redis, version, self.prefix)
         return Pointer(version=int(meta["model_version"]), promoted_at=float(version))
 
-    def load(self, model_version: int) -> ServingPair:
-        """Load snapshot `model_version` and the current Redis index, which must have been built from it."""
-        model, manifest = self.store.load(model_version, device=self.device)
-        if not isinstance(model, HSNN):
-            raise TypeError(f"snapshot {model_version} holds a {type(model).__name__}, the API serves HSNN models")
+    def load(self, model: HSNN, model_version: int) -> tuple[HierarchicalIndex, int]:
+        """The current Redis index, which must have been built from snapshot `model_version`."""
         view = index_store.load_index(self.redis, model, prefix=self.prefix)
         if int(view.meta["model_version"]) != model_version:
             raise IndexNotReady(f"Redis index {view.version} was built from snapshot {view.meta['model_version']}")
         with self._lock:
             self._view = view
-        return ServingPair(
-            model=model,
-            index=view.index,
-            model_version=model_version,
-            index_version=view.version,
-            snapshot_created_at=manifest.created_at,
-            event_time_watermark=manifest.event_time_watermark,
-        )
+        return view.index, view.version
 
     def refresh(self, state: ServingState) -> bool:
         """Apply new delta entries (or a same-snapshot rebuild) to the served pair; True if it changed."""
@@ -81,3 +76,17 @@ class RedisIndexFollower:
             self._view = fresh
         log.debug("index %d now at delta %d", fresh.version, fresh.delta_seq)
         return True
+
+    def describe(self, served_index_version: int | None) -> dict[str, Any]:
+        """The current Redis index version, its snapshot and age, and when the served version was built."""
+        current = index_store.current_version(self.redis, self.prefix)
+        facts: dict[str, Any] = {"current_version": current}
+        if current is not None:
+            meta = index_store.read_meta(self.redis, current, self.prefix)
+            facts |= {"model_version": meta.get("model_version"), "created_at": meta.get("created_at")}
+        if served_index_version is not None and served_index_version != current:
+            served_meta = index_store.read_meta(self.redis, served_index_version, self.prefix)
+            facts["served_created_at"] = served_meta.get("created_at")
+        elif served_index_version is not None:
+            facts["served_created_at"] = facts.get("created_at")
+        return facts

@@ -2,18 +2,15 @@
 
 The models check what can be checked without a model (types, ranges, unknown keys). Whether
 a request fits the *loaded* model (dense width, sparse feature names, history attributes) is
-checked by `schema_errors` against that model's `FeatureSchema`, and reported as a 422 in the
-same shape FastAPI uses for its own validation errors.
+checked by `streaming.validation.user_problems` against that model's `FeatureSchema`, and
+reported as a 422 in the same shape FastAPI uses for its own validation errors (`retrieval_api.errors`).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field
 
-from hsnn.config import FeatureSchema
-from streaming.events import MAX_FEATURE_MAGNITUDE, AdId, ItemEventByOp, UserFeatures
+from streaming.contracts import AdId, ItemEventByOp, UserFeatures
 
 USER_EXAMPLE = {
     "dense": [0.12, -1.3],
@@ -156,38 +153,3 @@ class Problem(Strict):
     """Error body for 429, 503 and 504 (FastAPI's `{"detail": ...}` shape)."""
 
     detail: str
-
-
-def schema_errors(
-    schema: FeatureSchema,
-    user: UserFeatures,
-    max_history: int,
-    max_dense_magnitude: float = MAX_FEATURE_MAGNITUDE,
-) -> list[dict[str, Any]]:
-    """What does not fit the served model or the service's limits, as FastAPI-style validation errors."""
-    errors: list[dict[str, Any]] = []
-
-    def error(loc: tuple[Any, ...], msg: str) -> None:
-        errors.append({"type": "value_error", "loc": ["body", "user", *loc], "msg": msg})
-
-    if len(user.dense) != schema.user_dense_dim:
-        error(("dense",), f"expected {schema.user_dense_dim} dense features, got {len(user.dense)}")
-    for position, value in enumerate(user.dense):
-        if abs(value) > max_dense_magnitude:  # finite (the model checks), but beyond this service's bound
-            error(("dense", position), f"{value!r} is beyond the accepted magnitude {max_dense_magnitude:g}")
-            break
-    for name in user.sparse:
-        if name not in schema.user_sparse:
-            error(("sparse", name), f"unknown sparse feature {name!r}; the model knows {sorted(schema.user_sparse)}")
-    if len(user.history) > max_history:
-        error(("history",), f"history has {len(user.history)} events; at most {max_history} are accepted")
-    known, reported = set(schema.history_attributes), set()
-    for position, event in enumerate(user.history):
-        for name in event.attributes:
-            if name not in known and name not in reported:  # once per name, not once per event
-                reported.add(name)
-                error(
-                    ("history", position, "attributes", name),
-                    f"unknown history attribute {name!r}; the model knows {sorted(known)}",
-                )
-    return errors

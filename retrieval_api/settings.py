@@ -12,8 +12,9 @@ from typing import Annotated
 import torch
 from pydantic import Field, SecretStr
 
-from streaming.events import ITEMS_TOPIC, MAX_FEATURE_MAGNITUDE
+from streaming.contracts import ITEMS_TOPIC, MAX_FEATURE_MAGNITUDE
 from streaming.settings import ServiceSettings
+from streaming.validation import UserLimits
 
 log = logging.getLogger("hsnn.retrieval_api")
 
@@ -89,6 +90,11 @@ class ApiSettings(ServiceSettings):
         description="Largest absolute dense feature value accepted on /retrieve (at most the event contract's bound).",
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After header sent with every 429 and 503.")
+
+    @property
+    def user_limits(self) -> UserLimits:
+        """The bounds /retrieve puts on a user beyond the model's schema (`streaming.validation.user_problems`)."""
+        return UserLimits(max_history=self.max_history, max_dense_magnitude=self.max_dense_magnitude)
 
     def resolved_device(self) -> str:
         """The device to serve on: "cuda" only when asked for and available, else "cpu" (logged)."""

@@ -5,10 +5,11 @@ that `ServingPair` until it answers, so a swap in the middle never mixes a model
 index built by another one. Swapping is a single reference assignment under a lock; the
 old pair stays alive for as long as a batch still holds it.
 
-Where the index comes from is a seam: `load_pair_from_store` asks an `IndexSource` for the
-index that belongs to a model version. `CatalogIndexSource` builds it here from a catalogue
-(`CatalogSource`: planted data, a file); the Redis index written by the indexer will be
-another `IndexSource` with the same `load(model, model_version)` call.
+Where the index comes from is a seam, `IndexSource`: it names the snapshot to serve, loads the
+index that belongs to a model version (`load_pair_from_store` pairs the two) and applies index
+updates between swaps. `CatalogIndexSource` builds the index here from a catalogue (`CatalogSource`:
+planted data, a file) for the store's promoted snapshot; `retrieval_api.redis_index.RedisIndexSource`
+reads the one the indexer wrote. `retrieval_api.watcher.SnapshotWatcher` drives either the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -26,7 +27,7 @@ from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch
 from hsnn.index import HierarchicalIndex, build_index
 from hsnn.model import HSNN
-from streaming.snapshots import SnapshotStore
+from streaming.snapshots import Pointer, SnapshotStore
 
 log = logging.getLogger("hsnn.retrieval_api")
 
@@ -97,23 +98,44 @@ CatalogSource = Callable[[], Catalog]
 
 @runtime_checkable
 class IndexSource(Protocol):
-    """Where the index for a model version comes from.
+    """Where the served pair's index comes from: which snapshot to serve, its index, and updates in between.
 
-    `load` runs in a worker thread and returns the index and its version. The Redis-backed source
-    (the indexer's versioned layout) will implement this; until then `CatalogIndexSource` builds one.
+    `SnapshotWatcher` is the one caller. Every method but `describe` runs in a worker thread.
     """
 
-    def load(self, model: HSNN, model_version: int) -> tuple[HierarchicalIndex, int]: ...
+    kind: str  # what /status calls the source ("in-process", "redis")
+
+    def wanted(self, store: SnapshotStore) -> Pointer | None:
+        """The snapshot to serve now (None: nothing yet); a pointer other than the served one triggers a load."""
+        ...
+
+    def load(self, model: HSNN, model_version: int) -> tuple[HierarchicalIndex, int]:
+        """The index that belongs to snapshot `model_version` (`model`), and its index version."""
+        ...
+
+    def refresh(self, state: ServingState) -> bool:
+        """Apply index updates that need no new snapshot to the served pair; True if it changed."""
+        ...
+
+    def describe(self, served_index_version: int | None) -> dict[str, Any]:
+        """What /status shows about the index (may read the source; raising is reported on the page)."""
+        ...
 
 
 class CatalogIndexSource:
     """Builds the index in process with `hsnn.index.build_index` over the ads a `CatalogSource` returns.
 
-    The index version is the model version, since the index is built from this model's item tower and codebooks.
+    It serves the store's promoted snapshot. The index version is the model version, since the index is built
+    from this model's item tower and codebooks; it never changes between snapshots.
     """
+
+    kind = "in-process"
 
     def __init__(self, catalog: CatalogSource | Catalog):
         self.catalog_source: CatalogSource = catalog if callable(catalog) else (lambda: catalog)
+
+    def wanted(self, store: SnapshotStore) -> Pointer | None:
+        return store.promoted()
 
     def load(self, model: HSNN, model_version: int) -> tuple[HierarchicalIndex, int]:
         catalog = self.catalog_source()
@@ -122,6 +144,12 @@ class CatalogIndexSource:
         elapsed = time.perf_counter() - started
         log.info("built index for snapshot %d over %d ads in %.2fs", model_version, index.num_items, elapsed)
         return index, model_version
+
+    def refresh(self, state: ServingState) -> bool:
+        return False
+
+    def describe(self, served_index_version: int | None) -> dict[str, Any]:
+        return {}
 
 
 def load_pair_from_store(

@@ -6,7 +6,8 @@ ready, and request counts and latency from the API's own Prometheus registry. It
 inline CSS, and a few lines of inline script that fetch `/status.json` every few seconds and redraw. The
 first render is done on the server, so the page reads correctly without script too.
 
-`status_router(state, metrics, settings)` builds the router; `create_app` includes it.
+It reads what the app serves with: its `ServingState`, its metrics, its snapshot store and its `IndexSource`
+(through `retrieval_api.dependencies`); `create_app` includes `router`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-from streaming import index_store
+from retrieval_api.dependencies import Metrics, Serving, Source, Store
+from retrieval_api.metrics import ApiMetrics
+from retrieval_api.state import CatalogIndexSource, IndexSource, ServingState
 from streaming.snapshots import SnapshotStore
 
 log = logging.getLogger("hsnn.retrieval_api")
@@ -74,82 +77,67 @@ def _age(now: float, then: float | None) -> float | None:
     return None if not then else max(0.0, now - then)
 
 
-def status_router(state: Any, metrics: Any, settings: Any) -> APIRouter:
-    """Routes `/status` and `/status.json` over a `ServingState`, the app's `ApiMetrics` and its `ApiSettings`."""
-    router = APIRouter(tags=["status"])
-    store = SnapshotStore(settings.store_dir) if settings.store_dir else None
-    redis_client = None
-    if settings.redis_url:
-        import redis as redis_lib
-
-        redis_client = redis_lib.Redis.from_url(settings.redis_url, socket_timeout=1.0)
-
-    def snapshot() -> dict[str, Any]:
-        now = time.time()
-        pair = state.current()
-        served: dict[str, Any] = {"ready": pair is not None}
-        if pair is not None:
-            served |= {
-                "model_version": pair.model_version,
-                "index_version": pair.index_version,
-                "snapshot_created_at": pair.snapshot_created_at,
-                "snapshot_age_s": _age(now, pair.snapshot_created_at),
-                "loaded_at": pair.loaded_at,
-                "loaded_age_s": _age(now, pair.loaded_at),
-                "num_items": int(pair.index.num_items),
-            }
-        index: dict[str, Any] = {"source": "redis" if redis_client is not None else "in-process"}
-        if redis_client is not None:
-            try:
-                current = index_store.current_version(redis_client, settings.key_prefix)
-                index["current_version"] = current
-                if current is not None:
-                    meta = index_store.read_meta(redis_client, current, settings.key_prefix)
-                    index |= {
-                        "model_version": meta.get("model_version"),
-                        "created_at": meta.get("created_at"),
-                        "age_s": _age(now, meta.get("created_at")),
-                    }
-                if pair is not None and pair.index_version != current:
-                    served_meta = index_store.read_meta(redis_client, pair.index_version, settings.key_prefix)
-                    served["index_created_at"] = served_meta.get("created_at")
-                elif pair is not None:
-                    served["index_created_at"] = index.get("created_at")
-            except Exception as exc:  # Redis away: the page still renders what the replica knows
-                index["error"] = f"{type(exc).__name__}: {exc}"
-        if pair is not None:  # an index built in process is as old as the pair
-            served["index_age_s"] = _age(now, served.get("index_created_at") or pair.loaded_at)
-        promoted: dict[str, Any] = {"known": store is not None}
-        if store is not None:
-            try:
-                pointer = store.promoted()
-                if pointer is not None:
-                    promoted |= {"version": pointer.version, "promoted_at": pointer.promoted_at}
-            except Exception as exc:
-                promoted["error"] = f"{type(exc).__name__}: {exc}"
-        return {
-            "now": now,
-            "served": served,
-            "index": index,
-            "promoted": promoted,
-            "requests": request_stats(metrics.registry),
-            "freshness": {  # timestamps of each snapshot swapped in (the histograms' raw data; newest last)
-                "watching_since": metrics.watching_since,
-                "adoptions": [adoption.as_json() for adoption in list(metrics.adoptions)],
-            },
+def snapshot(state: ServingState, metrics: ApiMetrics, store: SnapshotStore | None, source: IndexSource | None) -> dict:
+    """Everything /status.json reports, read now (Redis and the store may be read: run it in a worker thread)."""
+    now = time.time()
+    pair = state.current()
+    served: dict[str, Any] = {"ready": pair is not None}
+    if pair is not None:
+        served |= {
+            "model_version": pair.model_version,
+            "index_version": pair.index_version,
+            "snapshot_created_at": pair.snapshot_created_at,
+            "snapshot_age_s": _age(now, pair.snapshot_created_at),
+            "loaded_at": pair.loaded_at,
+            "loaded_age_s": _age(now, pair.loaded_at),
+            "num_items": int(pair.index.num_items),
         }
+    index: dict[str, Any] = {"source": source.kind if source is not None else CatalogIndexSource.kind}
+    if source is not None:
+        try:
+            facts = source.describe(pair.index_version if pair is not None else None)
+            served["index_created_at"] = facts.pop("served_created_at", None)
+            index |= facts
+            if "created_at" in facts:
+                index["age_s"] = _age(now, facts["created_at"])
+        except Exception as exc:  # Redis away: the page still renders what the replica knows
+            index["error"] = f"{type(exc).__name__}: {exc}"
+    if pair is not None:  # an index built in process is as old as the pair
+        served["index_age_s"] = _age(now, served.get("index_created_at") or pair.loaded_at)
+    promoted: dict[str, Any] = {"known": store is not None}
+    if store is not None:
+        try:
+            pointer = store.promoted()
+            if pointer is not None:
+                promoted |= {"version": pointer.version, "promoted_at": pointer.promoted_at}
+        except Exception as exc:
+            promoted["error"] = f"{type(exc).__name__}: {exc}"
+    return {
+        "now": now,
+        "served": served,
+        "index": index,
+        "promoted": promoted,
+        "requests": request_stats(metrics.registry),
+        "freshness": {  # timestamps of each snapshot swapped in (the histograms' raw data; newest last)
+            "watching_since": metrics.watching_since,
+            "adoptions": [adoption.as_json() for adoption in list(metrics.adoptions)],
+        },
+    }
 
-    @router.get("/status.json")
-    async def status_json() -> dict[str, Any]:
-        """What this replica serves, how old it is, and its request statistics, as JSON."""
-        return await asyncio.to_thread(snapshot)
 
-    @router.get("/status", response_class=HTMLResponse)
-    async def status_page() -> HTMLResponse:
-        """A self-contained HTML status page that refreshes itself from /status.json."""
-        return HTMLResponse(render(await asyncio.to_thread(snapshot)))
+router = APIRouter(tags=["status"])
 
-    return router
+
+@router.get("/status.json")
+async def status_json(state: Serving, metrics: Metrics, store: Store, source: Source) -> dict[str, Any]:
+    """What this replica serves, how old it is, and its request statistics, as JSON."""
+    return await asyncio.to_thread(snapshot, state, metrics, store, source)
+
+
+@router.get("/status", response_class=HTMLResponse)
+async def status_page(state: Serving, metrics: Metrics, store: Store, source: Source) -> HTMLResponse:
+    """A self-contained HTML status page that refreshes itself from /status.json."""
+    return HTMLResponse(render(await asyncio.to_thread(snapshot, state, metrics, store, source)))
 
 
 # ------------------------------------------------------------------------------------------------ HTML

@@ -1,11 +1,13 @@
-"""Hot swap: follow the publisher's PROMOTED pointer and swap in each new model/index pair.
+"""Hot swap: serve the snapshot the index source names, with its index, and keep the index current.
 
-`SnapshotWatcher` is an asyncio task started by the app's lifespan. Every `interval_s` it
-reads `store.promoted()`; when the pointer names a version other than the one being served it
-loads that snapshot (checksums verified by the store) and its index in a worker thread, so
-the event loop keeps answering requests, then swaps the pair in. The pointer is the truth in
-both directions: a lower version is a rollback (docs/operations.md) and is served like any
-other promotion.
+`SnapshotWatcher` is the one watcher path, whatever the `IndexSource`. Its lifespan task asks the
+source every `interval_s` which snapshot to serve (`wanted`: the store's PROMOTED pointer for an
+in-process index, the snapshot of the current Redis index for the indexer's); when that names a
+version other than the one being served it loads the snapshot (checksums verified by the store) and
+its index in a worker thread, so the event loop keeps answering requests, then swaps the pair in. The
+pointer is the truth in both directions: a lower version is a rollback (docs/operations.md) and is
+served like any other. A second task asks the source every `refresh_interval_s` to apply index
+updates that need no new snapshot (Redis deltas).
 
 A failed load (a `CorruptSnapshot`, a missing catalogue, any exception) keeps the old pair
 serving, is counted and logged, and is not retried for the same pointer until `backoff_s`
@@ -19,9 +21,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from retrieval_api.state import ServingPair, ServingState
+from retrieval_api.state import IndexSource, ServingPair, ServingState, load_pair_from_store
 from streaming.snapshots import Pointer, SnapshotStore
 
 log = logging.getLogger("hsnn.retrieval_api")
@@ -30,56 +32,79 @@ SUCCESS, FAILURE = "success", "failure"
 
 
 class SnapshotWatcher:
-    """Polls `store` and keeps `state` on the promoted version (newer or older), as long as it loads."""
+    """Keeps `state` on the snapshot `source` names (newer or older), as long as it loads, and its index current."""
 
     def __init__(
         self,
         store: SnapshotStore,
+        source: IndexSource,
         state: ServingState,
-        load: Callable[[int], ServingPair],
+        *,
+        device: str = "cpu",
         interval_s: float = 2.0,
+        refresh_interval_s: float = 0.25,
         backoff_s: float = 60.0,
         on_reload: Callable[[str, float], None] | None = None,
         on_adopt: Callable[[ServingPair, ServingPair | None], None] | None = None,
     ):
-        """`load(version)` returns the pair for a version (run in a worker thread); `on_reload(outcome, seconds)`
-        is told of every attempt ("success" or "failure"); `on_adopt(new, previous)` right after each swap
-        (the freshness metrics take their adoption time there)."""
+        """`on_reload(outcome, seconds)` is told of every load attempt ("success" or "failure"); `on_adopt(new,
+        previous)` right after each swap (the freshness metrics take their adoption time there)."""
         self.store = store
+        self.source = source
         self.state = state
-        self.load = load
+        self.device = device
         self.interval_s = interval_s
+        self.refresh_interval_s = refresh_interval_s
         self.backoff_s = backoff_s
         self.on_reload = on_reload
         self.on_adopt = on_adopt
         self._failed: tuple[Pointer, float] | None = None  # the pointer that last failed, and when
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="hsnn-snapshot-watcher")
+        if any(not task.done() for task in self._tasks):
+            return
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._every(self.interval_s, self.poll_once, "poll"), name="hsnn-snapshot-watcher"),
+            loop.create_task(
+                self._every(self.refresh_interval_s, self.refresh_once, "index refresh"), name="hsnn-index-refresh"
+            ),
+        ]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._task = None
+                await task
+        self._tasks = []
 
-    async def _run(self) -> None:
+    @staticmethod
+    async def _every(seconds: float, step: Callable[[], Awaitable[object]], what: str) -> None:
         while True:
             try:
-                await self.poll_once()
-            except Exception:  # never let the watcher die: the next poll tries again
-                log.exception("snapshot watcher poll failed")
-            await asyncio.sleep(self.interval_s)
+                await step()
+            except Exception:  # never let the watcher die (a Redis hiccup, a bug): the next round tries again
+                log.exception("snapshot watcher %s failed", what)
+            await asyncio.sleep(seconds)
+
+    async def refresh_once(self) -> bool:
+        """Apply the source's index updates to the served pair once; True if it changed."""
+        return await asyncio.to_thread(self.source.refresh, self.state)
+
+    def load(self, version: int) -> ServingPair:
+        """Snapshot `version` from the store, paired with its index from the source (runs in a worker thread)."""
+        return load_pair_from_store(self.store, version, self.source, device=self.device)
 
     async def poll_once(self) -> str | None:
         """Check the pointer once; returns "success" or "failure" if a load was attempted, else None."""
         try:
-            pointer = await asyncio.to_thread(self.store.promoted)
+            pointer = await asyncio.to_thread(self.source.wanted, self.store)
         except Exception as exc:
-            log.warning("cannot read the PROMOTED pointer under %s: %s", self.store.root, exc)
+            log.warning(
+                "cannot read which snapshot to serve (%s index, store %s): %s", self.source.kind, self.store.root, exc
+            )
             return None
         if pointer is None:
             return None

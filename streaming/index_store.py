@@ -1,21 +1,10 @@
 """The versioned index in Redis: what the indexer writes and the retrieval API reads.
 
-Layout (every key under a configurable prefix, "hsnn:" by default; docs/index_store.md has the details):
-
-    index:current              version readers serve (an integer), moved only by a compare-and-set script
-    index:previous             the version `current` replaced, kept for rollback
-    index:next_version         counter handing out index versions
-    index:versions             set of every version written and not yet garbage-collected
-    index:flips                pub/sub channel: the new version after every flip or rollback
-    idx:{v}:meta               JSON: model version, created_at, codebook sizes, counts, blob specs
-    idx:{v}:blob:{name}:{i}    chunk i of a tensor's raw little-endian bytes (numpy tobytes; never pickle)
-    idx:{v}:delta              list of JSON changes since the version was built; its length is the delta sequence
-    catalog                    hash ad id -> "{sequence} {event_time} {json}": the live catalogue
-    catalog:changes            stream of ad ids whose catalogue entry changed (capped), for rebuild catch-up
-
 A version's meta and blobs never change once written (meta is written last, so a version with meta
-is complete); only its delta grows. Item events go through one Lua script that checks the ad's stored
-(sequence, event_time) with `streaming.events.supersedes` semantics and writes catalogue and delta at once.
+is complete); only its delta grows. This module writes, reads, points at, rolls back and collects
+versions, and reads their deltas. The key layout and blob encoding are `streaming.index_layout`; the
+live catalogue and the item events that feed the deltas are `streaming.item_catalog`. Both are
+re-exported here, so `from streaming import index_store` reaches the whole store.
 """
 
 from __future__ import annotations
@@ -24,7 +13,7 @@ import base64
 import dataclasses
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,86 +21,72 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch
-from hsnn.index import HierarchicalIndex, IndexLevel, encode_catalog
+from hsnn.index import HierarchicalIndex, IndexLevel
 from hsnn.model import HSNN
-from streaming.events import ItemEvent, check_item_features
+from streaming.index_layout import DEFAULT_CHUNK_BYTES, DEFAULT_PREFIX, IndexKeys, decode_blob, encode_blob
+from streaming.item_catalog import (
+    APPLIED,
+    CHANGES_MAXLEN,
+    RETRY,
+    SUPERSEDED,
+    CatalogEntry,
+    ItemEncoder,
+    apply_item_event,
+    apply_item_events,
+    catalog_entry,
+    catalog_to_batch,
+    catch_up,
+    changes_position,
+    fits_schema,
+    read_catalog,
+)
 
-DEFAULT_PREFIX = "hsnn:"
-DEFAULT_CHUNK_BYTES = 8 << 20
+__all__ = [
+    "APPLIED",
+    "CHANGES_MAXLEN",
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_PREFIX",
+    "RETRY",
+    "SUPERSEDED",
+    "CatalogEntry",
+    "IndexKeys",
+    "IndexNotFound",
+    "IndexView",
+    "ItemEncoder",
+    "allocate_version",
+    "apply_delta",
+    "apply_item_event",
+    "apply_item_events",
+    "catalog_entry",
+    "catalog_to_batch",
+    "catch_up",
+    "changes_position",
+    "current_version",
+    "decode_blob",
+    "delete_version",
+    "delta_length",
+    "encode_blob",
+    "fits_schema",
+    "flip_pointer",
+    "gc",
+    "load_index",
+    "previous_version",
+    "read_catalog",
+    "read_delta",
+    "read_index",
+    "read_meta",
+    "refresh",
+    "rollback",
+    "write_index",
+]
+
 META_FORMAT = 1
-CHANGES_MAXLEN = 1_000_000
-
-_DTYPES: dict[torch.dtype, str] = {torch.int64: "<i8", torch.float32: "<f4", torch.bool: "|b1"}
-_TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
 _LEVEL_FIELDS = ("keys", "embedding", "projected", "representative", "child_offsets", "sizes")
 
 
 class IndexNotFound(LookupError):
     """No complete index version under this number (never written, unfinished, or garbage-collected)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Keys
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IndexKeys:
-    """Every Redis key of the layout under one prefix (docs/index_store.md)."""
-
-    prefix: str = DEFAULT_PREFIX
-
-    current = property(lambda self: f"{self.prefix}index:current")  # the served index version
-    previous = property(lambda self: f"{self.prefix}index:previous")  # the one before it (rollback)
-    next_version = property(lambda self: f"{self.prefix}index:next_version")  # INCR counter
-    versions = property(lambda self: f"{self.prefix}index:versions")  # every version written, not yet GC-ed
-    flips = property(lambda self: f"{self.prefix}index:flips")  # pub/sub: the version after a flip or rollback
-    catalog = property(lambda self: f"{self.prefix}catalog")  # ad id -> newest item event
-    changes = property(lambda self: f"{self.prefix}catalog:changes")  # stream of changed ad ids
-
-    def meta(self, version: int) -> str:
-        return f"{self.prefix}idx:{version}:meta"
-
-    def blob(self, version: int, name: str, chunk: int) -> str:
-        return f"{self.prefix}idx:{version}:blob:{name}:{chunk}"
-
-    def delta(self, version: int) -> str:
-        return f"{self.prefix}idx:{version}:delta"
-
-    def version_pattern(self, version: int) -> str:
-        return f"{self.prefix}idx:{version}:*"
-
-
-# --------------------------------------------------------------------------------------------
-# Blobs: tensors as raw bytes, dtype and shape in the meta
-# --------------------------------------------------------------------------------------------
-
-
-def encode_blob(tensor: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[dict[str, Any], list[bytes]]:
-    """A tensor as (spec, chunks): spec = {dtype, shape, nbytes, chunks}; chunks of at most `chunk_bytes`."""
-    if tensor.dtype not in _DTYPES:
-        raise TypeError(f"cannot store a {tensor.dtype} tensor (allowed: {sorted(str(d) for d in _DTYPES)})")
-    if chunk_bytes < 1:
-        raise ValueError("chunk_bytes must be positive")
-    dtype = _DTYPES[tensor.dtype]
-    data = tensor.detach().cpu().contiguous().numpy().astype(dtype, copy=False).tobytes()
-    chunks = [data[i : i + chunk_bytes] for i in range(0, len(data), chunk_bytes)] or [b""]
-    return {"dtype": dtype, "shape": list(tensor.shape), "nbytes": len(data), "chunks": len(chunks)}, chunks
-
-
-def decode_blob(spec: dict[str, Any], chunks: Sequence[bytes | None]) -> Tensor:
-    """Inverse of `encode_blob`; raises ValueError on a missing chunk or a size that does not match."""
-    if spec["dtype"] not in _TORCH_DTYPES:
-        raise ValueError(f"unknown blob dtype {spec['dtype']!r}")
-    if len(chunks) != spec["chunks"] or any(c is None for c in chunks):
-        raise ValueError(f"blob has {spec['chunks']} chunks, {sum(c is not None for c in chunks)} found")
-    data = b"".join(chunks)  # type: ignore[arg-type]
-    if len(data) != spec["nbytes"]:
-        raise ValueError(f"blob holds {len(data)} bytes, the meta says {spec['nbytes']}")
-    array = np.frombuffer(data, dtype=np.dtype(spec["dtype"])).reshape(spec["shape"])
-    return torch.from_numpy(array.copy())
 
 
 def _index_tensors(index: HierarchicalIndex) -> dict[str, Tensor]:
@@ -323,226 +298,6 @@ def gc(redis, keep: int = 2, prefix: str = DEFAULT_PREFIX) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
-# Catalogue and item events
-# --------------------------------------------------------------------------------------------
-
-# KEYS: catalog, current pointer, delta of the expected version, changes stream
-# ARGV: ad id, sequence, event_time, record json, expected version ("" = no index), delta entry, changes maxlen
-# Returns -1 when the pointer no longer holds the expected version (re-encode with the new model and retry),
-# 0 when the stored version is as new or newer (replay / late event: nothing written), else >= 1.
-_APPLY = """
-local cur = redis.call('GET', KEYS[2]) or ''
-if cur ~= ARGV[5] then return -1 end
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old then
-  local oseq, otime = string.match(old, '^(%d+) (%S+) ')
-  local seq = ARGV[2]
-  local newer
-  if #seq ~= #oseq then newer = #seq > #oseq
-  elseif seq ~= oseq then newer = seq > oseq
-  else newer = tonumber(ARGV[3]) > tonumber(otime) end
-  if not newer then return 0 end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'ad', ARGV[1])
-if ARGV[5] == '' then return 1 end
-return redis.call('RPUSH', KEYS[3], ARGV[6])
-"""
-
-# KEYS: catalog, delta; ARGV: ad id, catalogue value read before, delta entry
-_PUSH_IF_UNCHANGED = """
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-return redis.call('RPUSH', KEYS[2], ARGV[3])
-"""
-
-APPLIED, SUPERSEDED, RETRY = "applied", "superseded", "retry"
-
-
-@dataclass(frozen=True)
-class CatalogEntry:
-    ad_id: int
-    sequence: int
-    event_time: float
-    live: bool
-    features: dict[str, Any] | None  # ItemFeatures as JSON ({"dense": [...], "sparse": {...}}); None once expired
-
-    def value(self) -> str:
-        record = {"state": "live" if self.live else "expired", "features": self.features}
-        return f"{self.sequence} {self.event_time!r} {json.dumps(record, separators=(',', ':'))}"
-
-    @staticmethod
-    def parse(ad_id: int | bytes | str, value: bytes | str) -> CatalogEntry:
-        text = value.decode() if isinstance(value, bytes) else value
-        sequence, event_time, record = text.split(" ", 2)
-        data = json.loads(record)
-        return CatalogEntry(int(ad_id), int(sequence), float(event_time), data["state"] == "live", data["features"])
-
-    @staticmethod
-    def from_event(event: ItemEvent) -> CatalogEntry:
-        features = None if event.features is None else event.features.model_dump(mode="json")
-        return CatalogEntry(event.ad_id, event.sequence, event.event_time, event.op != "expire", features)
-
-
-@dataclass
-class ItemEncoder:
-    """The model of one index version: turns live ads into delta entries (item tower + hard path)."""
-
-    model: HSNN
-    index_version: int
-    batch_size: int = 8192
-
-    @property
-    def schema(self) -> FeatureSchema:
-        return self.model.config.features
-
-    def encode(self, entries: Sequence[CatalogEntry]) -> list[dict[str, Any]]:
-        if not entries:
-            return []
-        items = catalog_to_batch(entries, self.schema)
-        embeddings = encode_catalog(self.model, items, self.batch_size)
-        paths = self.model.index.assign(self.model.index_vectors(embeddings, items))
-        out = []
-        for row, entry in enumerate(entries):
-            out.append(
-                {
-                    "op": "upsert",
-                    "ad_id": entry.ad_id,
-                    "sequence": entry.sequence,
-                    "event_time": entry.event_time,
-                    "dense": items.dense[row].tolist(),
-                    "sparse": {name: int(values[row]) for name, values in items.sparse.items()},
-                    "embedding": base64.b64encode(embeddings[row].float().numpy().astype("<f4").tobytes()).decode(),
-                    "path": paths[row].tolist(),
-                }
-            )
-        return out
-
-
-def _expire_entry(entry: CatalogEntry) -> dict[str, Any]:
-    return {"op": "expire", "ad_id": entry.ad_id, "sequence": entry.sequence, "event_time": entry.event_time}
-
-
-def catalog_to_batch(entries: Sequence[CatalogEntry], schema: FeatureSchema) -> ItemBatch:
-    """Live catalogue entries as an ItemBatch (same rules as `streaming.events.items_to_batch`: item_id = ad id)."""
-    count = len(entries)
-    dense = torch.tensor([e.features["dense"] for e in entries], dtype=torch.float32)  # type: ignore[index]
-    sparse = {}
-    for name in schema.item_sparse:
-        if name == "item_id":
-            values = [e.ad_id for e in entries]
-        else:
-            values = [e.features["sparse"].get(name, 0) for e in entries]  # type: ignore[index]
-        sparse[name] = torch.tensor(values, dtype=torch.long).reshape(count)
-    return ItemBatch(dense=dense.reshape(count, schema.item_dense_dim), sparse=sparse)
-
-
-def fits_schema(entry: CatalogEntry, schema: FeatureSchema) -> bool:
-    if entry.features is None:
-        return False
-    features = entry.features
-    return (
-        len(features.get("dense", ())) == schema.item_dense_dim
-        and set(features.get("sparse", {})) <= set(schema.item_sparse)
-        and features.get("sparse", {}).get("item_id", entry.ad_id) == entry.ad_id
-    )
-
-
-def apply_item_events(
-    redis, events: Sequence[ItemEvent], encoder: ItemEncoder | None, prefix: str = DEFAULT_PREFIX
-) -> list[str]:
-    """Apply item events in order, each atomically: catalogue + the current version's delta.
-
-    For each event: "applied", "superseded" (replay or late event: nothing changed) or "retry" (the pointer
-    is not at `encoder.index_version` -- or there is an index but no encoder -- so nothing was written).
-    Upserts are encoded with `encoder` in one batch, whether or not they turn out to supersede.
-    """
-    keys = IndexKeys(prefix)
-    entries = [CatalogEntry.from_event(e) for e in events]
-    expected = "" if encoder is None else str(encoder.index_version)
-    delta_key = keys.delta(encoder.index_version) if encoder is not None else keys.delta(0)
-    upserts = [e for e in entries if e.live]
-    encoded = iter(encoder.encode(upserts) if encoder is not None else [])
-    pipe = redis.pipeline(transaction=False)
-    for entry in entries:
-        delta = ""
-        if encoder is not None:
-            delta = json.dumps(next(encoded) if entry.live else _expire_entry(entry), separators=(",", ":"))
-        record = entry.value().split(" ", 2)[2]
-        pipe.eval(
-            _APPLY,
-            4,
-            keys.catalog,
-            keys.current,
-            delta_key,
-            keys.changes,
-            entry.ad_id,
-            entry.sequence,
-            repr(entry.event_time),
-            record,
-            expected,
-            delta,
-            CHANGES_MAXLEN,
-        )
-    return [RETRY if r == -1 else SUPERSEDED if r == 0 else APPLIED for r in pipe.execute()]
-
-
-def apply_item_event(redis, event: ItemEvent, encoder: ItemEncoder | None, prefix: str = DEFAULT_PREFIX) -> str:
-    """One event; see `apply_item_events`."""
-    return apply_item_events(redis, [event], encoder, prefix)[0]
-
-
-def catalog_entry(redis, ad_id: int, prefix: str = DEFAULT_PREFIX) -> CatalogEntry | None:
-    value = redis.hget(IndexKeys(prefix).catalog, ad_id)
-    return None if value is None else CatalogEntry.parse(ad_id, value)
-
-
-def changes_position(redis, prefix: str = DEFAULT_PREFIX) -> str:
-    """The id of the newest catalogue change ("0-0" when none): take it *before* scanning the catalogue."""
-    newest = redis.xrevrange(IndexKeys(prefix).changes, count=1)
-    if not newest:
-        return "0-0"
-    entry_id = newest[0][0]
-    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-
-
-def read_catalog(
-    redis, prefix: str = DEFAULT_PREFIX, live_only: bool = True, count: int = 10_000
-) -> list[CatalogEntry]:
-    """Every catalogue entry (HSCAN: not a point-in-time view; pair it with `changes_position`)."""
-    out = []
-    for ad_id, value in redis.hscan_iter(IndexKeys(prefix).catalog, count=count):
-        entry = CatalogEntry.parse(ad_id, value)
-        if entry.live or not live_only:
-            out.append(entry)
-    return out
-
-
-def catch_up(redis, since: str, encoder: ItemEncoder, prefix: str = DEFAULT_PREFIX) -> int:
-    """Append to the encoder's version delta every ad whose catalogue entry changed after `since`.
-
-    Used right after a flip, for changes a rebuild's catalogue scan may have missed. Each push is
-    conditional on the catalogue entry being unchanged since it was read (a newer writer already wrote
-    its own delta entry, in order). Returns how many entries were pushed.
-    """
-    keys = IndexKeys(prefix)
-    ad_ids = list(dict.fromkeys(int(fields[b"ad"]) for _, fields in redis.xrange(keys.changes, min=f"({since}")))
-    if not ad_ids:
-        return 0
-    values = redis.hmget(keys.catalog, ad_ids)
-    entries = [CatalogEntry.parse(a, v) for a, v in zip(ad_ids, values, strict=True) if v is not None]
-    raw = {e.ad_id: v for e, v in zip(entries, [v for v in values if v is not None], strict=True)}
-    live = [e for e in entries if e.live and fits_schema(e, encoder.schema)]
-    deltas = {e.ad_id: d for e, d in zip(live, encoder.encode(live), strict=True)}
-    deltas |= {e.ad_id: _expire_entry(e) for e in entries if not e.live}
-    pipe = redis.pipeline(transaction=False)
-    for ad_id, delta in deltas.items():
-        pipe.eval(
-            _PUSH_IF_UNCHANGED, 2, keys.catalog, keys.delta(encoder.index_version), ad_id, raw[ad_id], json.dumps(delta)
-        )
-    return sum(1 for r in pipe.execute() if r)
-
-
-# --------------------------------------------------------------------------------------------
 # Reading deltas
 # --------------------------------------------------------------------------------------------
 
@@ -626,9 +381,3 @@ def refresh(redis, view: IndexView, model: HSNN, prefix: str = DEFAULT_PREFIX) -
     return dataclasses.replace(
         view, index=apply_delta(view.index, model, entries), delta_seq=view.delta_seq + len(entries)
     )
-
-
-def check_event_schema(event: ItemEvent, schema: FeatureSchema) -> None:
-    """Raise SchemaMismatch when a create/update does not fit the model's item features."""
-    if event.features is not None:
-        check_item_features(event.features, event.ad_id, schema)

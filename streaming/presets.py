@@ -22,7 +22,6 @@ TINY_SCHEMA = FeatureSchema(
 )
 
 
-
 def tiny_monn(name: str = "tiny", interaction: bool = True, dim: int = 16, dot_product: bool = False) -> MoNNConfig:
     tower = TowerConfig(num_embed=2, dim=dim, sparse_dim=8, hidden=[32], afm_attention_dim=8)
     item = TowerConfig(

@@ -24,20 +24,14 @@ from prometheus_client import CollectorRegistry
 
 from hsnn.metrics import normalized_entropy
 from hsnn.training import make_optimizer, predict, train_step
-from streaming.events import (
-    ImpressionEvent,
-    ItemFeatures,
-    MalformedEvent,
-    SchemaMismatch,
-    check_item_features,
-    check_user_features,
-    decode_impression,
-    decode_item,
-    impressions_to_batch,
-)
+from streaming.codec import MalformedEvent, decode_impression, decode_item
+from streaming.consumer import triage
+from streaming.contracts import ImpressionEvent, ItemFeatures
 from streaming.health import Heartbeat
 from streaming.offsets import StoredOffsetOutOfRange
 from streaming.snapshots import Manifest, Pointer, SnapshotStore
+from streaming.tensors import impressions_to_batch
+from streaming.validation import impression_problems
 from trainer.bookkeeping import OffsetBook, is_held_out, truncate_lines
 from trainer.catalogue import Catalogue
 from trainer.dead_letters import TrainerDeadLetters
@@ -143,7 +137,7 @@ class OnlineTrainer:
             self.metrics.item_events.labels("malformed").inc()
             log.warning("malformed item record %s[%d]@%d: %s", record.topic, record.partition, record.offset, err)
             if self.settings.dead_letter_items:
-                self._dead_letter(self.settings.items_dlq_topic, record, err.reason)
+                self.dead_letters.record(record, err.reason, topic=self.settings.items_dlq_topic)
             return 0
         if self.catalogue.apply(event):
             self.metrics.item_events.labels("applied").inc()
@@ -178,26 +172,9 @@ class OnlineTrainer:
     def _handle(self, records: list[Any]) -> None:
         started = time.perf_counter()
         train: list[ImpressionEvent] = []
-        topic = self.settings.impressions_dlq_topic
-        for record in records:
-            try:
-                event = decode_impression(record.value)
-            except MalformedEvent as err:
-                self._dead_letter(topic, record, err.reason)
-                continue
-            self._last_event_time[record.partition] = event.event_time
-            reason = self.catalogue.why_missing(event.ad_id)
-            if reason is None:
-                features = self.catalogue.live[event.ad_id]
-                try:
-                    check_user_features(event.user, self.schema)
-                    check_item_features(features, event.ad_id, self.schema)
-                except SchemaMismatch as err:
-                    reason = f"schema mismatch: {err}"
-            if reason is not None:
-                self._dead_letter(topic, record, reason)
-            elif is_held_out(event.event_id, self.settings.holdout_one_in):
-                self.eval_buffer.append((event, features))
+        for _, event in triage(records, decode_impression, self._reject, self.dead_letters):
+            if is_held_out(event.event_id, self.settings.holdout_one_in):
+                self.eval_buffer.append((event, self.catalogue.live[event.ad_id]))
                 self.metrics.events.labels("eval").inc()
             else:
                 train.append(event)
@@ -208,13 +185,21 @@ class OnlineTrainer:
         self._consumed += len(records)
         self._since_snapshot += len(records)
 
+    def _reject(self, record: Any, event: ImpressionEvent) -> str | None:
+        """Why the trainer cannot take a decoded impression (unknown ad, schema misfit); notes the lag metric's time."""
+        self._last_event_time[record.partition] = event.event_time
+        reason = self.catalogue.why_missing(event.ad_id)
+        if reason is None and (problems := impression_problems(event, self.catalogue.live[event.ad_id], self.schema)):
+            reason = f"schema mismatch: {problems[0]}"
+        return reason
+
     def _train(self, events: list[ImpressionEvent]) -> None:
         size = self.settings.batch_size
         for start in range(0, len(events), size):
             chunk = events[start : start + size]
             t0 = time.perf_counter()
             try:
-                batch = impressions_to_batch(chunk, self.schema, self.catalogue.live)
+                batch = impressions_to_batch(chunk, self.schema, self.catalogue.live, checked=True)
             except ValueError as err:  # pre-checked per event, so this is a bug: dead-letter, do not crash
                 log.exception("batch conversion failed; dead-lettering %d events", len(chunk))
                 for event in chunk:
@@ -260,12 +245,9 @@ class OnlineTrainer:
             self.metrics.trained_event_time.set(self.watermark)
 
     # ------------------------------------------------------------------ dead letters
-    def _dead_letter(self, topic: str, record: Any, reason: str) -> None:
-        self.dead_letters.record(topic, record, reason)
-
     def flush_dead_letters(self, timeout: float = 10.0) -> bool:
         """True once every dead letter so far is acknowledged by the broker (the snapshot depends on it)."""
-        return self.dead_letters.flush(timeout)
+        return self.dead_letters.acknowledged(timeout)
 
     # ------------------------------------------------------------------ metrics
     def _update_lag(self) -> None:
@@ -287,7 +269,7 @@ class OnlineTrainer:
         if len(self.eval_buffer) >= self.settings.eval_min_events and 0 < clicks < len(self.eval_buffer):
             events = [e for e, _ in self.eval_buffer]
             items = {e.ad_id: f for e, f in self.eval_buffer}  # an ad's newest features in the buffer
-            batch = impressions_to_batch(events, self.schema, items)
+            batch = impressions_to_batch(events, self.schema, items, checked=True)
             probs = predict(self.model, batch)
             metrics["ne"] = normalized_entropy(probs[:, 0], batch.labels[:, 0])
             self.metrics.rolling_ne.set(metrics["ne"])

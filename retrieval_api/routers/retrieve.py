@@ -6,13 +6,14 @@ import time
 
 from fastapi import APIRouter
 
-from retrieval_api.batcher import InvalidRequest, NotReady
-from retrieval_api.dependencies import Metrics, Scorer, Serving, Settings
+from retrieval_api.dependencies import Metrics, RequestQueue, Serving, Settings
 from retrieval_api.errors import DOMAIN_ERRORS
 from retrieval_api.errors import outcome as error_outcome
 from retrieval_api.openapi import NOT_JSON, RETRY_AFTER, TOO_LARGE
 from retrieval_api.routing import ApiRoute
-from retrieval_api.schemas import Cost, Problem, RetrieveRequest, RetrieveResponse, ScoredAd, schema_errors
+from retrieval_api.schemas import Cost, Problem, RetrieveRequest, RetrieveResponse, ScoredAd
+from retrieval_api.scoring import InvalidRequest, NotReady, Query
+from streaming.validation import user_problems
 
 router = APIRouter(route_class=ApiRoute)  # bodies read with JSON Schema's integers (5.0 is 5)
 
@@ -30,7 +31,7 @@ router = APIRouter(route_class=ApiRoute)  # bodies read with JSON Schema's integ
     },
 )
 async def retrieve_ads(
-    request: RetrieveRequest, state: Serving, batcher: Scorer, metrics: Metrics, settings: Settings
+    request: RetrieveRequest, state: Serving, batcher: RequestQueue, metrics: Metrics, settings: Settings
 ) -> RetrieveResponse:
     """Retrieve the top-k ads for one user.
 
@@ -43,9 +44,10 @@ async def retrieve_ads(
         pair = state.current()
         if pair is None:
             raise NotReady("no model/index pair is loaded yet")
-        if errors := schema_errors(pair.schema, request.user, settings.max_history, settings.max_dense_magnitude):
-            raise InvalidRequest(errors)
-        answer = await batcher.submit(request.user, request.k, request.exclude_ad_ids, request.deadline_ms)
+        if problems := user_problems(request.user, pair.schema, settings.user_limits):
+            raise InvalidRequest(problems)
+        query = Query(request.user, request.k, request.exclude_ad_ids, checked_against=pair.schema)
+        answer = await batcher.submit(query, request.deadline_ms)
     except DOMAIN_ERRORS as exc:  # answered by the handlers of retrieval_api.errors
         outcome = error_outcome(exc)
         raise

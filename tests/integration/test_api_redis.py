@@ -107,6 +107,10 @@ def test_api_serves_the_redis_index_and_follows_item_churn(tmp_path, redis_serve
 
             await until(ready, timeout=20)
             assert await served_ids() == set(world.item_ids[:SEEDED].tolist())
+            status = (await client.get("/status.json")).json()  # read through the app's own Redis index source
+            assert status["index"]["source"] == "redis" and "error" not in status["index"]
+            assert (status["index"]["current_version"], status["index"]["model_version"]) == (version, snapshot)
+            assert status["served"]["index_created_at"] == status["index"]["created_at"] is not None
 
             encoder = ItemEncoder(model, version)
             new_rows = list(range(SEEDED, SEEDED + 5))

@@ -18,6 +18,7 @@ from hsnn.serving import retrieve, retrieve_exhaustive
 from hsnn.training import train
 from retrieval_api.app import create_app
 from retrieval_api.batcher import Batcher, Overloaded
+from retrieval_api.scoring import PairScorer, Query
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import Catalog, ServingState, load_pair_from_store
 from streaming.events import UserFeatures, users_to_batch
@@ -87,9 +88,11 @@ def test_validation_errors_are_422_with_a_message(pairs, users):
 
     assert "'k'" in problem({**good, "k": 0}) and "greater than or equal to 1" in problem({**good, "k": 0})
     assert "Extra inputs are not permitted" in problem({**good, "colour": "red"})
-    assert "expected 2 dense features, got 3" in problem({**good, "user": {**good["user"], "dense": [0.0] * 3}})
+    assert "has 3 values, the schema needs user_dense_dim=2" in problem(
+        {**good, "user": {**good["user"], "dense": [0.0] * 3}}
+    )
     bad_sparse = {**good["user"], "sparse": {"segment": [1], "colour": [4]}}
-    assert "unknown sparse feature 'colour'" in problem({**good, "user": bad_sparse})
+    assert "unknown user sparse feature 'colour'" in problem({**good, "user": bad_sparse})
     bad_history = {**good["user"], "history": [{"attributes": {"brand": 3}, "age_hours": 1.0}]}
     assert "unknown history attribute 'brand'" in problem({**good, "user": bad_history})
     negative = {**good["user"], "sparse": {"segment": [-1]}}
@@ -178,14 +181,14 @@ def test_a_full_queue_answers_429(pairs, users):
 
 
 def test_overloaded_batcher_says_why(pairs, users):
-    batcher = Batcher(ServingState(pairs[1]), beams=WIDE, queue_size=1, max_wait_ms=0)
+    batcher = Batcher(PairScorer(ServingState(pairs[1]), beams=WIDE), queue_size=1, max_wait_ms=0)
     user = UserFeatures(**user_json(users, 0))
 
     async def scenario():
-        first = asyncio.create_task(batcher.submit(user, 5))
+        first = asyncio.create_task(batcher.submit(Query(user, 5)))
         await asyncio.sleep(0)  # first is queued, the worker has not taken it yet
         with pytest.raises(Overloaded, match="already waiting; retry later"):
-            await batcher.submit(user, 5)
+            await batcher.submit(Query(user, 5))
         answer = await first
         await batcher.stop()
         return answer

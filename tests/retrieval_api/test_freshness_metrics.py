@@ -21,8 +21,9 @@ from hsnn.model import HSNN
 from retrieval_api.app import create_app
 from retrieval_api.batcher import Batcher
 from retrieval_api.metrics import ApiMetrics
+from retrieval_api.scoring import PairScorer
 from retrieval_api.settings import ApiSettings
-from retrieval_api.state import Catalog, CatalogIndexSource, ServingState, load_pair_from_store
+from retrieval_api.state import Catalog, CatalogIndexSource, ServingState
 from retrieval_api.watcher import SUCCESS, SnapshotWatcher
 from streaming.snapshots import SnapshotStore
 from trainer.metrics import TrainerMetrics, observe_many
@@ -64,12 +65,12 @@ def write_at(store: SnapshotStore, model: HSNN, created_at: float, watermark: fl
 
 def rig(store: SnapshotStore, world, clock: Clock) -> tuple[SnapshotWatcher, ApiMetrics, ServingState]:
     state = ServingState()
-    metrics = ApiMetrics(CollectorRegistry(), state, Batcher(state, beams=[3, 3]), clock=clock)
+    metrics = ApiMetrics(CollectorRegistry(), state, Batcher(PairScorer(state, beams=[3, 3])), clock=clock)
     catalog = Catalog(item_ids=world.item_ids, items=world.items)
     watcher = SnapshotWatcher(
         store,
+        CatalogIndexSource(catalog),
         state,
-        load=lambda version: load_pair_from_store(store, version, catalog),
         on_reload=metrics.observe_reload,
         on_adopt=metrics.observe_adoption,
     )

@@ -16,6 +16,7 @@ from bench.loadgen import user_bodies
 from hsnn.model import HSNN
 from retrieval_api.app import create_app
 from retrieval_api.batcher import Batcher, QueryFailed
+from retrieval_api.scoring import PairScorer, Query
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import Catalog, CatalogIndexSource, ServingPair, ServingState
 from streaming.events import UserFeatures
@@ -113,12 +114,12 @@ def test_31_valid_requests_beside_a_poisoned_one_all_get_200(pair, bodies):
 def test_a_query_that_fails_in_scoring_fails_alone(pair, bodies):
     """Past validation (submitted straight to the batcher), a poisoned query in a batch of 32 fails alone."""
     sizes: list[int] = []
-    batcher = Batcher(ServingState(pair), beams=BEAMS, max_batch=32, max_wait_ms=200, on_batch=sizes.append)
+    batcher = Batcher(PairScorer(ServingState(pair), BEAMS), max_batch=32, max_wait_ms=200, on_batch=sizes.append)
     users = [UserFeatures(**bodies[i % len(bodies)]["user"]) for i in range(32)]
 
     async def scenario():
         tasks = [
-            batcher.submit(user, 5, exclude=[10**30] if i == 9 else [], deadline_ms=None)
+            batcher.submit(Query(user, 5, exclude=[10**30] if i == 9 else []), deadline_ms=None)
             for i, user in enumerate(users)
         ]
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
