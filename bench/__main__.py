@@ -84,6 +84,13 @@ def main(argv: list[str] | None = None) -> None:
         default="code",
         help="what every HSNN level model reads for a node: its path's codes, or its members' mean item embedding",
     )
+    parser.add_argument(
+        "--index-fixed-at",
+        type=float,
+        default=0.5,
+        help="share of the training steps after which the index is fixed: the joint LTI freezes and k-means "
+        "clusters there; the level models train on the fixed index for the rest",
+    )
     parser.add_argument("--out", default="reports")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -94,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     protocol = _protocol(parser, args)
+    if not 0 < args.index_fixed_at < 1:
+        parser.error(f"--index-fixed-at must be between 0 and 1 (a share of the steps), got {args.index_fixed_at}")
     if args.seeds > 1:
         if args.dataset == "open_bandit":
             parser.error("--seeds is for the retrieval benchmarks")
@@ -137,6 +146,7 @@ def _run_once(args: argparse.Namespace, protocol: str | None, seed: int) -> dict
         mf_epochs=args.mf_epochs,
         index_input=args.index_input,
         node_input=args.node_input,
+        index_fixed_at=args.index_fixed_at,
         sparse_dim=args.sparse_dim or (64 if args.dataset in ("gowalla", "movielens") else None),
         level_nodes=tuple(int(n) for n in args.level_nodes.split(",")) if args.level_nodes else None,
     )

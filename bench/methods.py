@@ -203,12 +203,22 @@ def _catalog_vectors(model: HSNN, data: BenchData) -> Tensor:
     return model.index_vectors(encode_catalog(model, data.items), data.items).detach()
 
 
-def build_hsnn(builder: str, config: HSNNConfig, data: BenchData, steps: int, seed: int, em_rounds: int = 3):
+def build_hsnn(
+    builder: str,
+    config: HSNNConfig,
+    data: BenchData,
+    steps: int,
+    seed: int,
+    fixed_at: int | None = None,
+    em_rounds: int = 3,
+):
     """Train an HSNN with one of the index builders; returns (model, fixed paths or None, train seconds).
 
     Every builder gets the same number of training batches; batch seeds differ per phase, so a later
-    phase continues the stream instead of replaying the first batches.
+    phase continues the stream instead of replaying the first batches. k-means clusters after `fixed_at`
+    steps (default half), where the joint index freezes.
     """
+    fixed_at = steps // 2 if fixed_at is None else fixed_at
     torch.manual_seed(seed)
     sizes = [level.num_nodes for level in config.levels]
     if builder == "joint":
@@ -218,11 +228,11 @@ def build_hsnn(builder: str, config: HSNNConfig, data: BenchData, steps: int, se
         # separate index learning: train without index gradients, cluster the trained embeddings once,
         # then keep training the level models on that fixed index
         model = HSNN(config.model_copy(update={"use_joint_index": False}))
-        seconds = train_for(model, data, steps // 2, seed, "hsnn k-means (phase 1)")
+        seconds = train_for(model, data, fixed_at, seed, "hsnn k-means (phase 1)")
         paths, books = residual_kmeans(_catalog_vectors(model, data), sizes, seed)
         _set_codebooks(model, books)
         seconds += train_for(
-            model, data, steps - steps // 2, seed + 1, "hsnn k-means (phase 2)", transform=with_paths(data, paths)
+            model, data, steps - fixed_at, seed + 1, "hsnn k-means (phase 2)", transform=with_paths(data, paths)
         )
         return model, paths, seconds
     if builder == "em":

@@ -77,6 +77,8 @@ class RunConfig:
     mf_epochs: int | None = None  # None: MFSoftmaxConfig's default
     index_input: str = "item_embedding"  # what every HSNN index clusters (HSNNConfig.index_input)
     node_input: str = "code"  # what every HSNN level model reads for a node (HSNNConfig.node_input)
+    # share of the steps after which the index is fixed: the joint LTI freezes, k-means clusters (same point)
+    index_fixed_at: float = 0.5
 
 
 def _model_config(name: str, quick: bool, sparse_dim: int | None = None) -> MoNNConfig:
@@ -114,12 +116,17 @@ def _freeze_fraction(updates: dict, steps: int) -> dict:
     return {"index_freeze_step": max(1, steps - steps // -step)} if step is not None and step < 0 else {}
 
 
+def fixed_step(run: RunConfig) -> int:
+    """The step from which every builder's index is fixed (joint: frozen; k-means: clustered)."""
+    return max(1, round(run.steps * run.index_fixed_at))
+
+
 def hsnn_config(data: BenchData, run: RunConfig, builder: str) -> HSNNConfig:
     sizes = level_sizes(data, run, builder)
     lti_updates, hsnn_updates = ABLATIONS.get(builder, ({}, {}))
     # the index warms up over the first quarter (k-means seeding half-way through it) and is hard for the last half
     lti_updates = {
-        "schedule_steps": max(1, run.steps // 2),
+        "schedule_steps": max(1, fixed_step(run)),
         "flops_at_target_temperature": run.flops_at_target_temperature,
         **lti_updates,
     }
@@ -136,7 +143,7 @@ def hsnn_config(data: BenchData, run: RunConfig, builder: str) -> HSNNConfig:
         # a given hierarchy's node codes are set from the catalogue before training, so they read item embeddings
         index_input="item_embedding" if builder == "hierarchy" else run.index_input,
         node_input=run.node_input,
-        **{"index_warmup_steps": max(2, run.steps // 4), "index_freeze_step": max(1, run.steps // 2)}
+        **{"index_warmup_steps": max(2, min(run.steps // 4, fixed_step(run))), "index_freeze_step": fixed_step(run)}
         | hsnn_updates
         | _freeze_fraction(hsnn_updates, run.steps),
     )
@@ -181,7 +188,7 @@ def run_benchmark(data: BenchData, run: RunConfig) -> dict:
             continue
         config = hsnn_config(data, run, builder)
         model, paths, seconds = build_hsnn(
-            "joint" if builder.startswith("joint") else builder, config, data, run.steps, run.seed
+            "joint" if builder.startswith("joint") else builder, config, data, run.steps, run.seed, fixed_step(run)
         )
         # a fixed-path model is evaluated on its own paths, as it was trained and as it serves
         transform = with_paths(data, paths) if paths is not None else (lambda batch: batch)
