@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--node-input",
-        choices=("code", "member_mean"),
+        choices=("code", "member_mean", "learned"),
         default="code",
         help="what every HSNN level model reads for a node: its path's codes, or its members' mean item embedding",
     )

@@ -231,6 +231,8 @@ def build_hsnn(
         seconds = train_for(model, data, fixed_at, seed, "hsnn k-means (phase 1)")
         paths, books = residual_kmeans(_catalog_vectors(model, data), sizes, seed)
         _set_codebooks(model, books)
+        if model.node_means is not None:
+            model.node_means.reset()  # the clustered paths replace the ones the rows were built on
         seconds += train_for(
             model, data, steps - fixed_at, seed + 1, "hsnn k-means (phase 2)", transform=with_paths(data, paths)
         )
@@ -245,6 +247,8 @@ def build_hsnn(
         for round_ in range(em_rounds):
             paths, books = residual_kmeans(_catalog_vectors(model, data), sizes, seed + round_)
             _set_codebooks(model, books)
+            if model.node_means is not None:
+                model.node_means.reset()
             budget = per_round if round_ < em_rounds - 1 else steps - per_round * em_rounds
             seconds += train_for(
                 model, data, budget, seed + 1 + round_, f"hsnn EM round {round_ + 1}", transform=with_paths(data, paths)

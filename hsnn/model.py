@@ -75,22 +75,28 @@ class ProbeUsers(nn.Module):
 
 
 class NodeMeans(nn.Module):
-    """Per level, the running mean item embedding of every node's members: what a level model reads with
-    `node_input="member_mean"`.
+    """Per level, one vector per node built from its members' item embeddings: what a level model reads
+    with `node_input` "member_mean" or "learned".
 
     A level-l node is a path prefix, numbered key = ((k_1 * K_2 + k_2) * K_3 + ...) as in the serving
-    layout. Each training step moves a node's row towards the mean of the batch items on it (an EMA,
-    detached: the table describes the item tower, it does not train it). The table is a buffer, saved
-    with the weights, and the index layout reads the same rows, so training and serving see one input.
+    layout. member_mean: each training step moves a node's row towards the mean of the batch items on
+    it (an EMA, detached: the table describes the item tower, it does not train it); the table is a
+    buffer. learned: a row starts as the mean of the first batch items that reach the node, then it is
+    a parameter trained by the level losses (as a given hierarchy's node codes are). Either way the
+    table is saved with the weights and the index layout reads the same rows: one input for training
+    and serving.
     """
 
-    def __init__(self, codebook_sizes: list[int], dim: int, decay: float):
+    def __init__(self, codebook_sizes: list[int], dim: int, decay: float, learned: bool = False):
         super().__init__()
-        self.codebook_sizes, self.decay = list(codebook_sizes), decay
+        self.codebook_sizes, self.decay, self.learned = list(codebook_sizes), decay, learned
         nodes = 1
         for level, size in enumerate(self.codebook_sizes):
             nodes *= size
-            self.register_buffer(f"mean_{level}", torch.zeros(nodes, dim))
+            if learned:
+                self.register_parameter(f"mean_{level}", nn.Parameter(torch.zeros(nodes, dim)))
+            else:
+                self.register_buffer(f"mean_{level}", torch.zeros(nodes, dim))
             self.register_buffer(f"seen_{level}", torch.zeros(nodes))  # training rows that reached the node
 
     def means(self, level: int) -> Tensor:
@@ -108,16 +114,24 @@ class NodeMeans(nn.Module):
         return out
 
     @torch.no_grad()
+    def reset(self) -> None:
+        """Forget every row (when the assignment changed wholesale: the index froze, or new paths were given)."""
+        for level in range(len(self.codebook_sizes)):
+            self.means(level).data.zero_()
+            self.seen(level).zero_()
+
+    @torch.no_grad()
     def update(self, keys: list[Tensor], vectors: Tensor) -> None:
         """vectors: (N, dim) detached item embeddings of the batch rows whose prefix keys are `keys`."""
         for level, key in enumerate(keys):
-            means, seen = self.means(level), self.seen(level)
+            means, seen = self.means(level).data, self.seen(level)
             counts = torch.bincount(key, minlength=len(seen)).to(vectors.dtype)  # (nodes,)
             sums = torch.zeros_like(means).index_add_(0, key, vectors)
             hit = counts > 0
             batch_mean = sums[hit] / counts[hit, None]
             fresh = (seen[hit] == 0)[:, None]
-            means[hit] = torch.where(fresh, batch_mean, self.decay * means[hit] + (1 - self.decay) * batch_mean)
+            decay = 1.0 if self.learned else self.decay  # learned rows are only initialised here
+            means[hit] = torch.where(fresh, batch_mean, decay * means[hit] + (1 - decay) * batch_mean)
             seen += counts
 
 
@@ -160,10 +174,14 @@ class HSNN(nn.Module):
         self.index = ResidualIndex(index_dim, config.levels)
         self.probes = ProbeUsers(schema, config.probe_users) if profile else None
         item_size = self.item_model.item_embedding_size
-        member_mean = config.node_input == "member_mean"
+        member_mean = config.node_input in ("member_mean", "learned")
         node_dim = item_size if member_mean else index_dim
         self.node_means = (
-            NodeMeans([c.num_nodes for c in config.levels], item_size, config.node_mean_decay) if member_mean else None
+            NodeMeans(
+                [c.num_nodes for c in config.levels], item_size, config.node_mean_decay, config.node_input == "learned"
+            )
+            if member_mean
+            else None
         )
         # A node has no features of its own (its representative item's I2IF would differ from the
         # training item's), so level models read the user and the node embedding: identical inputs
@@ -223,6 +241,8 @@ class HSNN(nn.Module):
             freeze_at = self.config.index_freeze_step
             if self.training and freeze_at is not None and step >= freeze_at and not bool(self.index.frozen):
                 self.index.freeze(self.config.index_freeze_capacity_factor)
+                if self.node_means is not None:
+                    self.node_means.reset()  # the capped assignment moves items: node rows start again
             elif self.training and not bool(self.index.seeded) and step >= self.seed_step():
                 if self.index.seed_with_kmeans(seed=step):
                     self.index.rebalance(self.config.training_capacity_factor)

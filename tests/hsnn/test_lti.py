@@ -397,3 +397,31 @@ def test_member_means_follow_their_members():
     means.update(keys[:1] + keys[1:], torch.tensor([[5.0, 0.0], [5.0, 0.0], [0.0, 0.0]]))
     assert means.means(0)[0].tolist() == [3.5, 0.0]  # 0.5 * 2 + 0.5 * 5
     assert means.seen(1).tolist() == [0, 4, 0, 0, 0, 2]
+
+
+def test_learned_node_rows_start_at_the_member_mean_and_are_trained_by_the_level_losses(world):
+    """node_input="learned": the table is a parameter; the level losses move its rows after the first
+    sighting, and the built index reads those rows."""
+    from hsnn.index import build_index
+    from hsnn.training import make_optimizer, train_step
+
+    torch.manual_seed(0)
+    config = tiny_hsnn_config(num_nodes=(4, 2), schedule_steps=10).model_copy(
+        update={"index_warmup_steps": 4, "node_input": "learned"}
+    )
+    model = HSNN(config)
+    table = model.node_means.means(0)
+    assert isinstance(table, torch.nn.Parameter)
+    batches = make_batches(world, 6, 64, seed=3)
+    optimizer = make_optimizer(model)
+    train_step(model, batches[0], optimizer)
+    before = table.detach().clone()
+    train_step(model, batches[1], optimizer)
+    seen = model.node_means.seen(0) > 0
+    assert not torch.equal(table.detach()[seen], before[seen]), "gradient moved the rows"
+    model.eval()
+    index = build_index(model, world.item_ids, world.items, capacity_factor=None)
+    keys = model.node_means.keys(index.paths)[0]
+    reached = model.node_means.seen(0)[keys] > 0
+    expected = model.level_models[0].project_nodes(table.detach()[keys])
+    assert torch.allclose(index.levels[0].projected[index.item_nodes[:, 0]][reached], expected[reached], atol=1e-6)
