@@ -81,10 +81,11 @@ class NodeMeans(nn.Module):
     A level-l node is a path prefix, numbered key = ((k_1 * K_2 + k_2) * K_3 + ...) as in the serving
     layout. member_mean: each training step moves a node's row towards the mean of the batch items on
     it (an EMA, detached: the table describes the item tower, it does not train it); the table is a
-    buffer. learned: a row starts as the mean of the first batch items that reach the node, then it is
-    a parameter trained by the level losses (as a given hierarchy's node codes are). Either way the
-    table is saved with the weights and the index layout reads the same rows: one input for training
-    and serving.
+    buffer. learned: residual rows, as the index's own codes: a node's vector is the sum of its row and
+    its ancestors' rows, a row starts as the first batch members' mean minus the parent's vector, then
+    it is a parameter trained by the level losses (as a given hierarchy's codes are), so a sparsely
+    visited leaf starts from, and shares what is learned for, its parent. Either way the table is saved
+    with the weights and the index layout reads the same rows: one input for training and serving.
     """
 
     def __init__(self, codebook_sizes: list[int], dim: int, decay: float, learned: bool = False):
@@ -104,6 +105,15 @@ class NodeMeans(nn.Module):
 
     def seen(self, level: int) -> Tensor:
         return getattr(self, f"seen_{level}")
+
+    def vectors(self, level: int, keys: Tensor) -> Tensor:
+        """(M, dim) node vectors for level-`level` prefix keys (M,): the row, plus the ancestors' in learned mode."""
+        total = self.means(level)[keys]
+        if self.learned:
+            for upper in range(level - 1, -1, -1):
+                keys = keys // self.codebook_sizes[upper + 1]
+                total = total + self.means(upper)[keys]
+        return total
 
     def keys(self, paths: Tensor) -> list[Tensor]:
         """paths: (N, levels) hard codes -> one (N,) prefix key per level."""
@@ -130,8 +140,12 @@ class NodeMeans(nn.Module):
             hit = counts > 0
             batch_mean = sums[hit] / counts[hit, None]
             fresh = (seen[hit] == 0)[:, None]
-            decay = 1.0 if self.learned else self.decay  # learned rows are only initialised here
-            means[hit] = torch.where(fresh, batch_mean, decay * means[hit] + (1 - decay) * batch_mean)
+            if self.learned:  # rows are only initialised here, as residuals on the parent's vector
+                nodes = torch.nonzero(hit).flatten()
+                parent = self.vectors(level - 1, nodes // self.codebook_sizes[level]) if level > 0 else 0.0
+                means[hit] = torch.where(fresh, batch_mean - parent, means[hit])
+            else:
+                means[hit] = torch.where(fresh, batch_mean, self.decay * means[hit] + (1 - self.decay) * batch_mean)
             seen += counts
 
 
@@ -257,7 +271,7 @@ class HSNN(nn.Module):
             keys = self.node_means.keys(torch.stack([lvl.hard for lvl in index_out.levels], dim=1))
             if self.training:
                 self.node_means.update(keys, item_emb.flatten(1).detach())
-            node_inputs = [self.node_means.means(level)[key] for level, key in enumerate(keys)]
+            node_inputs = [self.node_means.vectors(level, key) for level, key in enumerate(keys)]
         level_z, level_users = [], []
         for level, model in enumerate(self.level_models):
             user_emb = model.encode_users(users)  # (B, n_user, d)
@@ -309,7 +323,7 @@ class HSNN(nn.Module):
         if self.node_means is None:
             return code_sums
         seen = (self.node_means.seen(level)[keys] > 0).unsqueeze(1)
-        return torch.where(seen, self.node_means.means(level)[keys], member_means)
+        return torch.where(seen, self.node_means.vectors(level, keys), member_means)
 
     def _fixed_index(self, v: Tensor, paths: Tensor) -> IndexOutput:
         """Hard, given assignments (an existing hierarchy, k-means, EM): node embeddings are the codes
@@ -343,7 +357,7 @@ class HSNN(nn.Module):
             parent_key = parent_key * k + index_out.levels[level].hard[clicked]
             unused = None
             if self.node_means is not None:  # siblings no training item reached yet do not exist at serving
-                candidates = self.node_means.means(level)[sibling_keys]  # (P * K, item_size)
+                candidates = self.node_means.vectors(level, sibling_keys)  # (P * K, item_size)
                 unused = (self.node_means.seen(level)[sibling_keys] == 0).view(num_clicked, k)
             else:
                 prefix = (

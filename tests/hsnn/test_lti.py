@@ -368,7 +368,7 @@ def test_member_mean_node_input_is_what_serving_reads_and_is_saved(member_mean_h
     for level, level_model in enumerate(model.level_models):
         seen = model.node_means.seen(level)[keys[level]] > 0
         assert bool(seen.any()), "training reached some nodes"
-        training_input = level_model.project_nodes(model.node_means.means(level)[keys[level]])  # (N, n, d)
+        training_input = level_model.project_nodes(model.node_means.vectors(level, keys[level]))  # (N, n, d)
         served = index.levels[level].projected[index.item_nodes[:, level]]
         assert torch.allclose(served[seen], training_input[seen], atol=1e-6)
         # a node no training row reached reads its members' catalogue mean
@@ -423,5 +423,19 @@ def test_learned_node_rows_start_at_the_member_mean_and_are_trained_by_the_level
     index = build_index(model, world.item_ids, world.items, capacity_factor=None)
     keys = model.node_means.keys(index.paths)[0]
     reached = model.node_means.seen(0)[keys] > 0
-    expected = model.level_models[0].project_nodes(table.detach()[keys])
+    expected = model.level_models[0].project_nodes(model.node_means.vectors(0, keys).detach())
     assert torch.allclose(index.levels[0].projected[index.item_nodes[:, 0]][reached], expected[reached], atol=1e-6)
+
+
+def test_learned_node_rows_are_residuals_on_their_parents():
+    """A leaf's vector is its row plus its parent's; a fresh leaf row starts at its members' mean minus the parent."""
+    from hsnn.model import NodeMeans
+
+    table = NodeMeans([2, 2], dim=1, decay=0.9, learned=True)
+    paths = torch.tensor([[1, 0], [1, 1], [1, 1]])
+    table.update(table.keys(paths), torch.tensor([[2.0], [4.0], [6.0]]))
+    assert table.means(0).data[1].item() == 4.0  # level-1 node 1: mean of all three
+    assert table.means(1).data[3].item() == 1.0 and table.means(1).data[2].item() == -2.0
+    assert table.vectors(1, torch.tensor([2, 3])).flatten().tolist() == [2.0, 5.0]  # the leaves' own means
+    table.update(table.keys(paths), torch.tensor([[9.0], [9.0], [9.0]]))
+    assert table.means(0).data[1].item() == 4.0, "after the first sighting only gradients move a learned row"
