@@ -44,7 +44,6 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {  # name -> (LTIConfig updates, HSNNC
     "joint_training_prices": ({"use_balance_prices": True}, {}),
     "joint_codes_by_members": ({"node_losses_move_codes": False}, {}),
     "joint_no_ema": ({"use_ema_codebook": False}, {}),
-    "joint_refit": ({}, {"index_freeze_refit": True}),
     "joint_no_freeze": ({}, {"index_freeze_step": None}),
     "joint_freeze_late": ({}, {"index_freeze_step": -4}),  # -n: freeze n-th of the steps before the end
     "joint_no_kmeans_init": ({"use_kmeans_init": False}, {}),

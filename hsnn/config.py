@@ -202,9 +202,6 @@ class HSNNConfig(StrictModel):
         "the rest of training on exactly the index serving will walk. None: the index never freezes.",
     )
     index_freeze_capacity_factor: float = Field(2.0, ge=1.0, description="The cap applied when the index freezes.")
-    index_freeze_refit: bool = Field(
-        False, description="When the index freezes, refit its codes by residual k-means on the recent index inputs."
-    )
     commitment_weight: float = Field(
         0.0,
         ge=0,

@@ -315,14 +315,8 @@ class ResidualIndex(nn.Module):
         return self.reseed_dead_codes(step)
 
     @torch.no_grad()
-    def freeze(self, capacity_factor: float, refit_seed: int | None = None) -> None:
-        """Cap the index on recent embeddings (as a build would) and fix codes and prices from now on.
-
-        With `refit_seed`, the codes are first refitted by residual k-means on the recent inputs: the
-        codes the stream moved one batch at a time become a batch solution on the latest item model."""
-        if refit_seed is not None:
-            self._reservoir = deque([torch.unique(torch.cat(list(self._reservoir)), dim=0)], maxlen=64)
-            self.seed_with_kmeans(refit_seed)
+    def freeze(self, capacity_factor: float) -> None:
+        """Cap the index on recent embeddings (as a build would) and fix codes and prices from now on."""
         self.rebalance(capacity_factor, force=True)
         self.frozen.fill_(True)
         for level in self.levels:

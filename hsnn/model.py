@@ -254,9 +254,7 @@ class HSNN(nn.Module):
             step = int(self.step)
             freeze_at = self.config.index_freeze_step
             if self.training and freeze_at is not None and step >= freeze_at and not bool(self.index.frozen):
-                self.index.freeze(
-                    self.config.index_freeze_capacity_factor, step if self.config.index_freeze_refit else None
-                )
+                self.index.freeze(self.config.index_freeze_capacity_factor)
                 if self.node_means is not None:
                     self.node_means.reset()  # the capped assignment moves items: node rows start again
             elif self.training and not bool(self.index.seeded) and step >= self.seed_step():
