@@ -9,6 +9,7 @@ Settings come from flags, `HSNN_API_*` environment variables and the "api" secti
 from __future__ import annotations
 
 import logging
+import sys
 
 import uvicorn
 
@@ -18,6 +19,7 @@ from retrieval_api.settings import ApiSettings
 
 def main(argv: list[str] | None = None) -> None:
     settings = ApiSettings.from_cli(argv)
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)  # the event loop shares the GIL with scoring
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("hsnn.retrieval_api")
     if settings.store_dir is None or (settings.catalog is None and settings.redis_url is None):

@@ -36,6 +36,13 @@ class ApiSettings(ServiceSettings):
     # serving process
     host: str = Field("127.0.0.1", description="Address `python -m retrieval_api` listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port `python -m retrieval_api` listens on (0: any free one).")
+    gil_switch_interval_ms: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="`sys.setswitchinterval` of `python -m retrieval_api`: how long a busy thread (scoring, Kafka) "
+        "keeps the GIL from the event loop (Python's 5 ms default let them delay answers by seconds, chaos E9).",
+    )
 
     # hot swap
     store_dir: str | None = Field(
