@@ -14,6 +14,7 @@ import sys
 import uvicorn
 
 from retrieval_api.app import create_app
+from retrieval_api.connections import header_timeout_protocol
 from retrieval_api.settings import ApiSettings
 
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        http=header_timeout_protocol(settings.header_timeout_s),  # slowloris: uvicorn has no header timeout
         access_log=False,  # one line per request costs more than the request at our rates; /metrics counts them
     )
 

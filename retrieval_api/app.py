@@ -27,7 +27,7 @@ from retrieval_api.batcher import Batcher
 from retrieval_api.catalogs import catalog_source
 from retrieval_api.errors import install_error_handlers
 from retrieval_api.items import ItemForwarder, RecordProducer
-from retrieval_api.limits import RequestGate
+from retrieval_api.limits import RequestGate, refuse_when_full
 from retrieval_api.metrics import ApiMetrics
 from retrieval_api.openapi import exact_integer_bounds
 from retrieval_api.redis_index import RedisIndexFollower
@@ -165,7 +165,10 @@ def create_app(
     app.add_middleware(
         RequestGate,
         max_body_bytes=settings.max_body_bytes,
-        authenticate={("POST", "/items/events"): forwarder.admit},  # the token, then whether Kafka is known down
+        authenticate={
+            ("POST", "/items/events"): forwarder.admit,  # the token, then whether Kafka is known down
+            ("POST", "/retrieve"): refuse_when_full(batcher),  # 429 unread while the queue is full
+        },
         retry_after_s=settings.retry_after_s,
     )
     return app

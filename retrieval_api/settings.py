@@ -36,6 +36,12 @@ class ApiSettings(ServiceSettings):
     # serving process
     host: str = Field("127.0.0.1", description="Address `python -m retrieval_api` listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port `python -m retrieval_api` listens on (0: any free one).")
+    header_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="A connection that has not sent a whole request's headers this long after opening (or after "
+        "the first byte of its next request) is closed: slowloris clients do not hold sockets for ever.",
+    )
     gil_switch_interval_ms: float = Field(
         1.0,
         gt=0,
