@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.port,
         log_level=settings.log_level.lower(),
         http=header_timeout_protocol(settings.header_timeout_s),  # slowloris: uvicorn has no header timeout
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # call_later takes a float
         access_log=False,  # one line per request costs more than the request at our rates; /metrics counts them
     )
 

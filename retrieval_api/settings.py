@@ -42,6 +42,13 @@ class ApiSettings(ServiceSettings):
         description="A connection that has not sent a whole request's headers this long after opening (or after "
         "the first byte of its next request) is closed: slowloris clients do not hold sockets for ever.",
     )
+    keep_alive_timeout_s: float = Field(
+        75.0,
+        gt=0,
+        description="An idle kept-alive connection is closed after this long. Longer than the idle expiry of client "
+        "pools and proxies (httpx 5 s, nginx and load balancers 60 s), so they drop a connection before the server "
+        "does: uvicorn's 5 s default raced httpx's 5 s and reset requests (chaos soak).",
+    )
     gil_switch_interval_ms: float = Field(
         1.0,
         gt=0,
