@@ -241,6 +241,7 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         (dead_broker, "e8-items", TOKEN),
         beams=BEAMS,
         catalog=f"planted:{world.item_ids.numel()}:5",
+        header_timeout_s=args.header_timeout,
     )
     try:
         api.start()
@@ -329,6 +330,7 @@ OPTIONS = (
     ("--seconds", float, 60.0, "measured seconds of the concurrent clients"),
     ("--client-timeout", float, 60.0, "seconds a client waits for an answer"),
     ("--settle", float, 5.0, "seconds after the load before RSS is read"),
+    ("--header-timeout", float, ApiSettings().header_timeout_s, "the API's header_timeout_s (its default)"),
     ("--rss-tolerance", float, 0.10, "allowed relative RSS change"),
 )
 
