@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import socket
 import statistics
@@ -38,7 +37,7 @@ from typing import Any
 from bench.loadgen import drive, rss_mb
 from chaos.harness import api_service, wait_ready
 from chaos.report import ExperimentResult, finish, loop_result, parse_options
-from chaos.world import BEAMS, free_port, planted_world, request_bodies, tiny_model
+from chaos.world import BEAMS, closed_loop, free_port, planted_world, request_bodies, tiny_model
 from retrieval_api.settings import ApiSettings
 from streaming.snapshots import SnapshotStore
 
@@ -140,80 +139,6 @@ async def slowloris_phase(url: str, port: int, bodies: list[dict], args: argpars
     }
 
 
-async def concurrency_phase(port: int, bodies: list[dict], args: argparse.Namespace) -> dict[str, Any]:
-    """`--clients` closed-loop /retrieve clients for `--seconds` (after 2 s unmeasured): every status, and every
-    request that got no answer by the kind of error.
-
-    Each client is one keep-alive connection speaking plain HTTP/1.1 over asyncio streams: httpx's
-    pool, shared by 1,000 clients in one process, was itself the bottleneck (it sent fewer requests
-    than the server could answer). A connection the server closes is opened again (and counted when
-    a request was on it).
-    """
-    requests = [_http_post("/retrieve", json.dumps(body).encode()) for body in bodies]
-    statuses: dict[str, int] = {}
-    errors: dict[str, int] = {}
-    latencies: list[float] = []
-    stop, measuring = False, False
-
-    async def client_loop(number: int) -> None:
-        reader: asyncio.StreamReader | None = None
-        writer: asyncio.StreamWriter | None = None
-        while not stop:
-            started = time.perf_counter()
-            try:
-                async with asyncio.timeout(args.client_timeout):
-                    if writer is None:
-                        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                    assert reader is not None
-                    writer.write(requests[number % len(requests)])
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    fields = dict(_header(line) for line in head.split(b"\r\n")[1:] if b":" in line)
-                    await reader.readexactly(int(fields.get(b"content-length", b"0")))
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-                if measuring:
-                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                if writer is not None:
-                    writer.close()
-                reader = writer = None
-                continue
-            status = head.split(b" ", 2)[1].decode()
-            if measuring:
-                statuses[status] = statuses.get(status, 0) + 1
-                if status == "200":
-                    latencies.append(time.perf_counter() - started)
-            if fields.get(b"connection", b"").lower() == b"close":
-                writer.close()
-                reader = writer = None
-            number += args.clients
-        if writer is not None:
-            writer.close()
-
-    tasks = [asyncio.create_task(client_loop(n)) for n in range(args.clients)]
-    await asyncio.sleep(2.0)
-    measuring = True
-    await asyncio.sleep(args.seconds)
-    measuring, stop = False, True
-    await asyncio.gather(*tasks)
-    latencies.sort()
-    return {
-        "statuses": statuses,
-        "errors": errors,
-        "answered_per_s": round(sum(statuses.values()) / args.seconds, 1),
-        "p50_ms_200": round(latencies[len(latencies) // 2] * 1000, 1) if latencies else None,
-        "p99_ms_200": round(latencies[int(len(latencies) * 0.99)] * 1000, 1) if latencies else None,
-    }
-
-
-def _http_post(path: str, body: bytes) -> bytes:
-    head = f"POST {path} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    return head.encode() + body
-
-
-def _header(line: bytes) -> tuple[bytes, bytes]:
-    name, _, value = line.partition(b":")
-    return name.strip().lower(), value.strip()
-
-
 def _retrieve_summary(summary: dict[str, Any]) -> dict[str, Any]:
     statuses = {"200": summary["requests"], **{str(code): n for code, n in summary["errors"].items()}}
     return {
@@ -254,7 +179,7 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         uploads = bodies_phase(pid, port, args.body_mb)
         slowloris = asyncio.run(slowloris_phase(url, port, bodies, args))
         rss_after_slowloris = rss_mb(pid)
-        concurrent = asyncio.run(concurrency_phase(port, bodies, args))
+        concurrent = asyncio.run(closed_loop(port, bodies, args.clients, args.seconds, args.client_timeout))
         rss_peak = _peak_rss_mb(pid)
         time.sleep(args.settle)
         rss_after = rss_mb(pid)

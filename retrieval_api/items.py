@@ -199,8 +199,9 @@ class ItemForwarder:
         self.refuse_while_down()
 
     def refuse_while_down(self) -> None:
-        """503 before the body is read while a recent failure to connect stands (the request gate calls this):
-        parsing, validating and answering 1,000 events only to refuse them would load the event loop."""
+        """503 before the body is read after a failure (no producer, or one that acknowledged nothing), until Kafka
+        acknowledges a record again (the request gate calls this): parsing, validating and answering 1,000 events
+        only to refuse them loaded the event loop (chaos E9)."""
         if self._failed_at is None:  # cleared by the first acknowledgement after a failure
             return
         now, retry_s = time.monotonic(), self.settings.kafka_ack_timeout_s

@@ -88,8 +88,9 @@ class ApiSettings(ServiceSettings):
         2.0,
         gt=0,
         le=300,
-        description="Most time POST /items/events spends on Kafka (connecting, sending, acknowledgements) before "
-        "it answers 503.",
+        description="POST /items/events is answered within this long of its arrival: 202 once Kafka acknowledged "
+        "every event, else 503 (connecting, sending and acknowledgements all count; a small reserve is kept for "
+        "answering).",
     )
     kafka_workers: int = Field(
         4, ge=1, le=64, description="Item-event batches forwarded at once; more are answered 503 at once."
