@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import tempfile
 import time
 import uuid
@@ -132,8 +133,9 @@ def run(args: argparse.Namespace) -> ExperimentResult:
                 mid_snapshot += 1
             else:
                 time.sleep(rng.uniform(args.min_wait, 3 * args.min_wait))
-            if not trainer.alive:  # it exited by itself (a broker outage it did not ride out)
-                exits.append(trainer.proc.poll())  # type: ignore[union-attr]
+            code = trainer.proc.poll()  # type: ignore[union-attr]
+            if code is not None and code != -signal.SIGKILL:  # it exited by itself (not a mid-snapshot kill)
+                exits.append(code)
             trainer.kill()
         sent = produce(bootstrap, topics["impressions"], [(k, v) for k, v, _ in parts[-1]])
         positions.update({pos: (k, eid) for pos, (k, _, eid) in zip(sent, parts[-1], strict=True)})
