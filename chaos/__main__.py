@@ -7,6 +7,9 @@
     python -m chaos fast             # e4, e5, e7 (~200 cases) and e10
     python -m chaos e1 | e3 | e6     # trainer SIGKILLs, Redis kill -9 / FLUSHALL, 900 KB records (--help: sizes)
     python -m chaos e2 | e9          # broker SIGKILLs under item posts, Kafka down under item posts + /retrieve
+    python -m chaos e2-trainer       # broker SIGKILLs while the trainer consumes, during E1
+    python -m chaos e8               # 200 MB bodies, 1,000 slowloris sockets, 1,000 concurrent clients
+    python -m chaos soak --minutes 10  # 80% of max /retrieve QPS with feed, trainer and indexer running
 
 Results go to reports/reliability.json (merged by experiment) and the table in docs/reliability.md.
 Exit status 1 when an experiment fails its pass condition.
@@ -35,7 +38,9 @@ LOOP_EXPERIMENTS = {
     "e2": "chaos.e2_broker_kills",
     "e3": "chaos.e3_redis_faults",
     "e6": "chaos.e6_large_records",
+    "e8": "chaos.e8_hostile_clients",
     "e9": "chaos.e9_kafka_down",
+    "soak": "chaos.soak",
 }
 
 
@@ -77,6 +82,8 @@ def run(name: str, cases: int) -> ExperimentResult:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "e2-trainer":  # E1 with broker kills, recorded under its own key
+        return importlib.import_module("chaos.e1_trainer_kills").main_e2_trainer(argv[1:])
     if argv and argv[0] in LOOP_EXPERIMENTS:
         return importlib.import_module(LOOP_EXPERIMENTS[argv[0]]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.splitlines()[0])

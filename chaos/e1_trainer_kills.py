@@ -2,6 +2,12 @@
 
     python -m chaos e1                                         # full size: 200,000 impressions, 20 kills
     python -m chaos e1 --impressions 3000 --kills 3            # the scaled run of the test suite
+    python -m chaos e2-trainer                                 # E1 with 3 broker SIGKILLs (E2 during E1)
+
+`--broker-kills N` (default 3 for `e2-trainer`, recorded under that key) also SIGKILLs the broker N
+times while a trainer consumes, spread over the run, and restarts it `--broker-down` seconds later
+on the same data; the trainer is then left to consume a while before its own kill. It needs the
+experiment's own broker (no `--bootstrap`). The pass condition is E1's.
 
 The feed arrives in `kills + 1` parts, one before each kill and the last before the drain. Every
 other kill waits for a snapshot to be in its staging directory and lands there (mid-snapshot).
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import tempfile
 import time
 import uuid
@@ -20,7 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.trainer_throughput import bench_config, make_events
-from chaos.harness import Service, create_topics, end_offsets, kafka_bootstrap, produce, read_topic, wait_for
+from chaos.harness import (
+    Service,
+    create_topics,
+    end_offsets,
+    kafka_bootstrap,
+    kill_broker,
+    produce,
+    read_topic,
+    wait_for,
+)
 from chaos.report import ExperimentResult, finish, loop_result, parse_loop_args
 from streaming.events import ImpressionEvent, UserFeatures, encode, event_key, read_dead_letter
 from streaming.snapshots import SnapshotStore
@@ -63,7 +79,12 @@ def run(args: argparse.Namespace) -> ExperimentResult:
     store_dir = work / "store"
     ids_path = work / "trained-ids.txt"
     started = time.monotonic()
-    with kafka_bootstrap(work, args.bootstrap) as bootstrap:
+    brokers: list[Any] = []
+    if args.broker_kills and args.bootstrap:
+        raise SystemExit("--broker-kills kills the experiment's own broker: no --bootstrap")
+    broker_at = {int((i + 0.5) * args.kills / args.broker_kills) for i in range(args.broker_kills)}
+    broker_kills = 0
+    with kafka_bootstrap(work, args.bootstrap, brokers) as bootstrap:
         create_topics(bootstrap, list(topics.values()), args.partitions, compacted=[topics["items"]])
         produce(bootstrap, topics["items"], [(event_key(e), encode(e)) for e in items])
         trainer = Service(
@@ -94,16 +115,27 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         parts = [records[i :: args.kills + 1] for i in range(args.kills + 1)]  # interleaved: each part spans time
         positions: dict[tuple[int, int], tuple[bytes, str | None]] = {}
         mid_snapshot = 0
+        exits: list[int | None] = []
         for kill in range(args.kills):
             sent = produce(bootstrap, topics["impressions"], [(k, v) for k, v, _ in parts[kill]])
             positions.update({pos: (k, eid) for pos, (k, _, eid) in zip(sent, parts[kill], strict=True)})
             left_over = set(staging.iterdir()) if staging.exists() else set()
             trainer.start()
             wait_for(lambda: _lease_epoch(store_dir) >= trainer.starts, 120, "the new trainer's lease", 0.05)
-            if kill % 2 == 1 and _kill_in_snapshot(trainer, staging, left_over, args.max_wait):
+            if kill in broker_at:  # the broker dies under a consuming trainer, then the trainer does
+                time.sleep(rng.uniform(args.min_wait, 2 * args.min_wait))
+                kill_broker(brokers[0])
+                time.sleep(args.broker_down)
+                brokers[0].start()  # from this (the main) thread: devservers ties a server to its starting thread
+                broker_kills += 1
+                time.sleep(rng.uniform(2 * args.min_wait, 4 * args.min_wait))
+            elif kill % 2 == 1 and _kill_in_snapshot(trainer, staging, left_over, args.max_wait):
                 mid_snapshot += 1
             else:
                 time.sleep(rng.uniform(args.min_wait, 3 * args.min_wait))
+            code = trainer.proc.poll()  # type: ignore[union-attr]
+            if code is not None and code != -signal.SIGKILL:  # it exited by itself (not a mid-snapshot kill)
+                exits.append(code)
             trainer.kill()
         sent = produce(bootstrap, topics["impressions"], [(k, v) for k, v, _ in parts[-1]])
         positions.update({pos: (k, eid) for pos, (k, _, eid) in zip(sent, parts[-1], strict=True)})
@@ -140,7 +172,10 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         "trained_total_matches": int(final.eval_metrics.get("trained_events_total", -1)) == len(set(trained)),
     }
     details = {
-        "faults": f"{args.kills} SIGKILL ({mid_snapshot} mid-snapshot), {len(positions) - len(good_ids)} malformed",
+        "faults": f"{args.kills} SIGKILL ({mid_snapshot} mid-snapshot), {len(positions) - len(good_ids)} malformed"
+        + (f", {broker_kills} broker SIGKILL + restart" if broker_kills else ""),
+        "broker_kills": broker_kills,
+        "trainer_exits_before_kill": exits,
         "produced": len(positions),
         "trained": len(set(trained)),
         "held_out": len(held_positions),
@@ -155,15 +190,17 @@ def run(args: argparse.Namespace) -> ExperimentResult:
         "seconds": round(time.monotonic() - started, 1),
     }
     title = f"trainer SIGKILLs ({mid_snapshot} mid-snapshot) during a feed with 1% malformed, then SIGTERM drain"
+    if broker_kills:
+        title = f"broker SIGKILL + restart x{broker_kills} while the trainer consumes, during E1 ({title})"
     return loop_result(
         args,
-        "e1",
+        args.experiment,
         title,
         started,
         work,
         checks,
         details,
-        faults_injected=args.kills + (len(positions) - len(good_ids)),
+        faults_injected=args.kills + broker_kills + (len(positions) - len(good_ids)),
         lost=lost,
         duplicated=duplicated,
     )
@@ -190,8 +227,8 @@ def _lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m chaos e1", description=__doc__.splitlines()[0])
+def parse(argv: list[str], experiment: str = "e1") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m chaos {experiment}", description=__doc__.splitlines()[0])
     parser.add_argument("--impressions", type=int, default=200_000)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--malformed", type=float, default=0.01, help="share of extra malformed records")
@@ -203,12 +240,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--min-wait", type=float, default=1.0, help="seconds after a start before a timed kill")
     parser.add_argument("--max-wait", type=float, default=30.0, help="longest wait for a kill point")
     parser.add_argument("--drain-timeout", type=float, default=1800.0)
-    args = parse_loop_args(parser, "e1", argv)
+    parser.add_argument(
+        "--broker-kills", type=int, default=3 if experiment == "e2-trainer" else 0, help="broker SIGKILLs + restarts"
+    )
+    parser.add_argument("--broker-down", type=float, default=2.0, help="seconds the broker stays down")
+    args = parse_loop_args(parser, experiment, argv)
+    args.experiment = experiment
     if args.snapshot_every <= 0:
         args.snapshot_every = max(50, args.impressions // ((args.kills + 1) * 3))
     return args
 
 
-def main(argv: list[str]) -> int:
-    args = parse(argv)
+def main(argv: list[str], experiment: str = "e1") -> int:
+    args = parse(argv, experiment)
     return finish(run(args), args.report_key)
+
+
+def main_e2_trainer(argv: list[str]) -> int:
+    """`python -m chaos e2-trainer`: E2's broker kills during E1's feed, recorded under its own key."""
+    return main(argv, "e2-trainer")

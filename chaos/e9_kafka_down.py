@@ -8,10 +8,12 @@ item events to a devservers broker). Phases measured the same way in the same ru
 then the broker stopped, `--rounds` times (the broker restarted in between). In each, `--posters`
 clients post authenticated `--batch`-event item batches back to back while `--concurrency`
 closed-loop clients time POST /retrieve.
-Pass: /retrieve p99 with Kafka down is within +-`--tolerance` of p99 with Kafka up, /retrieve never
+Pass: /retrieve p99 with Kafka down is at most (1 + `--tolerance`) x p99 with Kafka up, /retrieve never
 answers 5xx, and every item post with Kafka down is 503 within `kafka_ack_timeout_s` as the client
-measures it. With Kafka up the posts are 202, or 503 when the broker does not acknowledge a whole
-batch in time (counted in the details, not a failure: the client retries).
+measures it. (Faster with Kafka down is no fault: with it up, the broker and the producer share the
+API's CPUs, so on a small machine /retrieve is slower then; the ratio is reported either way.)
+With Kafka up the posts are 202, or 503 when the broker does not acknowledge a whole batch in time
+(counted in the details, not a failure: the client retries).
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace) -> ExperimentResult:
     # A 503 is the documented answer to an unacknowledged batch, with Kafka up (rarely) or down; other 5xx are not.
     unexpected_5xx = sum(n for ph in (up, down) for c, n in ph["item_statuses"].items() if int(c) >= 500 and c != "503")
     checks = {
-        "retrieve_p99_within_tolerance": abs(ratio - 1) <= args.tolerance,
+        "retrieve_p99_not_worse_while_down": ratio <= 1 + args.tolerance,
         "retrieve_never_5xx": retrieve_5xx == 0,
         "retrieve_answered_while_down": down["retrieve"]["requests"] > 0,
         "items_503_while_down": set(down["item_statuses"]) == {"503"},
@@ -198,7 +200,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="(Kafka up, Kafka down) phase pairs, alternated")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring, per phase")
     parser.add_argument("--ack-timeout", type=float, default=2.0, help="the API's kafka_ack_timeout_s")
-    parser.add_argument("--tolerance", type=float, default=0.2, help="allowed relative change of /retrieve p99")
+    parser.add_argument("--tolerance", type=float, default=0.2, help="allowed rise of /retrieve p99 while down")
     return parse_loop_args(parser, "e9", argv)
 
 

@@ -19,14 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def kafka_bootstrap(work: Path, bootstrap: str | None = None) -> Iterator[str]:
-    """A broker's address: `bootstrap` if given, else a devservers broker under `work` for the block."""
+def kafka_bootstrap(work: Path, bootstrap: str | None = None, started: list[Any] | None = None) -> Iterator[str]:
+    """A broker's address: `bootstrap` if given, else a devservers broker under `work` for the block (appended to
+    `started`, for an experiment that kills and restarts it)."""
     if bootstrap:
         yield bootstrap
         return
     from devservers import KafkaServer
 
     server = KafkaServer(work / "kafka").start()
+    if started is not None:
+        started.append(server)
     try:
         yield server.bootstrap_servers
     finally:

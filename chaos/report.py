@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,16 @@ def parse_loop_args(parser: argparse.ArgumentParser, experiment: str, argv: list
     args = parser.parse_args(argv)
     args.command = f"python -m chaos {experiment} " + " ".join(argv) if argv else f"python -m chaos {experiment}"
     return args
+
+
+def parse_options(
+    experiment: str, description: str, options: Sequence[tuple[str, type, Any, str]], argv: list[str]
+) -> argparse.Namespace:
+    """`parse_loop_args` for a parser whose options are (name, type, default, help) rows."""
+    parser = argparse.ArgumentParser(prog=f"python -m chaos {experiment}", description=description)
+    for name, kind, default, text in options:
+        parser.add_argument(name, type=kind, default=default, help=text)
+    return parse_loop_args(parser, experiment, argv)
 
 
 def loop_result(

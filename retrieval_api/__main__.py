@@ -9,15 +9,18 @@ Settings come from flags, `HSNN_API_*` environment variables and the "api" secti
 from __future__ import annotations
 
 import logging
+import sys
 
 import uvicorn
 
 from retrieval_api.app import create_app
+from retrieval_api.connections import header_timeout_protocol
 from retrieval_api.settings import ApiSettings
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = ApiSettings.from_cli(argv)
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)  # the event loop shares the GIL with scoring
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("hsnn.retrieval_api")
     if settings.store_dir is None or (settings.catalog is None and settings.redis_url is None):
@@ -29,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        http=header_timeout_protocol(settings.header_timeout_s),  # slowloris: uvicorn has no header timeout
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # call_later takes a float
         access_log=False,  # one line per request costs more than the request at our rates; /metrics counts them
     )
 

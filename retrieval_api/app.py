@@ -25,8 +25,8 @@ from fastapi import FastAPI
 from retrieval_api.batcher import Batcher
 from retrieval_api.catalogs import catalog_source
 from retrieval_api.errors import install_error_handlers
-from retrieval_api.items import ItemForwarder, RecordProducer, check_authorization_header
-from retrieval_api.limits import RequestGate
+from retrieval_api.items import ItemForwarder, RecordProducer
+from retrieval_api.limits import RequestGate, refuse_when_full
 from retrieval_api.metrics import ApiMetrics
 from retrieval_api.openapi import exact_integer_bounds
 from retrieval_api.redis_index import RedisIndexSource
@@ -133,7 +133,10 @@ def create_app(
     app.add_middleware(
         RequestGate,
         max_body_bytes=settings.max_body_bytes,
-        authenticate={("POST", "/items/events"): lambda header: check_authorization_header(settings, header)},
+        authenticate={
+            ("POST", "/items/events"): forwarder.admit,  # the token, then whether Kafka is known down
+            ("POST", "/retrieve"): refuse_when_full(batcher),  # 429 unread while the queue is full
+        },
         retry_after_s=settings.retry_after_s,
     )
     return app

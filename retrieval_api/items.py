@@ -13,6 +13,13 @@ thread is busy, a batch is refused 503 at once rather than queued. A failed conn
 is not repeated for `kafka_ack_timeout_s`, so an outage costs one bootstrap, not one per request.
 A producer that acknowledges nothing of a whole batch is dropped and the next batch connects
 afresh (a killed and restarted broker can leave kafka-python's producer stuck, chaos E2).
+After such a failure, and until Kafka acknowledges a record again, the request gate refuses item
+batches 503 before their bodies are read, letting one through per `kafka_ack_timeout_s` to try
+again: parsing, validating and answering 1,000 events only to refuse them loaded the event loop
+enough to make the refusals themselves late (chaos E9). The time budget counts from the
+request's arrival and keeps a reserve for what the server cannot time (the request before it
+reaches the gate, a late timer, the answer's way back), so the client has its 503 within
+`kafka_ack_timeout_s`.
 
 The producer is created on first use from the settings (so the app starts without a broker),
 or injected (`ItemForwarder(producer=...)`) in tests.
@@ -101,8 +108,11 @@ def check_authorization_header(settings: ApiSettings, authorization: str | None)
     check_token(settings, bearer_credentials(authorization))
 
 
-ANSWER_RESERVE_S = 0.2
-"""Of the `kafka_ack_timeout_s` budget, at most this much (and at most a tenth) is kept for answering the client."""
+TRANSIT_RESERVE_S = 0.4
+"""Of the `kafka_ack_timeout_s` budget, at most this much (and at most a fifth) is left for what the server does not
+time: the request before the gate stamps it, a late event-loop timer, the answer's way back (chaos E9)."""
+ANSWER_RESERVE_S = 0.1
+"""Of what remains, at most this much (and at most a twentieth of the budget) is kept for building the answer."""
 
 
 class KafkaUnavailable(Exception):
@@ -123,8 +133,10 @@ class ItemForwarder:
         self._producer = producer
         self._factory = producer_factory
         self._lock = threading.Lock()
-        self._failed_at: float | None = None  # when creating the producer last failed
+        self._failed_at: float | None = None  # the last failure (no producer, or one that acknowledged nothing)
         self._failure = ""
+        self._connecting = False  # a producer is being created (under the lock)
+        self._retry_claimed_at = float("-inf")  # when the request gate last let a request through to reconnect
         self._executor: ThreadPoolExecutor | None = None  # created on first use, again after `close`
         self._busy = 0  # batches handed to the executor and not finished (abandoned ones included)
 
@@ -139,12 +151,14 @@ class ItemForwarder:
             retry_s = self.settings.kafka_ack_timeout_s
             if self._failed_at is not None and time.monotonic() - self._failed_at < retry_s:
                 raise KafkaUnavailable(f"{self._failure} (retried after {retry_s:g}s)")
+            self._connecting = True
             try:
                 self._producer = self._factory(self.settings)
             except Exception as exc:
                 self._failed_at, self._failure = time.monotonic(), f"{type(exc).__name__}: {exc}"
                 raise
-            self._failed_at = None
+            finally:
+                self._connecting = False
             log.info("item events go to %s on %s", self.topic, self.settings.kafka_bootstrap_servers)
             return self._producer
         finally:
@@ -161,8 +175,9 @@ class ItemForwarder:
         A batch abandoned at the deadline may still be written afterwards; a retry is safe (idempotent by sequence).
         """
         timeout_s = self.settings.kafka_ack_timeout_s
-        answer_by = (time.monotonic() if received_at is None else received_at) + timeout_s
-        kafka_deadline = answer_by - min(ANSWER_RESERVE_S, timeout_s / 10)
+        arrived = time.monotonic() if received_at is None else received_at
+        answer_by = arrived + timeout_s - min(TRANSIT_RESERVE_S, timeout_s / 5)
+        kafka_deadline = answer_by - min(ANSWER_RESERVE_S, timeout_s / 20)
         if self._busy >= self.settings.kafka_workers:
             return [], _all_failed(events, f"{self._busy} batches are already waiting for Kafka; retry later")
         if kafka_deadline <= time.monotonic():
@@ -177,6 +192,26 @@ class ItemForwarder:
             return await asyncio.wait_for(asyncio.shield(future), max(answer_by - time.monotonic(), 0.0))
         except asyncio.TimeoutError:
             return [], _all_failed(events, f"not acknowledged within {timeout_s:g}s")
+
+    def admit(self, authorization: str | None) -> None:
+        """The request gate's check of an item batch before its body is read: the token, then `refuse_while_down`."""
+        check_authorization_header(self.settings, authorization)
+        self.refuse_while_down()
+
+    def refuse_while_down(self) -> None:
+        """503 before the body is read after a failure (no producer, or one that acknowledged nothing), until Kafka
+        acknowledges a record again (the request gate calls this): parsing, validating and answering 1,000 events
+        only to refuse them loaded the event loop (chaos E9)."""
+        if self._failed_at is None:  # cleared by the first acknowledgement after a failure
+            return
+        now, retry_s = time.monotonic(), self.settings.kafka_ack_timeout_s
+        # After a failure, one request per `retry_s` is let through to try again (its claim lapses after
+        # `retry_s` if it never reaches the producer); the others are refused here.
+        if now - max(self._failed_at, self._retry_claimed_at) < retry_s or self._connecting:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, f"Kafka is unavailable: {self._failure} (retry later)"
+            )
+        self._retry_claimed_at = now
 
     def _finished(self, _future: asyncio.Future) -> None:
         self._busy -= 1
@@ -223,7 +258,9 @@ class ItemForwarder:
                 )
             except Exception as exc:
                 failed.append(UnacknowledgedEvent(index=index, ad_id=event.ad_id, error=_reason(exc, timeout_s)))
-        if failed and not acknowledged:
+        if acknowledged:
+            self._failed_at = None
+        elif failed:
             self._discard(producer)
         return acknowledged, failed
 

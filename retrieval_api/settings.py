@@ -37,6 +37,26 @@ class ApiSettings(ServiceSettings):
     # serving process
     host: str = Field("127.0.0.1", description="Address `python -m retrieval_api` listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port `python -m retrieval_api` listens on (0: any free one).")
+    header_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="A connection that has not sent a whole request's headers this long after opening (or after "
+        "the first byte of its next request) is closed: slowloris clients do not hold sockets for ever.",
+    )
+    keep_alive_timeout_s: float = Field(
+        75.0,
+        gt=0,
+        description="An idle kept-alive connection is closed after this long. Longer than the idle expiry of client "
+        "pools and proxies (httpx 5 s, nginx and load balancers 60 s), so they drop a connection before the server "
+        "does: uvicorn's 5 s default raced httpx's 5 s and reset requests (chaos soak).",
+    )
+    gil_switch_interval_ms: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="`sys.setswitchinterval` of `python -m retrieval_api`: how long a busy thread (scoring, Kafka) "
+        "keeps the GIL from the event loop (Python's 5 ms default let them delay answers by seconds, chaos E9).",
+    )
 
     # hot swap
     store_dir: str | None = Field(
@@ -69,8 +89,9 @@ class ApiSettings(ServiceSettings):
         2.0,
         gt=0,
         le=300,
-        description="Most time POST /items/events spends on Kafka (connecting, sending, acknowledgements) before "
-        "it answers 503.",
+        description="POST /items/events is answered within this long of its arrival: 202 once Kafka acknowledged "
+        "every event, else 503 (connecting, sending and acknowledgements all count; a small reserve is kept for "
+        "answering).",
     )
     kafka_workers: int = Field(
         4, ge=1, le=64, description="Item-event batches forwarded at once; more are answered 503 at once."
