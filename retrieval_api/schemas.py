@@ -31,7 +31,8 @@ class Strict(BaseModel):
 class RetrieveRequest(Strict):
     """Retrieve the top-k ads for one user.
 
-    Strict types: JSON `true` is not the integer 1 and `5.0` is not 5, as the published schema says.
+    Strict types: JSON `true` is not the integer 1 and `"5"` is not 5; `5.0` is 5, as JSON Schema reads it
+    (retrieval_api.routing), and `5.5` is refused.
     """
 
     user: UserFeatures = Field(
