@@ -226,8 +226,8 @@ class HSNNConfig(StrictModel):
         "index input's space). member_mean: the running mean item embedding of the node's members (an EMA over "
         "training batches, saved with the weights and read as it is at serving), so a level model sees a node "
         "as its items look to the item model whatever space the index clusters in (e.g. score profiles). "
-        "learned: a table like member_mean whose rows start at the members' mean and are then trained by the "
-        "level losses.",
+        "learned: residual rows (a node adds its ancestors' rows) that start at the members' mean and are then "
+        "trained by the level losses.",
     )
     node_mean_decay: float = Field(0.9, gt=0, lt=1, description="EMA decay of the member_mean node input.")
     index_stop_gradient: bool = Field(

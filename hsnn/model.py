@@ -316,8 +316,8 @@ class HSNN(nn.Module):
 
     def node_inputs(self, level: int, keys: Tensor, code_sums: Tensor, member_means: Tensor) -> Tensor:
         """What level `level`'s model reads for the nodes with prefix `keys` (M,): the code sums (M, index_dim),
-        or with `node_input="member_mean"` the trained member-mean rows (M, item_size); a node no training
-        item reached takes `member_means`, its members' mean embedding over the catalogue."""
+        or with node rows (`node_input` member_mean / learned) their vectors (M, item_size); a node no
+        training item reached takes `member_means`, its members' mean embedding over the catalogue."""
         if self.node_means is None:
             return code_sums
         seen = (self.node_means.seen(level)[keys] > 0).unsqueeze(1)
