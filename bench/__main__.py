@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         "--node-input",
         choices=("code", "member_mean", "learned"),
         default="code",
-        help="what every HSNN level model reads for a node: its path's codes, or its members' mean item embedding",
+        help="what every HSNN level model reads for a node: its path's codes (code), its members' running mean "
+        "item embedding (member_mean), or residual rows started there and trained by the level losses (learned)",
     )
     parser.add_argument(
         "--index-fixed-at",
