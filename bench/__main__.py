@@ -64,6 +64,14 @@ def main(argv: list[str] | None = None) -> None:
         help=f"HSNN index builders, from {BUILDERS} and the ablations {tuple(ABLATIONS)}",
     )
     parser.add_argument("--batch-size", type=int, default=250, help="gowalla / movielens: rows per training batch")
+    parser.add_argument(
+        "--negatives",
+        type=int,
+        default=4,
+        help="gowalla / movielens: uniform negatives per training positive (log loss; the in-batch softmax"
+        " uses the batch's other items whatever this is)",
+    )
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam step size of every trained model but mf_softmax")
     parser.add_argument("--epochs", type=int, help="open_bandit: passes over the training impressions (default 8)")
     parser.add_argument(
         "--sparse-dim", type=int, help="id embedding width of user/item towers (default: 64 on gowalla/movielens)"
@@ -102,6 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     protocol = _protocol(parser, args)
+    if args.negatives < 0:
+        parser.error(f"--negatives must be >= 0, got {args.negatives}")
+    if not 0 < args.lr <= 1:
+        parser.error(f"--lr must be in (0, 1], got {args.lr}")
     if not 0 < args.index_fixed_at < 1:
         parser.error(f"--index-fixed-at must be between 0 and 1 (a share of the steps), got {args.index_fixed_at}")
     if args.seeds > 1:
@@ -148,6 +160,7 @@ def _run_once(args: argparse.Namespace, protocol: str | None, seed: int) -> dict
         index_input=args.index_input,
         node_input=args.node_input,
         index_fixed_at=args.index_fixed_at,
+        lr=args.lr,
         sparse_dim=args.sparse_dim or (64 if args.dataset in ("gowalla", "movielens") else None),
         level_nodes=tuple(int(n) for n in args.level_nodes.split(",")) if args.level_nodes else None,
     )
@@ -177,6 +190,7 @@ def _run_once(args: argparse.Namespace, protocol: str | None, seed: int) -> dict
             seed=args.seed,
             batch_size=args.batch_size,
             protocol=protocol,
+            negatives=args.negatives,
         )
     else:
         data = movielens_data(
@@ -186,6 +200,7 @@ def _run_once(args: argparse.Namespace, protocol: str | None, seed: int) -> dict
             batch_size=args.batch_size,
             protocol=protocol,
             split_order=args.split_order,
+            negatives=args.negatives,
         )
     return run_benchmark(data, run)
 

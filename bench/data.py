@@ -67,6 +67,7 @@ def planted_data(num_items: int, num_eval_users: int, batch_size: int = 256, see
 GOWALLA_PROTOCOLS = ("valid", "official")
 MOVIELENS_PROTOCOLS = ("recbole", "newest20")
 GOWALLA_VALID_EVAL_USERS = 3000  # the `valid` protocol's default: a fixed random sample of the valid users
+NE_NEGATIVES = 4  # sampled negatives per held-out positive in the NE impressions of the implicit sets
 
 
 def gowalla_data(
@@ -123,6 +124,7 @@ def movielens_data(
     batch_size: int = 250,
     protocol: str = "recbole",
     split_order: str = "time",
+    negatives: int = 4,
 ) -> BenchData:
     """MovieLens-100K (rating >= 4 is a positive) under one of two protocols.
 
@@ -143,6 +145,7 @@ def movielens_data(
             movielens,
             num_eval_users,
             "the newest 20% per user",
+            negatives=negatives,
             batch_size=batch_size,
             seed=seed,
         )
@@ -158,6 +161,7 @@ def movielens_data(
         movielens,
         num_eval_users,
         "the test part (10% per user)",
+        negatives=negatives,
         batch_size=batch_size,
         seed=seed,
         notes=notes,
@@ -203,14 +207,15 @@ def implicit_feedback_data(
                 produced += 1
                 yield batch
 
-    # held-out impressions for NE: one eval positive per user plus `negatives` sampled negatives (the
-    # training ratio, so the base rate matches), with the user's full train history
+    # held-out impressions for NE: one eval positive per user plus NE_NEGATIVES sampled negatives, with the
+    # user's full train history; fixed whatever the training ratio, so NE compares across runs (every
+    # model is Platt-scaled on a slice of these first, which absorbs a different training base rate)
     pick = eval_rows[: min(2000, len(eval_rows))]
     positives = np.array([data.eval[int(u)][0] for u in pick])
-    negative_rows = gowalla.sample_negatives(data.train, pick, negatives, rng).T.reshape(-1)
-    users = loader.user_batch(data, np.tile(pick, 1 + negatives))
+    negative_rows = gowalla.sample_negatives(data.train, pick, NE_NEGATIVES, rng).T.reshape(-1)
+    users = loader.user_batch(data, np.tile(pick, 1 + NE_NEGATIVES))
     rows = torch.from_numpy(np.concatenate([positives, negative_rows]))
-    labels = torch.cat([torch.ones(len(pick)), torch.zeros(len(pick) * negatives)]).unsqueeze(1)
+    labels = torch.cat([torch.ones(len(pick)), torch.zeros(len(pick) * NE_NEGATIVES)]).unsqueeze(1)
     impressions = [
         TrainingBatch(users=users, items=data.items.select(rows), labels=labels, item_keys=data.item_ids[rows])
     ]
@@ -230,7 +235,7 @@ def implicit_feedback_data(
             "protocol": f"batches of {batch_size} rows: train positives + {negatives} uniform negatives each;"
             f" eval on {eval_source}; "
             f"train{' and valid' if masked_also is not None else ''} items excluded from retrieval;"
-            f" NE on one held-out positive + {negatives} negatives per user",
+            f" NE on one held-out positive + {NE_NEGATIVES} negatives per user",
             **(notes or {}),
         },
     )

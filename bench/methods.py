@@ -211,6 +211,7 @@ def build_hsnn(
     seed: int,
     fixed_at: int | None = None,
     em_rounds: int = 3,
+    lr: float = 3e-3,
 ):
     """Train an HSNN with one of the index builders; returns (model, fixed paths or None, train seconds).
 
@@ -223,18 +224,18 @@ def build_hsnn(
     sizes = [level.num_nodes for level in config.levels]
     if builder == "joint":
         model = HSNN(config)
-        return model, None, train_for(model, data, steps, seed, "hsnn joint LTI")
+        return model, None, train_for(model, data, steps, seed, "hsnn joint LTI", lr=lr)
     if builder == "kmeans":
         # separate index learning: train without index gradients, cluster the trained embeddings once,
         # then keep training the level models on that fixed index
         model = HSNN(config.model_copy(update={"use_joint_index": False}))
-        seconds = train_for(model, data, fixed_at, seed, "hsnn k-means (phase 1)")
+        seconds = train_for(model, data, fixed_at, seed, "hsnn k-means (phase 1)", lr=lr)
         paths, books = residual_kmeans(_catalog_vectors(model, data), sizes, seed)
         _set_codebooks(model, books)
         if model.node_means is not None:
             model.node_means.reset()  # the clustered paths replace the ones the rows were built on
         seconds += train_for(
-            model, data, steps - fixed_at, seed + 1, "hsnn k-means (phase 2)", transform=with_paths(data, paths)
+            model, data, steps - fixed_at, seed + 1, "hsnn k-means (phase 2)", transform=with_paths(data, paths), lr=lr
         )
         return model, paths, seconds
     if builder == "em":
@@ -242,7 +243,7 @@ def build_hsnn(
         # round trains before it clusters, so no round clusters an untrained item tower)
         model = HSNN(config.model_copy(update={"use_joint_index": False}))
         per_round = max(1, steps // (em_rounds + 1))
-        seconds = train_for(model, data, per_round, seed, "hsnn EM warm-up")
+        seconds = train_for(model, data, per_round, seed, "hsnn EM warm-up", lr=lr)
         paths = None
         for round_ in range(em_rounds):
             paths, books = residual_kmeans(_catalog_vectors(model, data), sizes, seed + round_)
@@ -251,7 +252,13 @@ def build_hsnn(
                 model.node_means.reset()
             budget = per_round if round_ < em_rounds - 1 else steps - per_round * em_rounds
             seconds += train_for(
-                model, data, budget, seed + 1 + round_, f"hsnn EM round {round_ + 1}", transform=with_paths(data, paths)
+                model,
+                data,
+                budget,
+                seed + 1 + round_,
+                f"hsnn EM round {round_ + 1}",
+                transform=with_paths(data, paths),
+                lr=lr,
             )
         return model, paths, seconds
     if builder == "hierarchy":
@@ -260,7 +267,11 @@ def build_hsnn(
         model = HSNN(config)
         paths = data.hierarchy
         _set_codebooks(model, residual_centroids(_catalog_vectors(model, data), paths, sizes))
-        return model, paths, train_for(model, data, steps, seed, "hsnn hierarchy", transform=with_paths(data, paths))
+        return (
+            model,
+            paths,
+            train_for(model, data, steps, seed, "hsnn hierarchy", transform=with_paths(data, paths), lr=lr),
+        )
     raise ValueError(f"unknown index builder {builder!r}")
 
 

@@ -79,6 +79,7 @@ class RunConfig:
     node_input: str = "code"  # what every HSNN level model reads for a node (HSNNConfig.node_input)
     # share of the steps after which the index is fixed: the joint LTI freezes, k-means clusters (same point)
     index_fixed_at: float = 0.5
+    lr: float = 3e-3  # Adam step size of every trained model (mf_softmax keeps its own)
 
 
 def _model_config(name: str, quick: bool, sparse_dim: int | None = None) -> MoNNConfig:
@@ -157,14 +158,14 @@ def run_benchmark(data: BenchData, run: RunConfig) -> dict:
     points = []
 
     two_tower = MoNN(_model_config("two_tower", run.quick, run.sparse_dim), data.schema)
-    seconds = train_for(two_tower, data, run.steps, run.seed, "two tower")
+    seconds = train_for(two_tower, data, run.steps, run.seed, "two tower", lr=run.lr)
     models["two_tower"] = {**quality(two_tower, data), "train_seconds": seconds}
     points += two_tower_points(two_tower, data, run.nprobes, run.ef_searches)
 
     points += deep_retrieval_points(data, run.steps, run.seed, run.dr_beams, two_tower, run.quick)
 
     monn = MoNN(_model_config(run.item_model, run.quick, run.sparse_dim), data.schema)
-    seconds = train_for(monn, data, run.steps, run.seed, "monn")
+    seconds = train_for(monn, data, run.steps, run.seed, "monn", lr=run.lr)
     models["monn"] = {**quality(monn, data), "train_seconds": seconds}
     brute = monn_brute_force_point(monn, data)
     points.append(brute)
@@ -188,7 +189,13 @@ def run_benchmark(data: BenchData, run: RunConfig) -> dict:
             continue
         config = hsnn_config(data, run, builder)
         model, paths, seconds = build_hsnn(
-            "joint" if builder.startswith("joint") else builder, config, data, run.steps, run.seed, fixed_step(run)
+            "joint" if builder.startswith("joint") else builder,
+            config,
+            data,
+            run.steps,
+            run.seed,
+            fixed_step(run),
+            lr=run.lr,
         )
         # a fixed-path model is evaluated on its own paths, as it was trained and as it serves
         transform = with_paths(data, paths) if paths is not None else (lambda batch: batch)

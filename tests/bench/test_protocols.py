@@ -219,3 +219,20 @@ def test_seeded_quick_run_reports_spread_health_per_level_and_oracle_cost(tmp_pa
         assert report["oracle_cost"][name]["mean"] > 0 and "mean_std" in report["oracle_cost"][name]
     text = (tmp_path / "planted.md").read_text()
     assert " ± " in text and "| hsnn_kmeans | 2 |" in text and "Oracle cost" in text
+
+
+@pytest.mark.parametrize("negatives", [0, 1])
+def test_training_negatives_change_batches_but_not_the_ne_impressions(gowalla_root: Path, negatives: int):
+    data = gowalla_data(gowalla_root, None, protocol="valid", batch_size=4, negatives=negatives)
+    batch = next(iter(data.batches(1, 0)))
+    labels = batch.labels[:, 0]
+    # block layout: every positive followed by its `negatives` sampled rows
+    assert labels.tolist() == ([1.0] + [0.0] * negatives) * (len(labels) // (1 + negatives))
+    ne_labels = data.eval_impressions[0].labels[:, 0]
+    assert ne_labels.sum() * 5 == len(ne_labels)  # one positive + 4 negatives per user, whatever training used
+
+
+@pytest.mark.parametrize("flag", [["--negatives", "-1"], ["--lr", "0"], ["--lr", "2"]])
+def test_cli_rejects_out_of_range_training_knobs(flag: list[str]):
+    with pytest.raises(SystemExit):
+        main(["--dataset", "gowalla", "--quick", *flag])
