@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clitools.progress import progress_bar
 from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
 from hsnn.metrics import calibration, ndcg_at_k, normalized_entropy, recall_at_k
 from hsnn.model import HSNN
-from hsnn.progress import progress_bar
 from hsnn.training import calibrated_click_probs, make_optimizer, train_step
 
 K_VALUES = (10, 20, 50, 100, 200)

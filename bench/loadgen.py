@@ -47,9 +47,9 @@ from pathlib import Path
 import httpx
 import torch
 
+from bench.sizing import beams_for_budget, index_shape
 from hsnn.features import ItemBatch, UserBatch
 from hsnn.index import DEFAULT_CAPACITY_FACTOR
-from hsnn.lti import beams_for_budget, index_shape
 from hsnn.model import HSNN
 from hsnn.serving import retrieve, retrieve_exhaustive
 from hsnn.training import train

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from hsnn.features import ItemBatch
 from hsnn.metrics import index_health
 from hsnn.model import HSNN
-from hsnn.progress import progress_bar
 
 DEFAULT_CAPACITY_FACTOR = 2.0  # no node larger than twice its level's mean
 
@@ -115,7 +115,7 @@ def encode_catalog(model: HSNN, items: ItemBatch, batch_size: int = 8192, progre
     model.eval()
     chunks = []
     starts = range(0, len(items), batch_size)
-    for start in progress_bar(starts, "item tower", enabled=progress):
+    for start in tqdm(starts, "item tower", unit="batch", leave=False, dynamic_ncols=True, disable=not progress):
         rows = torch.arange(start, min(start + batch_size, len(items)))
         chunks.append(model.item_model.encode_items(items.select(rows)))
     return torch.cat(chunks)
