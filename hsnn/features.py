@@ -154,12 +154,3 @@ def interaction_features(
 def interaction_dense_dim(schema: FeatureSchema) -> int:
     return 3 * len(schema.interaction_attributes)
 
-
-def pad_id_lists(lists: Sequence[Sequence[int]], length: int) -> Tensor:
-    """Right-pad (and truncate to the newest `length`) id lists into a (len(lists), length) tensor."""
-    out = torch.zeros(len(lists), length, dtype=torch.long)
-    for row, ids in enumerate(lists):
-        kept = list(ids)[-length:]
-        if kept:
-            out[row, : len(kept)] = torch.as_tensor(kept, dtype=torch.long)
-    return out
