@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hsnn.features import TrainingBatch
-from hsnn.model import CLICK, HSNN, platt_fit
+from hsnn.model import CLICK, HSNN
 from hsnn.monn import MoNN, in_batch_softmax_loss
 
 
@@ -82,14 +82,3 @@ def predict(model: nn.Module, batch: TrainingBatch) -> Tensor:
         logits = model.calibrate(model.num_outputs - 1, logits)
     return torch.sigmoid(logits)
 
-
-def calibrated_click_probs(model: nn.Module, fit: TrainingBatch, batches: list[TrainingBatch]) -> Tensor:
-    """Click probabilities on `batches` after Platt scaling fitted on `fit`, done alike for HSNN and MoNN.
-
-    Comparisons of NE between models are only fair when every model got the same calibration step.
-    """
-    if isinstance(model, HSNN):
-        model.fit_calibration(fit)
-        return torch.cat([predict(model, b)[:, 0] for b in batches])
-    scale, shift = platt_fit(item_logits(model, fit)[:, 0], fit.labels[:, 0], iterations=50)
-    return torch.cat([torch.sigmoid(item_logits(model, b)[:, 0] * scale + shift) for b in batches])
