@@ -80,38 +80,32 @@ class MoNNConfig(StrictModel):
         return self
 
 
-def _tower(num_embed: int, dim: int, hidden: list[int], sparse_dim: int = 16) -> TowerConfig:
-    return TowerConfig(num_embed=num_embed, dim=dim, hidden=hidden, sparse_dim=sparse_dim)
+_Side = tuple[int, list[int]]  # a tower's (num_embed, MLP widths)
+
+
+def _monn(
+    name: str, dim: int, user: _Side, item: _Side, interaction_hidden: int, layers: int, hidden: int
+) -> MoNNConfig:
+    """Towers of one width `dim`, one interaction embedding, `layers` over-arch layers of width `hidden`."""
+    return MoNNConfig(
+        name=name,
+        user=TowerConfig(num_embed=user[0], dim=dim, hidden=user[1]),
+        item=TowerConfig(num_embed=item[0], dim=dim, hidden=item[1]),
+        interaction=TowerConfig(num_embed=1, dim=dim, hidden=[interaction_hidden], sparse_dim=8),
+        overarch_layers=layers,
+        overarch_hidden=hidden,
+    )
 
 
 # Shapes follow the HSNN paper's Table 5 (num_embed x dim per tower); MLP widths are ours,
 # sized so the suite and the benchmarks run on a 2-core CPU.
 PRESETS: dict[str, MoNNConfig] = {
-    "two_tower": MoNNConfig(name="two_tower", user=_tower(1, 40, [64]), item=_tower(1, 40, [64]), dot_product=True),
-    "monn_small": MoNNConfig(
-        name="monn_small",
-        user=_tower(8, 40, [128]),
-        item=_tower(1, 40, [64]),
-        interaction=_tower(1, 40, [32], sparse_dim=8),
-        overarch_layers=1,
-        overarch_hidden=64,
+    "two_tower": MoNNConfig(
+        name="two_tower", user=TowerConfig(dim=40, hidden=[64]), item=TowerConfig(dim=40, hidden=[64]), dot_product=True
     ),
-    "monn_medium": MoNNConfig(
-        name="monn_medium",
-        user=_tower(10, 48, [256]),
-        item=_tower(4, 48, [128]),
-        interaction=_tower(1, 48, [64], sparse_dim=8),
-        overarch_layers=2,
-        overarch_hidden=128,
-    ),
-    "monn_large": MoNNConfig(
-        name="monn_large",
-        user=_tower(30, 48, [256, 256]),
-        item=_tower(8, 48, [128]),
-        interaction=_tower(1, 48, [64], sparse_dim=8),
-        overarch_layers=3,
-        overarch_hidden=256,
-    ),
+    "monn_small": _monn("monn_small", 40, (8, [128]), (1, [64]), interaction_hidden=32, layers=1, hidden=64),
+    "monn_medium": _monn("monn_medium", 48, (10, [256]), (4, [128]), interaction_hidden=64, layers=2, hidden=128),
+    "monn_large": _monn("monn_large", 48, (30, [256, 256]), (8, [128]), interaction_hidden=64, layers=3, hidden=256),
 }
 
 

@@ -153,4 +153,3 @@ def interaction_features(
 
 def interaction_dense_dim(schema: FeatureSchema) -> int:
     return 3 * len(schema.interaction_attributes)
-

@@ -217,4 +217,3 @@ def _layout(
         codebook_sizes=codebook_sizes,
         item_first=model.item_model.item_first(item_embeddings),
     )
-

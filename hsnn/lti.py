@@ -437,4 +437,3 @@ def _place_overflow(cost: Tensor, parent: Tensor, k: int, num_parents: int, cap:
         code[row] = choice
         counts[parent[row] * k + choice] += 1
     return code
-

@@ -81,4 +81,3 @@ def predict(model: nn.Module, batch: TrainingBatch) -> Tensor:
     if isinstance(model, HSNN):
         logits = model.calibrate(model.num_outputs - 1, logits)
     return torch.sigmoid(logits)
-
