@@ -1,19 +1,17 @@
 """Learning To Index: a differentiable codebook per level, stacked residually (RQ-style).
 
-For an input v and codes c_1..c_K: d_k = ||v - c_k||^2 / (dim * s), with s a running mean of
-the distances (so alpha and prices mean the same whatever scale the item tower drifts to).
-Each node also carries a price p_k, raised while it holds more than its share and lowered
-while it holds less (dual ascent on the balance constraint). Cost e_k = d_k + p_k;
-soft assignment a = softmax(-alpha * e); hard node = argmin_k e_k, the same function in
-training and at serving. Node embedding c_bar = sum_k a_k c_k while the schedule is soft,
-the hard code (soft gradient passed straight through) once alpha reaches alpha_max.
-Level l+1 quantises what level l left over, r_{l+1} = r_l - c_bar_l, so a node at level l is
-the path prefix (k_1 .. k_l) and its embedding is the sum of the codes along it; level l+1's
-prices are kept per (parent prefix, code), so every parent's children share its items evenly.
+For an input v and codes c_1..c_K: d_k = ||v - c_k||^2 / (dim * s), s a running mean of the distances
+(so alpha and prices mean the same whatever scale the item tower drifts to). Cost e_k = d_k + p_k, with
+p_k a node's price, set by an auction so no node holds more than its cap. Soft assignment
+a = softmax(-alpha * e); hard node = argmin_k e_k, in training and at serving alike. Node embedding
+c_bar = sum_k a_k c_k while the schedule is soft, the hard code (soft gradient passed straight through)
+once alpha reaches alpha_max. Level l+1 quantises r_{l+1} = r_l - c_bar_l, so a level-l node is the path
+prefix (k_1 .. k_l), embedded as the sum of its codes; prices are per (parent prefix, code), so every
+parent's children share its items evenly.
 
-Paper: HSNN (arXiv 2024) §3.2, Algorithm 1 (soft assignment, temperature schedule, FLOPs
-regulariser); the prices, k-means seeding, hardening and the build-time cap are this
-project's answers to the collapse and imbalance measured on the plain version (docs/architecture.md).
+Paper: HSNN (arXiv 2024) §3.2, Algorithm 1 (soft assignment, temperature schedule, FLOPs regulariser);
+prices, k-means seeding, hardening and the build-time cap answer the collapse and imbalance measured on
+the plain version (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -60,6 +58,20 @@ def is_hardened(config: LTIConfig, step: int) -> bool:
     return not config.use_temperature_schedule or step >= config.schedule_steps
 
 
+def group_means(x: Tensor, group: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Mean row of x per group, (groups, dim) with 0 for an empty group, and the group sizes (groups,)."""
+    counts = torch.bincount(group, minlength=groups).to(x.dtype)
+    return x.new_zeros(groups, x.shape[1]).index_add_(0, group, x) / counts.clamp(min=1).unsqueeze(1), counts
+
+
+def rank_in_groups(group: Tensor, key: Tensor, descending: bool = False) -> tuple[Tensor, Tensor]:
+    """Positions sorted by group, then by key (stable), and each one's rank inside its group: a segmented sort."""
+    order = torch.argsort(key, descending=descending, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    _, sizes = torch.unique_consecutive(group[order], return_counts=True)
+    return order, torch.arange(len(order)) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+
+
 def kmeans(x: Tensor, k: int, iterations: int = 20, seed: int = 0) -> Tensor:
     """Plain Lloyd's k-means with k-means++ seeding; returns (k, dim) centroids."""
     generator = torch.Generator().manual_seed(seed)
@@ -69,10 +81,8 @@ def kmeans(x: Tensor, k: int, iterations: int = 20, seed: int = 0) -> Tensor:
         probs = nearest / nearest.sum() if nearest.sum() > 0 else torch.full_like(nearest, 1 / len(x))
         centroids = torch.cat([centroids, x[torch.multinomial(probs, 1, generator=generator)]])
     for _ in range(iterations):
-        assign = squared_distances(x, centroids).argmin(dim=1)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        means, counts = group_means(x, squared_distances(x, centroids).argmin(dim=1), k)
+        centroids = torch.where(counts.unsqueeze(1) > 0, means, centroids)
     return centroids
 
 
@@ -167,18 +177,15 @@ class LearnedIndexLevel(nn.Module):
 
     @torch.no_grad()
     def ema_update(self) -> None:
-        """code_k <- d * code_k + (1 - d) * mean of last batch's inputs whose hard node is k (nodes with members).
+        """code_k <- d * code_k + (1 - d) * mean of the last batch's inputs on node k (nodes with members).
 
-        Run after the optimiser step (not inside the forward, whose graph still holds the codebook).
+        Run after the optimiser step: the forward's graph still holds the codebook.
         """
         if not self.config.use_ema_codebook or self._recent_inputs is None or self._recent_hard is None:
             return
-        x, hard = self._recent_inputs, self._recent_hard
-        sums = torch.zeros_like(self.codebook).index_add_(0, hard, x)
-        counts = torch.bincount(hard, minlength=self.num_nodes).unsqueeze(1).to(x.dtype)
-        target = sums / counts.clamp(min=1)
-        decay = self.config.ema_decay
-        self.codebook.copy_(torch.where(counts > 0, decay * self.codebook + (1 - decay) * target, self.codebook))
+        target, counts = group_means(self._recent_inputs, self._recent_hard, self.num_nodes)
+        decay, moved = self.config.ema_decay, counts.unsqueeze(1) > 0
+        self.codebook.copy_(torch.where(moved, decay * self.codebook + (1 - decay) * target, self.codebook))
         self._recent_hard = None  # one update per batch: steps on a fixed index (no LTI forward) must not replay it
 
     @torch.no_grad()
@@ -401,18 +408,10 @@ def _auction(level: LearnedIndexLevel, x: Tensor, parent: Tensor, cap: int, max_
             if stale >= patience:
                 break
         margin = (best2.values[:, 1] - best2.values[:, 0]) if k > 1 else torch.zeros(len(x))
-        in_over = over[group]
-        rows = torch.nonzero(in_over).flatten()
-        # sort the rows of over-full groups by (group, margin descending); rank within the group
-        order = rows[torch.argsort(-margin[rows], stable=True)]
-        order = order[torch.argsort(group[order], stable=True)]
-        _, per_group = torch.unique_consecutive(group[order], return_counts=True)
-        first = torch.repeat_interleave(torch.cumsum(per_group, 0) - per_group, per_group)
-        rank = torch.arange(len(order)) - first
-        pivot = order[rank == cap]  # the first row each over-full group lets go
-        raise_by = margin[pivot] + 1e-4
-        flat = level.price.view(-1)
-        flat.index_add_(0, group[pivot], raise_by)
+        rows = torch.nonzero(over[group]).flatten()  # rows of over-full groups, ranked by margin (largest first)
+        order, rank = rank_in_groups(group[rows], -margin[rows])
+        pivot = rows[order[rank == cap]]  # the first row each over-full group lets go
+        level.price.view(-1).index_add_(0, group[pivot], margin[pivot] + 1e-4)
     return _place_overflow(dist + level.price[parent], parent, k, level.num_parents, cap)
 
 
@@ -424,11 +423,7 @@ def _place_overflow(cost: Tensor, parent: Tensor, k: int, num_parents: int, cap:
     counts = torch.bincount(group, minlength=num_parents * k)
     if not bool((counts > cap).any()):
         return code
-    own = cost.gather(1, code.unsqueeze(1)).squeeze(1)
-    order = torch.argsort(own, stable=True)
-    order = order[torch.argsort(group[order], stable=True)]
-    _, per_group = torch.unique_consecutive(group[order], return_counts=True)
-    rank = torch.arange(len(order)) - torch.repeat_interleave(torch.cumsum(per_group, 0) - per_group, per_group)
+    order, rank = rank_in_groups(group, cost.gather(1, code.unsqueeze(1)).squeeze(1))
     evicted = order[rank >= cap]
     counts = torch.bincount(group[order[rank < cap]], minlength=num_parents * k)
     for row in evicted.tolist():

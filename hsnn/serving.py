@@ -21,6 +21,7 @@ from torch import Tensor
 
 from hsnn.features import UserBatch
 from hsnn.index import HierarchicalIndex, expand_ranges
+from hsnn.lti import rank_in_groups
 from hsnn.model import CLICK, HSNN
 from hsnn.monn import MoNN
 
@@ -98,12 +99,7 @@ def _allowed(index: HierarchicalIndex, rows: Tensor, exclude: Tensor | None) -> 
 
 def _top_per_user(pair_user: Tensor, score: Tensor, limit: int) -> Tensor:
     """Positions of each user's `limit` best pairs, grouped by user and best first (a segmented top-k)."""
-    order = torch.argsort(score, descending=True, stable=True)
-    order = order[torch.argsort(pair_user[order], stable=True)]
-    grouped_user = pair_user[order]
-    counts = torch.bincount(grouped_user)
-    group_start = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(order)) - group_start[grouped_user]
+    order, rank = rank_in_groups(pair_user, score, descending=True)
     return order[rank < limit]
 
 
