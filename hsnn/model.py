@@ -1,12 +1,11 @@
 """HSNN: a mixture of MoNNs over a learned hierarchical item index.
 
-Index levels run coarsest first; each has a codebook (LTI) and its own MoNN, and the item
-level has the item MoNN. Training scores every impression at every level: the item level
-with the item's own features, each index level with the item's node embedding (soft early,
-the hard serving node once the schedule ends) in place of the item. An ensemble layer turns
-the outputs along the item's path into one logit per level, and every level gets its own
-supervision: log loss (calibration, NE) plus a ranking loss (the clicked item's node against
-its siblings; the clicked item against the batch's items) that beam search and top-k need.
+Index levels run coarsest first, each with a codebook (LTI) and its own MoNN; the item level has the item
+MoNN. Training scores every impression at every level: the item level with the item's features, each index
+level with the item's node embedding (soft early, the hard serving node once the schedule ends). An
+ensemble turns the outputs along the item's path into one logit per level, and every level gets log loss
+(calibration, NE) plus the ranking loss beam search and top-k need (the clicked item's node against its
+siblings; the clicked item against the batch's items).
 """
 
 from __future__ import annotations
@@ -19,17 +18,14 @@ from torch import Tensor, nn
 
 from hsnn.config import FeatureSchema, HSNNConfig
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
-from hsnn.lti import IndexOutput, LevelOutput, ResidualIndex
+from hsnn.lti import IndexOutput, LevelOutput, ResidualIndex, group_means
 from hsnn.monn import MoNN, in_batch_softmax_loss
 
 
 class ProbeUsers(nn.Module):
-    """K users drawn once from the training stream, raw features kept as buffers (saved with the weights).
-
-    They are the axes of the score-profile index input: an item is described by the item model's click
-    logits for these users, I2IF included, so the profile says who would click it. Sparse id lists are
-    kept up to `max_ids` per feature (mean-pooled bags ignore the zero padding).
-    """
+    """K users drawn once from the training stream, raw features saved with the weights: the axes of the
+    score-profile index input (an item's click logits for these users, I2IF included, say who would click it).
+    Sparse id lists keep up to `max_ids` per feature (mean-pooled bags ignore the zero padding)."""
 
     def __init__(self, schema: FeatureSchema, count: int, max_ids: int = 8):
         super().__init__()
@@ -75,17 +71,15 @@ class ProbeUsers(nn.Module):
 
 
 class NodeMeans(nn.Module):
-    """Per level, one vector per node built from its members' item embeddings: what a level model reads
-    with `node_input` "member_mean" or "learned".
+    """Per level, one vector per node from its members' item embeddings (`node_input` member_mean / learned).
 
-    A level-l node is a path prefix, numbered key = ((k_1 * K_2 + k_2) * K_3 + ...) as in the serving
-    layout. member_mean: each training step moves a node's row towards the mean of the batch items on
-    it (an EMA, detached: the table describes the item tower, it does not train it); the table is a
-    buffer. learned: residual rows, as the index's own codes: a node's vector is the sum of its row and
-    its ancestors' rows, a row starts as the first batch members' mean minus the parent's vector, then
-    it is a parameter trained by the level losses (as a given hierarchy's codes are), so a sparsely
-    visited leaf starts from, and shares what is learned for, its parent. Either way the table is saved
-    with the weights and the index layout reads the same rows: one input for training and serving.
+    A level-l node is a path prefix, key = ((k_1 * K_2 + k_2) * K_3 + ...) as in the serving layout.
+    member_mean: a buffer; each training step moves a node's row towards its batch items' mean (a detached
+    EMA: the table describes the item tower, it does not train it). learned: residual rows, as the index's
+    codes: a node's vector sums its row and its ancestors'; a row starts at its first members' mean minus
+    the parent's vector, then the level losses train it, so a rarely visited leaf starts from, and shares
+    what is learned for, its parent. The table is saved with the weights and the index layout reads the
+    same rows: one input for training and serving.
     """
 
     def __init__(self, codebook_sizes: list[int], dim: int, decay: float, learned: bool = False):
@@ -135,11 +129,9 @@ class NodeMeans(nn.Module):
         """vectors: (N, dim) detached item embeddings of the batch rows whose prefix keys are `keys`."""
         for level, key in enumerate(keys):
             means, seen = self.means(level).data, self.seen(level)
-            counts = torch.bincount(key, minlength=len(seen)).to(vectors.dtype)  # (nodes,)
-            sums = torch.zeros_like(means).index_add_(0, key, vectors)
+            batch_means, counts = group_means(vectors, key, len(seen))  # (nodes, dim), (nodes,)
             hit = counts > 0
-            batch_mean = sums[hit] / counts[hit, None]
-            fresh = (seen[hit] == 0)[:, None]
+            batch_mean, fresh = batch_means[hit], (seen[hit] == 0)[:, None]
             if self.learned:  # rows are only initialised here, as residuals on the parent's vector
                 nodes = torch.nonzero(hit).flatten()
                 parent = self.vectors(level - 1, nodes // self.codebook_sizes[level]) if level > 0 else 0.0
@@ -187,16 +179,11 @@ class HSNN(nn.Module):
         index_dim = config.probe_users if profile else self.item_model.item_embedding_size
         self.index = ResidualIndex(index_dim, config.levels)
         self.probes = ProbeUsers(schema, config.probe_users) if profile else None
-        item_size = self.item_model.item_embedding_size
+        item_size, sizes = self.item_model.item_embedding_size, [c.num_nodes for c in config.levels]
         member_mean = config.node_input in ("member_mean", "learned")
         node_dim = item_size if member_mean else index_dim
-        self.node_means = (
-            NodeMeans(
-                [c.num_nodes for c in config.levels], item_size, config.node_mean_decay, config.node_input == "learned"
-            )
-            if member_mean
-            else None
-        )
+        learned = config.node_input == "learned"
+        self.node_means = NodeMeans(sizes, item_size, config.node_mean_decay, learned) if member_mean else None
         # A node has no features of its own (its representative item's I2IF would differ from the
         # training item's), so level models read the user and the node embedding: identical inputs
         # in training and at serving.
@@ -243,11 +230,9 @@ class HSNN(nn.Module):
         if self.probes is not None and self.training and not bool(self.probes.captured):
             self.probes.capture(users, seed=int(self.step))
             self.index.clear_reservoir()  # what the index saw so far was not a profile over these users
-        if self.config.index_stop_gradient or not self.config.use_joint_index:
-            with torch.no_grad():
-                index_input = self.index_vectors(item_emb, items)  # (B, index_dim)
-        else:
-            index_input = self.index_vectors(item_emb, items)
+        detached = self.config.index_stop_gradient or not self.config.use_joint_index
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detached):
+            index_input = self.index_vectors(item_emb, items)  # (B, index_dim)
         if batch.item_paths is not None:
             index_out = self._fixed_index(index_input, batch.item_paths)
         else:

@@ -1,14 +1,12 @@
 """Layer-wise retrieval over a HierarchicalIndex, and the exhaustive scoring it must match.
 
-Per query: each level's user tower once; level 0 scores every node; each later level scores
-the children of the nodes the previous level kept (top-b); the item level scores the live
-items under the kept leaves with the item MoNN; the ensemble combines each candidate's
-outputs along its path. Several users are scored in one pass (pairs carry a user row), which
-is what request batching in the API relies on.
+Per query: each level's user tower once; level 0 scores every node; each later level scores the children
+of the nodes the previous level kept (top-b); the item level scores the live items under the kept leaves;
+the ensemble combines each candidate's outputs along its path. Several users go through one pass (pairs
+carry a user row): the API's request batching relies on it.
 
-Scoring splits the first over-arch Linear, W [u; i; x] = W_u u + (W_i i + b) + W_x x: the item
-halves are index tables (built with the index, filled here if an index arrived without them),
-W_u u runs once per user, so per pair only the interaction part and the rest of the net run.
+Scoring splits the first over-arch Linear, W [u; i; x] = W_u u + (W_i i + b) + W_x x: the item halves are
+index tables, W_u u runs once per user, so per pair only W_x x and the rest of the net run.
 """
 
 from __future__ import annotations
