@@ -26,8 +26,6 @@ from torch import Tensor, nn
 
 from hsnn.config import LTIConfig
 
-_PRICE_LIMIT = 8.0  # prices are in mean-distance units; beyond this a node is unreachable anyway
-
 
 @dataclass
 class LevelOutput:
@@ -99,7 +97,7 @@ class LearnedIndexLevel(nn.Module):
         self.register_buffer("distance_scale", torch.zeros(()))  # 0 until the first training batch
         self._pooled: deque[tuple[Tensor, int]] = deque(maxlen=max(config.flops_pool_batches - 1, 0))
         self._recent_inputs: Tensor | None = None
-        self._recent_hard: Tensor | None = None
+        self._recent_hard: Tensor | None = None  # the last training batch's inputs and hard nodes
         self.frozen = False  # set by ResidualIndex.freeze; the index-level buffer is what snapshots keep
 
     @property
@@ -137,7 +135,7 @@ class LearnedIndexLevel(nn.Module):
             if self.config.flops_at_target_temperature:
                 balanced = torch.softmax(-self.config.alpha_max * cost, dim=1)
             flops_loss = self._flops_regularizer(balanced)
-            self._track_usage(x.detach(), hard, parent)
+            self._track_usage(x.detach(), hard)
         moving = self.config.node_losses_move_codes and not self.frozen
         codebook = self.codebook if moving else self.codebook.detach()
         return LevelOutput(soft=soft, node_embedding=weights @ codebook, hard=hard, flops_loss=flops_loss)
@@ -151,36 +149,29 @@ class LearnedIndexLevel(nn.Module):
             self.distance_scale.mul_(0.99).add_(0.01 * mean)
 
     def _flops_regularizer(self, soft: Tensor) -> Tensor:
-        """K * sum_k (mean soft assignment)^2 over this batch and the last M-1 (detached) batches.
-
-        Equals 1 for a perfectly balanced index and K when everything sits in one node.
-        """
+        """K * sum_k (mean soft assignment)^2 over this batch and the last M-1 (detached) ones: 1 when perfectly
+        balanced, K when everything sits in one node."""
         if not self.config.use_flops_regularizer:
             return soft.new_zeros(())
-        total = soft.sum(dim=0)
-        count = soft.shape[0]
+        total, count = soft.sum(dim=0), soft.shape[0]
         for past_sum, past_count in self._pooled:
-            total = total + past_sum
-            count += past_count
+            total, count = total + past_sum, count + past_count
         if self._pooled.maxlen:
             self._pooled.append((soft.sum(dim=0).detach(), soft.shape[0]))
         mean = total / count
         return self.num_nodes * (mean * mean).sum()
 
     @torch.no_grad()
-    def _track_usage(self, x: Tensor, hard: Tensor, parent: Tensor | None) -> None:
+    def _track_usage(self, x: Tensor, hard: Tensor) -> None:
         share = torch.bincount(hard, minlength=self.num_nodes).to(x.dtype) / len(hard)
         decay = self.config.usage_ema_decay
         self.usage_ema.mul_(decay).add_(share, alpha=1 - decay)
-        self._recent_inputs = x
-        self._recent_hard = hard
+        self._recent_inputs, self._recent_hard = x, hard
 
     @torch.no_grad()
     def ema_update(self) -> None:
-        """code_k <- d * code_k + (1 - d) * mean of the last batch's inputs on node k (nodes with members).
-
-        Run after the optimiser step: the forward's graph still holds the codebook.
-        """
+        """code_k <- d * code_k + (1 - d) * mean of the last batch's inputs on node k (nodes with members); run
+        after the optimiser step, as the forward's graph still holds the codebook."""
         if not self.config.use_ema_codebook or self._recent_inputs is None or self._recent_hard is None:
             return
         target, counts = group_means(self._recent_inputs, self._recent_hard, self.num_nodes)
@@ -194,10 +185,8 @@ class LearnedIndexLevel(nn.Module):
 
     @torch.no_grad()
     def reseed_dead_codes(self, generator: torch.Generator | None = None) -> int:
-        """Move dead codes onto recent inputs drawn from the busiest nodes; returns how many moved.
-
-        Drawing from crowded nodes splits them, which is what a collapsed index needs.
-        """
+        """Move dead codes onto recent inputs drawn from the busiest nodes (splitting them, as a collapsed index
+        needs); returns how many moved."""
         if not self.config.use_dead_code_reseed or self._recent_inputs is None:
             return 0
         dead = self.dead_nodes()
@@ -285,11 +274,8 @@ class ResidualIndex(nn.Module):
 
     @torch.no_grad()
     def seed_with_kmeans(self, seed: int = 0) -> bool:
-        """Residual k-means over the recent item embeddings (the warmed-up item tower's), level by level.
-
-        A random codebook on a still-moving embedding space is what collapsed the first LTI; seeding
-        from embeddings the item loss has already shaped starts every node on real items.
-        """
+        """Residual k-means over the recent (warmed-up) item embeddings, level by level: a random codebook on a
+        still-moving embedding space collapsed the first LTI; this starts every node on real items."""
         if not self._reservoir:
             return False
         x = torch.cat(list(self._reservoir))
@@ -312,8 +298,7 @@ class ResidualIndex(nn.Module):
 
     @torch.no_grad()
     def after_step(self, step: int) -> int:
-        """Once the codebooks are seeded: EMA code updates every step, dead-code re-seeding on schedule;
-        returns how many codes were re-seeded. Called by the training step after the optimiser step."""
+        """After the optimiser step, once seeded: EMA code updates, dead-code re-seeding on schedule (returned)."""
         if not bool(self.seeded) or bool(self.frozen):
             return 0
         for level in self.levels:
@@ -330,12 +315,9 @@ class ResidualIndex(nn.Module):
 
     @torch.no_grad()
     def rebalance(self, capacity_factor: float, generator: torch.Generator | None = None, force: bool = False) -> int:
-        """Re-price every level on the recent item embeddings so no node holds more than capacity_factor x
-        its share, after splitting the largest top-level node for every empty one; returns codes moved.
-
-        Prices are set afresh from a sample each time (an auction, not per-batch dual ascent, which
-        oscillates: inside a tight cluster every price step moves the whole cluster).
-        """
+        """Re-price every level on recent item embeddings so no node holds over capacity_factor x its share,
+        after splitting the largest top node for every empty one; returns codes moved. Prices are set afresh by
+        an auction (per-batch dual ascent oscillates: in a tight cluster every price step moves all of it)."""
         if not self._reservoir or not (force or any(level.config.use_balance_prices for level in self.levels)):
             return 0
         x = torch.unique(torch.cat(list(self._reservoir)), dim=0)  # a batch stream repeats items
@@ -359,12 +341,9 @@ class ResidualIndex(nn.Module):
 
     @torch.no_grad()
     def assign_with_capacity(self, v: Tensor, capacity_factor: float, max_rounds: int = 5000) -> Tensor:
-        """Hard paths (N, levels) in which no node at any level holds more than capacity_factor x its level's
-        mean, found by raising the prices of over-full nodes (an auction), level by level.
-
-        The prices are kept, so afterwards `assign` reproduces these paths item by item: the index a build
-        lays out, the path training computes and the path a new item gets from the indexer stay one function.
-        """
+        """Hard paths (N, levels) where no node holds over capacity_factor x its level's mean: an auction raises
+        over-full nodes' prices, level by level. The prices stay, so `assign` then reproduces these paths: a
+        build's layout, training's path and the indexer's path for a new item stay one function."""
         residual = v
         parent = torch.zeros(len(v), dtype=torch.long, device=v.device)
         codes = []
@@ -381,12 +360,11 @@ class ResidualIndex(nn.Module):
 def _auction(level: LearnedIndexLevel, x: Tensor, parent: Tensor, cap: int, max_rounds: int) -> Tensor:
     """Raise over-full (parent, node) prices until every node holds <= cap rows; returns the codes (N,).
 
-    Each round, an over-full node keeps the `cap` rows that prefer it most (largest margin over their
-    next-best node) and its price rises just past the next row's margin, which moves the rest on.
-    Prices only rise, so rounds end. Rows with identical embeddings cannot be told apart by any price,
-    and cascades can make the auction slow: when the overflow stops shrinking for `patience` rounds, the
-    rows still in excess go greedily to their best node with room (`_place_overflow`); only those rows
-    then differ from what `assign` would give, and the cap holds whatever the input.
+    Each round an over-full node keeps the `cap` rows that prefer it most (largest margin over their next
+    best) and its price rises just past the next row's margin, moving the rest on; prices only rise, so
+    rounds end. Identical rows cannot be told apart by a price and cascades can be slow: when the overflow
+    stops shrinking for `patience` rounds, the excess goes greedily to its best node with room
+    (`_place_overflow`); only those rows differ from `assign`, and the cap holds whatever the input.
     """
     k = level.num_nodes
     dist = level.distances(x)  # (N, K)
