@@ -1,10 +1,9 @@
 """The in-memory hierarchical index that serving walks: nodes per level, children, items per leaf.
 
-Nodes at level l are the distinct hard path prefixes (k_1..k_l) of the live items, kept in
-key order, so the children of a node (and the items of a leaf) are one contiguous range:
-each level stores CSR offsets into the next. Everything a query needs that does not depend
-on the user (item tower outputs, node projections, representative items, and the item half of
-each MoNN's first over-arch Linear) is precomputed here, once per index version.
+Level-l nodes are the distinct hard path prefixes (k_1..k_l) of the items in key order, so a node's
+children (a leaf's items) are one contiguous range: CSR offsets into the next level. What a query needs
+that does not depend on the user (item tower outputs, node projections, representatives, the item half
+of each MoNN's first over-arch Linear) is computed here, once per index version.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from hsnn.features import ItemBatch
+from hsnn.lti import group_means
 from hsnn.model import HSNN
 
 DEFAULT_CAPACITY_FACTOR = 2.0  # no node larger than twice its level's mean
@@ -66,14 +66,10 @@ class HierarchicalIndex:
         paths: Tensor | None = None,
         replace: bool = True,
     ) -> HierarchicalIndex:
-        """A new index with these items appended (this one is left as it is).
-
-        New items join their hard path's leaf; a path prefix no item had before becomes a new node
-        (the layout, CSR offsets, representatives and node projections are recomputed). Embeddings and
-        paths are computed with `model` unless given (e.g. taken from an indexer's delta). With
-        `replace`, rows already holding one of these ids are marked expired first, so an update is an
-        append plus an expire. Expired rows stay in the table until the next full build.
-        """
+        """A new index with these items appended (this one stays): each joins its hard path's leaf, a new prefix
+        becomes a new node, the layout is recomputed. Embeddings and paths come from `model` unless given (an
+        indexer's delta). `replace` expires rows holding these ids first, so an update is append + expire;
+        expired rows stay until the next full build."""
         if item_embeddings is None:
             item_embeddings = encode_catalog(model, items)
         if paths is None:
@@ -129,13 +125,12 @@ def build_index(
     progress: bool = False,
     capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
 ) -> HierarchicalIndex:
-    """Assign every live item to its hard path and lay the hierarchy out for serving.
+    """Assign every item to its hard path and lay the hierarchy out for serving.
 
-    With `capacity_factor` c, no node at any level holds more than c x its level's mean, whatever
-    training left: over-full nodes' prices are raised until they fit (`ResidualIndex.assign_with_capacity`),
-    and the prices stay in `model`, so later single-item assignments (the indexer's deltas) follow the
-    same rule. `None` keeps the plain argmin. `paths` overrides the learned assignment (the other index
-    builders in the benchmark: an existing hierarchy, k-means, EM), keeping the same serving code.
+    With `capacity_factor` c no node holds over c x its level's mean, whatever training left: the auction's
+    prices (`ResidualIndex.assign_with_capacity`) stay in `model`, so the indexer's later single-item
+    assignments follow the same rule; None keeps the plain argmin. `paths` overrides the learned assignment
+    (the benchmark's other index builders: an existing hierarchy, k-means, EM) with the same serving code.
     """
     if len(item_ids) == 0:
         raise ValueError("cannot build an index over an empty catalogue")
@@ -159,11 +154,8 @@ def _layout(
     live: Tensor,
     vectors: Tensor | None = None,
 ) -> HierarchicalIndex:
-    """Lay the hierarchy out over items whose embeddings and hard paths are known.
-
-    A node's representative is its closest *live* member when it has one (its closest member otherwise);
-    with every item live this is exactly what `build_index` always did.
-    """
+    """Lay the hierarchy out over items whose embeddings and hard paths are known. A node's representative is
+    its closest *live* member when it has one (its closest member otherwise)."""
     if vectors is None:  # (N, index_dim): what the index assigns, for each node's closest member
         vectors = model.index_vectors(item_embeddings, items)
     penalty = None if bool(live.all()) else torch.where(live, 0.0, float("inf"))
@@ -181,9 +173,7 @@ def _layout(
         ranked = distance if penalty is None else distance + penalty
         representative = _closest_per_group(inverse, ranked, len(node_keys))
         embedding = cumulative[representative]
-        flat = item_embeddings.flatten(1)  # (N, item_size)
-        member_means = torch.zeros(len(node_keys), flat.shape[1]).index_add_(0, inverse, flat)
-        member_means /= torch.bincount(inverse, minlength=len(node_keys)).clamp(min=1).unsqueeze(1)
+        member_means = group_means(item_embeddings.flatten(1), inverse, len(node_keys))[0]  # (M, item_size)
         node_input = model.node_inputs(level_idx, node_keys, embedding, member_means)
         projected = model.level_models[level_idx].project_nodes(node_input)  # (M, num_embed, dim)
         levels.append(
@@ -202,8 +192,7 @@ def _layout(
         parent_keys = lower.keys // codebook_sizes[level_idx + 1]  # sorted, since lower.keys is
         first_child = torch.searchsorted(parent_keys, upper.keys)
         upper.child_offsets = torch.cat([first_child, torch.tensor([len(lower.keys)])])
-    leaf_nodes = item_nodes[:, -1]
-    leaf_items = torch.argsort(leaf_nodes, stable=True)
+    leaf_items = torch.argsort(item_nodes[:, -1], stable=True)
     levels[-1].child_offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(levels[-1].sizes, 0)])
     return HierarchicalIndex(
         item_ids=item_ids,
