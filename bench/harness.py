@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bench.metrics import ndcg_at_k
 from clitools.progress import progress_bar
 from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
-from hsnn.metrics import calibration, ndcg_at_k, normalized_entropy, recall_at_k
+from hsnn.metrics import calibration, normalized_entropy, recall_at_k
 from hsnn.model import HSNN, platt_fit
 from hsnn.training import item_logits, make_optimizer, predict, train_step
 

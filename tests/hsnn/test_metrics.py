@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hsnn.metrics import auc, calibration, index_health, log_loss, normalized_entropy, recall_at_k
+from hsnn.metrics import calibration, index_health, log_loss, normalized_entropy, recall_at_k
 
 
 def test_normalized_entropy_hand_computed():
@@ -38,11 +38,3 @@ def test_index_health_counts_dead_nodes_and_imbalance():
     even = index_health(torch.arange(8) % 4, num_nodes=4)
     assert even["max_over_mean"] == pytest.approx(1.0) and even["entropy"] == pytest.approx(1.0)
     assert even["gini"] == pytest.approx(0.0)
-
-
-def test_auc_counts_ordered_pairs_and_halves_ties():
-    labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    # positives 0.9 and 0.3, negatives 0.5 and 0.3: pairs (0.9>0.5, 0.9>0.3, 0.3<0.5, 0.3=0.3) -> 2.5 / 4
-    assert auc(torch.tensor([0.9, 0.5, 0.3, 0.3]), labels) == pytest.approx(0.625)
-    assert auc(torch.tensor([0.9, 0.1, 0.8, 0.2]), labels) == 1.0
-    assert math.isnan(auc(torch.tensor([0.1, 0.2]), torch.tensor([0.0, 0.0])))
