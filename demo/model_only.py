@@ -12,13 +12,14 @@ import time
 
 import torch
 
+from bench.exhaustive import retrieve_exhaustive
 from bench.harness import calibrated_click_probs
 from clitools.progress import progress_bar
 from hsnn.index import build_index
 from hsnn.metrics import index_health, normalized_entropy, recall_at_k
 from hsnn.model import HSNN
 from hsnn.monn import MoNN
-from hsnn.serving import retrieve, retrieve_exhaustive
+from hsnn.serving import retrieve
 from hsnn.training import make_optimizer, train_step
 from worlds.planted import SCHEMA, make_batches, make_users, make_world, tiny_hsnn_config, tiny_monn, true_logits
 
