@@ -17,12 +17,13 @@ import torch
 from torch import Tensor
 
 from bench.metrics import ndcg_at_k
+from bench.platt import calibrated_click_probs
 from clitools.progress import progress_bar
 from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
 from hsnn.metrics import calibration, normalized_entropy, recall_at_k
-from hsnn.model import HSNN, platt_fit
-from hsnn.training import item_logits, make_optimizer, predict, train_step
+from hsnn.model import HSNN
+from hsnn.training import make_optimizer, train_step
 
 K_VALUES = (10, 20, 50, 100, 200)
 
@@ -136,18 +137,6 @@ def split_held_out(data: BenchData) -> tuple[TrainingBatch, list[TrainingBatch]]
         for rows in halves
     ]
     return parts[0], parts[1:]
-
-
-def calibrated_click_probs(model: torch.nn.Module, fit: TrainingBatch, batches: list[TrainingBatch]) -> Tensor:
-    """Click probabilities on `batches` after Platt scaling fitted on `fit`, done alike for HSNN and MoNN.
-
-    Comparisons of NE between models are only fair when every model got the same calibration step.
-    """
-    if isinstance(model, HSNN):
-        model.fit_calibration(fit)
-        return torch.cat([predict(model, b)[:, 0] for b in batches])
-    scale, shift = platt_fit(item_logits(model, fit)[:, 0], fit.labels[:, 0], iterations=50)
-    return torch.cat([torch.sigmoid(item_logits(model, b)[:, 0] * scale + shift) for b in batches])
 
 
 def quality(

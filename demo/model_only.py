@@ -13,7 +13,7 @@ import time
 import torch
 
 from bench.exhaustive import retrieve_exhaustive
-from bench.harness import calibrated_click_probs
+from bench.platt import calibrated_click_probs
 from clitools.progress import progress_bar
 from hsnn.index import build_index
 from hsnn.metrics import index_health, normalized_entropy, recall_at_k

@@ -194,7 +194,7 @@ class HSNN(nn.Module):
         self.num_outputs = len(config.levels) + 1
         num_tasks = len(schema.tasks)
         self.ensemble = Ensemble(self.num_outputs, num_tasks)
-        # Post-hoc Platt scaling per output level and task, fitted by `fit_calibration`.
+        # Post-hoc Platt scaling per output level and task, fitted on held-out data by `bench.platt`.
         self.register_buffer("calibration_scale", torch.ones(self.num_outputs, num_tasks))
         self.register_buffer("calibration_shift", torch.zeros(self.num_outputs, num_tasks))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -380,53 +380,3 @@ class HSNN(nn.Module):
         """Weighted multi-task log loss."""
         per_task = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=0)
         return (per_task * self.task_weights).sum()
-
-    @torch.no_grad()
-    def fit_calibration(self, batch: TrainingBatch, iterations: int = 50) -> None:
-        """Platt-scale every output level and task on held-out data (monotone: rankings stay)."""
-        was_training = self.training
-        self.eval()
-        logits = self(batch).logits
-        self.train(was_training)
-        for level, level_logits in enumerate(logits):
-            for task in range(level_logits.shape[1]):
-                scale, shift = platt_fit(level_logits[:, task], batch.labels[:, task], iterations)
-                self.calibration_scale[level, task] = scale
-                self.calibration_shift[level, task] = shift
-
-
-def platt_fit(logits: Tensor, labels: Tensor, iterations: int, min_scale: float = 1e-3) -> tuple[float, float]:
-    """Fit sigmoid(scale * logit + shift) to the labels by log loss; returns (scale, shift).
-
-    LBFGS with a strong-Wolfe line search: without it, sharply scaled logits and rare positives
-    make the plain step overshoot to absurd scales. The map must stay increasing (rankings are
-    kept), so when the best scale is below `min_scale` (the logits rank this data no better than
-    chance) the scale is pinned there and only the shift is fitted: about the base rate.
-    """
-    if labels.min() == labels.max():
-        return 1.0, 0.0
-    logits, labels = logits.detach().double(), labels.detach().double()
-    scale, shift = _fit_log_loss(logits, labels, torch.tensor([1.0, 0.0], dtype=torch.float64), iterations)
-    if scale < min_scale:
-        _, shift = _fit_log_loss(logits, labels, torch.tensor([min_scale, 0.0], dtype=torch.float64), iterations, True)
-        scale = min_scale
-    return scale, shift
-
-
-def _fit_log_loss(
-    logits: Tensor, labels: Tensor, start: Tensor, iterations: int, shift_only: bool = False
-) -> tuple[float, float]:
-    scale = start[0].clone().requires_grad_(not shift_only)
-    shift = start[1].clone().requires_grad_(True)
-    params = [shift] if shift_only else [scale, shift]
-    optimizer = torch.optim.LBFGS(params, max_iter=iterations, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(logits * scale + shift, labels)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return float(scale.detach()), float(shift.detach())
