@@ -18,11 +18,8 @@ def log_loss(probs: Tensor, labels: Tensor) -> float:
 
 
 def normalized_entropy(probs: Tensor, labels: Tensor, base_rate: float | None = None) -> float:
-    """Mean log loss divided by the log loss of always predicting the base rate (lower is better).
-
-    `base_rate` defaults to the mean label of this set; pass the training base rate to follow
-    the DESIGN definition exactly.
-    """
+    """Mean log loss over that of always predicting the base rate (lower is better); `base_rate` defaults to
+    this set's mean label, pass the training base rate for the DESIGN definition."""
     rate = float(labels.double().mean()) if base_rate is None else base_rate
     rate = min(max(rate, _EPS), 1 - _EPS)
     baseline = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
@@ -46,10 +43,8 @@ def recall_at_k(retrieved: Sequence[Sequence[int]], relevant: Sequence[set[int]]
 
 
 def index_health(node_of_item: Tensor, num_nodes: int) -> dict[str, float]:
-    """Balance of an item->node assignment over all `num_nodes` codes (a dead code counts as size 0).
-
-    max_over_mean is 1 for a perfectly even index; entropy is normalised to [0, 1].
-    """
+    """Balance of an item->node assignment over all `num_nodes` codes (a dead code counts as size 0):
+    max_over_mean is 1 for a perfectly even index; entropy is normalised to [0, 1]."""
     sizes = torch.bincount(node_of_item, minlength=num_nodes).double()
     used = sizes[sizes > 0]
     share = used / sizes.sum()

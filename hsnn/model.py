@@ -142,10 +142,8 @@ class NodeMeans(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """Output level l = per-task weighted sum of the MoNN outputs z_0..z_l along the path + bias.
-
-    Starts as the identity on z_l, so each level first predicts with its own model.
-    """
+    """Output level l = per-task weighted sum of the MoNN outputs z_0..z_l along the path + bias; starts as
+    the identity on z_l, so each level first predicts with its own model."""
 
     def __init__(self, num_outputs: int, num_tasks: int):
         super().__init__()
@@ -278,12 +276,8 @@ class HSNN(nn.Module):
         return HSNNOutput(logits=logits, losses=losses)
 
     def index_vectors(self, item_emb: Tensor, items: ItemBatch, chunk: int = 1024) -> Tensor:
-        """What the index assigns, one row per item: (N, index_dim), from item embeddings (N, n_item, d).
-
-        item_embedding: the flattened embedding. score_profile: the item model's click logit for each
-        probe user, I2IF included (`ProbeUsers`). Training, index builds and the indexer's deltas all
-        call this one function.
-        """
+        """What the index assigns (N, index_dim) from item embeddings (N, n_item, d), for training, builds and
+        the indexer's deltas alike: the flattened embedding, or each probe user's click logit (`ProbeUsers`)."""
         if self.probes is None:
             return item_emb.flatten(1)
         model, probes = self.item_model, self.probes.batch()
@@ -323,11 +317,8 @@ class HSNN(nn.Module):
     def _node_ranking_loss(
         self, clicked: Tensor, level_users: list[Tensor], index_out: IndexOutput, path: Tensor
     ) -> Tensor:
-        """Per level, softmax over the clicked item's node and its siblings (same parent), target = its node.
-
-        This is the comparison beam search makes: at level l it keeps the children that outscore their
-        siblings. Candidates are scored exactly as serving scores them (ensemble over the path so far).
-        """
+        """Per level, softmax over the clicked item's node and its siblings, target = its node: the comparison
+        beam search makes, with candidates scored exactly as serving scores them (ensemble over the path)."""
         total = path.new_zeros(())
         if len(clicked) == 0:
             return total

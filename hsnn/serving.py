@@ -103,12 +103,9 @@ def retrieve(
     exclude: Sequence[Tensor | None] | None = None,
     precomputed: bool = True,
 ) -> list[Retrieved]:
-    """Top-k live items per user by layer-wise beam search; beams[l] nodes kept at level l.
-
-    All users of the batch move through each level together: candidates are flat (user, node)
-    pairs, grouped by user, and the per-user top-b is a segmented sort. `precomputed=False` scores
-    with the plain `MoNN.pair_logits` (same results; only the loadgen's before/after uses it).
-    """
+    """Top-k live items per user by layer-wise beam search, beams[l] nodes kept at level l. The batch's users
+    move through each level together as flat (user, node) pairs; the per-user top-b is a segmented sort.
+    `precomputed=False` scores with the plain `MoNN.pair_logits` (same results; the loadgen's before/after)."""
     if len(beams) != model.num_levels:
         raise ValueError(f"need one beam width per index level ({model.num_levels}), got {list(beams)}")
     model.eval()
