@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
+from operator import mul
 
 import torch
 import torch.nn.functional as F
@@ -250,10 +253,14 @@ class ResidualIndex(nn.Module):
     @torch.no_grad()
     def assign(self, v: Tensor) -> Tensor:
         """Hard path (N, levels): each level's argmin(distance + price) on the hard residual."""
+        return self._hard_paths(v, lambda i, level, residual, parent: level.assign(residual, parent))
+
+    def _hard_paths(self, v: Tensor, choose: Callable[[int, LearnedIndexLevel, Tensor, Tensor], Tensor]) -> Tensor:
+        """(N, levels) codes: `choose(i, level, residual, parent)` picks level i's codes on the hard residual."""
         residual, codes = v, []
         parent = torch.zeros(len(v), dtype=torch.long, device=v.device)
-        for level in self.levels:
-            code = level.assign(residual, parent)
+        for i, level in enumerate(self.levels):
+            code = choose(i, level, residual, parent)
             residual = residual - level.codebook[code]
             parent = parent * level.num_nodes + code
             codes.append(code)
@@ -344,17 +351,8 @@ class ResidualIndex(nn.Module):
         """Hard paths (N, levels) where no node holds over capacity_factor x its level's mean: an auction raises
         over-full nodes' prices, level by level. The prices stay, so `assign` then reproduces these paths: a
         build's layout, training's path and the indexer's path for a new item stay one function."""
-        residual = v
-        parent = torch.zeros(len(v), dtype=torch.long, device=v.device)
-        codes = []
-        for i, level in enumerate(self.levels):
-            nodes_here = math.prod(self.sizes[: i + 1])
-            cap = max(1, math.ceil(capacity_factor * len(v) / nodes_here))
-            code = _auction(level, residual, parent, cap, max_rounds)
-            residual = residual - level.codebook[code]
-            parent = parent * level.num_nodes + code
-            codes.append(code)
-        return torch.stack(codes, dim=1)
+        caps = [max(1, math.ceil(capacity_factor * len(v) / nodes)) for nodes in accumulate(self.sizes, mul)]
+        return self._hard_paths(v, lambda i, level, x, parent: _auction(level, x, parent, caps[i], max_rounds))
 
 
 def _auction(level: LearnedIndexLevel, x: Tensor, parent: Tensor, cap: int, max_rounds: int) -> Tensor:
