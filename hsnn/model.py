@@ -209,10 +209,6 @@ class HSNN(nn.Module):
             return 1.0
         return min(1.0, (int(self.step) + 1) / self.config.index_warmup_steps)
 
-    def seed_step(self) -> int:
-        """The step at which the codebooks are seeded by k-means: half-way through the index warm-up."""
-        return self.config.index_warmup_steps // 2 if self.config.use_index_warmup else 0
-
     def calibrate(self, level: int, logits: Tensor) -> Tensor:
         return logits * self.calibration_scale[level] + self.calibration_shift[level]
 
@@ -236,11 +232,12 @@ class HSNN(nn.Module):
         else:
             step = int(self.step)
             freeze_at = self.config.index_freeze_step
+            seed_at = self.config.index_warmup_steps // 2 if self.config.use_index_warmup else 0  # k-means seeding
             if self.training and freeze_at is not None and step >= freeze_at and not bool(self.index.frozen):
                 self.index.freeze(self.config.index_freeze_capacity_factor)
                 if self.node_means is not None:
                     self.node_means.reset()  # the capped assignment moves items: node rows start again
-            elif self.training and not bool(self.index.seeded) and step >= self.seed_step():
+            elif self.training and not bool(self.index.seeded) and step >= seed_at:
                 if self.index.seed_with_kmeans(seed=step):
                     self.index.rebalance(self.config.training_capacity_factor)
             elif self.training and bool(self.index.seeded) and step % self.config.rebalance_every == 0:
