@@ -1,13 +1,11 @@
 """Learning To Index: a differentiable codebook per level, stacked residually (RQ-style).
 
-For an input v and codes c_1..c_K: d_k = ||v - c_k||^2 / (dim * s), s a running mean of the distances
-(so alpha and prices mean the same whatever scale the item tower drifts to). Cost e_k = d_k + p_k, with
-p_k a node's price, set by an auction so no node holds more than its cap. Soft assignment
-a = softmax(-alpha * e); hard node = argmin_k e_k, in training and at serving alike. Node embedding
-c_bar = sum_k a_k c_k while the schedule is soft, the hard code (soft gradient passed straight through)
-once alpha reaches alpha_max. Level l+1 quantises r_{l+1} = r_l - c_bar_l, so a level-l node is the path
-prefix (k_1 .. k_l), embedded as the sum of its codes; prices are per (parent prefix, code), so every
-parent's children share its items evenly.
+For an input v and codes c_1..c_K: d_k = ||v - c_k||^2 / (dim * s), s a running mean distance (so alpha
+and prices mean the same at any scale of the item tower). Cost e_k = d_k + p_k, p_k the node's price (an
+auction's, so no node holds more than its cap). Soft a = softmax(-alpha * e); hard node = argmin_k e_k in
+training and serving alike; c_bar = sum_k a_k c_k, the hard code (soft gradient straight through) once
+alpha reaches alpha_max. Level l+1 quantises r_{l+1} = r_l - c_bar_l: a level-l node is the path prefix
+(k_1 .. k_l), embedded as the sum of its codes, priced per (parent prefix, code).
 
 Paper: HSNN (arXiv 2024) §3.2, Algorithm 1 (soft assignment, temperature schedule, FLOPs regulariser);
 prices, k-means seeding, hardening and the build-time cap answer the collapse and imbalance measured on

@@ -331,12 +331,8 @@ class HSNN(nn.Module):
                 candidates = self.node_means.vectors(level, sibling_keys)  # (P * K, item_size)
                 unused = (self.node_means.seen(level)[sibling_keys] == 0).view(num_clicked, k)
             else:
-                prefix = (
-                    index_out.node_embeddings[level - 1][clicked]
-                    if level > 0
-                    else codebook.new_zeros(num_clicked, codebook.shape[1])
-                )  # (P, dim)
-                candidates = (prefix.unsqueeze(1) + codebook.unsqueeze(0)).flatten(0, 1)  # (P * K, dim)
+                prefix = index_out.node_embeddings[level - 1][clicked].unsqueeze(1) if level else 0.0  # (P, 1, dim)
+                candidates = (prefix + codebook.expand(num_clicked, k, -1)).flatten(0, 1)  # (P * K, dim)
             user_emb = level_users[level][clicked].repeat_interleave(k, dim=0)
             z = model.pair_logits(user_emb, model.project_nodes(candidates), None)  # (P * K, tasks)
             ancestors = path[clicked, :level].repeat_interleave(k, dim=0)  # (P * K, level, tasks)
@@ -360,8 +356,7 @@ class HSNN(nn.Module):
             gap = item_emb.flatten(1) - index_out.node_embeddings[-1].detach()
             losses["commitment"] = warm * self.config.commitment_weight * (gap**2).mean()
         if batch.soft_labels is not None and self.config.distillation_weight > 0:
-            soft = F.binary_cross_entropy_with_logits(logits[-1], batch.soft_labels, reduction="none")
-            losses["distillation"] = self.config.distillation_weight * (soft.mean(0) * self.task_weights).sum()
+            losses["distillation"] = self.config.distillation_weight * self.task_loss(logits[-1], batch.soft_labels)
         return losses
 
     def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:

@@ -1,9 +1,9 @@
 """Layer-wise retrieval over a HierarchicalIndex (`bench.exhaustive` holds the exhaustive scoring it must match).
 
-Per query: each level's user tower once; level 0 scores every node; each later level scores the children
-of the nodes the previous level kept (top-b); the item level scores the live items under the kept leaves;
-the ensemble combines each candidate's outputs along its path. Several users go through one pass (pairs
-carry a user row): the API's request batching relies on it.
+Per query: each level's user tower once; level 0 scores every node, each later level the children of the
+nodes the previous one kept (top-b), the item level the live items under the kept leaves; the ensemble
+combines each candidate's outputs along its path. Pairs carry a user row, so a batch of users (the API's
+request batching) goes through in one pass.
 
 Scoring splits the first over-arch Linear, W [u; i; x] = W_u u + (W_i i + b) + W_x x: the item halves are
 index tables, W_u u runs once per user, so per pair only W_x x and the rest of the net run.
