@@ -87,12 +87,9 @@ class TrainingBatch:
 
 
 def hash_ids(ids: Tensor, buckets: int, salt: int) -> Tensor:
-    """Map raw positive ids of any size into [1, buckets), keeping 0 (padding) at 0.
-
-    Ids below m = buckets - 1 go through a salted permutation of [0, m), so a catalogue numbered 1..n < m
-    gets one row per id, no collisions; larger ids are mixed by multiplicative hashing first. The salt
-    differs per feature, so two features sharing raw ids do not collide the same way.
-    """
+    """Map raw positive ids of any size into [1, buckets), keeping 0 (padding) at 0. Ids below m = buckets - 1
+    go through a salted permutation of [0, m) (a catalogue 1..n < m gets no collisions), larger ones through
+    multiplicative hashing; the salt differs per feature, so features sharing raw ids collide differently."""
     m = buckets - 1
     prime = 2_147_483_629
     mixed = ((ids % prime) * 0x9E3779B1 + salt * 0x85EBCA6B) % prime
@@ -111,11 +108,7 @@ def _coprime_multiplier(m: int) -> int:
 
 
 def interaction_features(
-    schema: FeatureSchema,
-    users: UserBatch,
-    items: ItemBatch,
-    pair_user: Tensor,
-    pair_item: Tensor,
+    schema: FeatureSchema, users: UserBatch, items: ItemBatch, pair_user: Tensor, pair_item: Tensor
 ) -> InteractionFeatures:
     """I2IF: look each item's attributes up in the user's engagement history. Per attribute and pair: log1p of
     how many history events share the item's value, the recency weight exp(-age / scale) of the newest one,

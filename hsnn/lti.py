@@ -356,11 +356,10 @@ class ResidualIndex(nn.Module):
 def _auction(level: LearnedIndexLevel, x: Tensor, parent: Tensor, cap: int, max_rounds: int) -> Tensor:
     """Raise over-full (parent, node) prices until every node holds <= cap rows; returns the codes (N,).
 
-    Each round an over-full node keeps the `cap` rows that prefer it most (largest margin over their next
-    best) and its price rises just past the next row's margin, moving the rest on; prices only rise, so
-    rounds end. Identical rows cannot be told apart by a price and cascades can be slow: when the overflow
-    stops shrinking for `patience` rounds, the excess goes greedily to its best node with room
-    (`_place_overflow`); only those rows differ from `assign`, and the cap holds whatever the input.
+    Each round an over-full node keeps the `cap` rows preferring it most (largest margin over their next best)
+    and its price rises just past the next row's margin; prices only rise, so rounds end. Identical rows and
+    slow cascades: after `patience` rounds without less overflow the excess goes greedily to its best node
+    with room (`_place_overflow`); only those rows differ from `assign`, and the cap holds whatever the input.
     """
     k = level.num_nodes
     dist = level.distances(x)  # (N, K)

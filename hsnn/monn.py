@@ -286,12 +286,7 @@ class MoNN(nn.Module):
 
 
 def in_batch_softmax_loss(
-    model: MoNN,
-    batch: TrainingBatch,
-    user_emb: Tensor,
-    item_emb: Tensor,
-    clicked: Tensor,
-    max_candidates: int = 128,
+    model: MoNN, batch: TrainingBatch, user_emb: Tensor, item_emb: Tensor, clicked: Tensor, max_candidates: int = 128
 ) -> Tensor:
     """Sampled softmax for every clicked row over the batch's distinct items, logQ-corrected: the retrieval
     objective (log loss on a few negatives ranks poorly on implicit feedback).
