@@ -24,12 +24,12 @@ import torch
 from torch import Tensor
 
 from bench.datasets.open_bandit import CAMPAIGNS, POLICIES, OpenBanditData, impression_batch, load_open_bandit
-from bench.metrics import auc
+from bench.metrics import auc, calibration
 from bench.platt import platt_fit
 from bench.report import plt, save_figure  # report selects the headless Agg backend
 from clitools.progress import progress_bar
 from hsnn.config import HSNNConfig, LTIConfig
-from hsnn.metrics import calibration, normalized_entropy
+from hsnn.metrics import normalized_entropy
 from hsnn.model import HSNN
 from hsnn.monn import MoNN
 from hsnn.training import item_logits, make_optimizer, train_step

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.metrics import ndcg_at_k
+from bench.metrics import calibration, ndcg_at_k, recall_at_k
 from bench.platt import calibrated_click_probs
 from clitools.progress import progress_bar
 from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
-from hsnn.metrics import calibration, normalized_entropy, recall_at_k
+from hsnn.metrics import normalized_entropy
 from hsnn.model import HSNN
 from hsnn.training import make_optimizer, train_step
 

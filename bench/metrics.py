@@ -1,4 +1,5 @@
-"""Metrics only the benchmark reports: AUC (the calibration study) and NDCG@K (the ranking protocols)."""
+"""Evaluation metrics with fixed definitions (DESIGN §4) that only offline evaluations report: calibration,
+recall@K, NDCG@K and AUC. The services' own (NE, index health) are `hsnn.metrics`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,22 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+
+def calibration(probs: Tensor, labels: Tensor) -> float:
+    """Mean prediction / mean label (1.0 is perfectly calibrated)."""
+    positives = float(labels.double().sum())
+    return float(probs.double().sum()) / positives if positives > 0 else float("inf")
+
+
+def recall_at_k(retrieved: Sequence[Sequence[int]], relevant: Sequence[set[int]], k: int) -> float:
+    """Per user |top-k ∩ relevant| / |relevant|, averaged over users with at least one relevant item."""
+    scores = [
+        len(set(list(items)[:k]) & truth) / len(truth)
+        for items, truth in zip(retrieved, relevant, strict=True)
+        if truth
+    ]
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 def auc(scores: Tensor, labels: Tensor) -> float:

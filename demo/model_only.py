@@ -13,10 +13,11 @@ import time
 import torch
 
 from bench.exhaustive import retrieve_exhaustive
+from bench.metrics import recall_at_k
 from bench.platt import calibrated_click_probs
 from clitools.progress import progress_bar
 from hsnn.index import build_index
-from hsnn.metrics import index_health, normalized_entropy, recall_at_k
+from hsnn.metrics import index_health, normalized_entropy
 from hsnn.model import HSNN
 from hsnn.monn import MoNN
 from hsnn.serving import retrieve

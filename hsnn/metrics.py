@@ -1,9 +1,8 @@
-"""Offline metrics with fixed definitions (DESIGN §4): NE, calibration, recall@K, index health."""
+"""Metrics the services compute, with fixed definitions (DESIGN §4): NE (the trainer) and index health (the indexer)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -24,22 +23,6 @@ def normalized_entropy(probs: Tensor, labels: Tensor, base_rate: float | None = 
     rate = min(max(rate, _EPS), 1 - _EPS)
     baseline = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
     return log_loss(probs, labels) / baseline
-
-
-def calibration(probs: Tensor, labels: Tensor) -> float:
-    """Mean prediction / mean label (1.0 is perfectly calibrated)."""
-    positives = float(labels.double().sum())
-    return float(probs.double().sum()) / positives if positives > 0 else float("inf")
-
-
-def recall_at_k(retrieved: Sequence[Sequence[int]], relevant: Sequence[set[int]], k: int) -> float:
-    """Per user |top-k ∩ relevant| / |relevant|, averaged over users with at least one relevant item."""
-    scores = [
-        len(set(list(items)[:k]) & truth) / len(truth)
-        for items, truth in zip(retrieved, relevant, strict=True)
-        if truth
-    ]
-    return sum(scores) / len(scores) if scores else 0.0
 
 
 def index_health(node_of_item: Tensor, num_nodes: int) -> dict[str, float]:

@@ -19,16 +19,13 @@ def make_optimizer(model: nn.Module, lr: float = 3e-3) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
-def monn_loss(
-    model: MoNN, batch: TrainingBatch, task_weights: Tensor | None = None, retrieval_weight: float = 1.0
-) -> Tensor:
+def monn_loss(model: MoNN, batch: TrainingBatch, retrieval_weight: float = 1.0) -> Tensor:
     """Per-task log loss (calibration, NE) + the in-batch softmax over clicked rows (ranking), as HSNN's item level."""
     rows = torch.arange(len(batch), device=batch.labels.device)
     user_emb, item_emb = model.encode_users(batch.users), model.encode_items(batch.items)
     interaction = model.encode_interactions(batch.users, batch.items, rows, rows)
     logits = model.pair_logits(user_emb, item_emb, interaction)
-    per_task = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(dim=0)
-    loss = (per_task * task_weights).sum() if task_weights is not None else per_task.sum()
+    loss = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(dim=0).sum()
     if retrieval_weight > 0:
         clicked = torch.nonzero(batch.labels[:, CLICK] > 0.5).flatten()
         loss = loss + retrieval_weight * in_batch_softmax_loss(model, batch, user_emb, item_emb, clicked)

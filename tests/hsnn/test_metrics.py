@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hsnn.metrics import calibration, index_health, log_loss, normalized_entropy, recall_at_k
+from hsnn.metrics import index_health, log_loss, normalized_entropy
 
 
 def test_normalized_entropy_hand_computed():
@@ -18,17 +18,6 @@ def test_normalized_entropy_hand_computed():
     assert log_loss(probs, labels) == pytest.approx(expected_ll)
     assert normalized_entropy(probs, labels) == pytest.approx(expected_ll / base)
     assert normalized_entropy(probs, labels, base_rate=0.5) == pytest.approx(expected_ll / math.log(2))
-
-
-def test_calibration_is_mean_prediction_over_mean_label():
-    assert calibration(torch.tensor([0.2, 0.4]), torch.tensor([1.0, 0.0])) == pytest.approx(0.6)
-
-
-def test_recall_at_k_hand_computed():
-    retrieved = [[1, 2, 3, 4], [9, 8, 7, 6], [5]]
-    relevant = [{2, 4, 10}, {6}, set()]  # the third user has no positives and is skipped
-    assert recall_at_k(retrieved, relevant, k=2) == pytest.approx((1 / 3 + 0) / 2)
-    assert recall_at_k(retrieved, relevant, k=4) == pytest.approx((2 / 3 + 1) / 2)
 
 
 def test_index_health_counts_dead_nodes_and_imbalance():

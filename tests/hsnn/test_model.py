@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from bench.metrics import calibration
 from bench.platt import fit_calibration, platt_fit
-from hsnn.metrics import calibration
 from hsnn.model import HSNN
 from hsnn.training import predict
 from worlds.planted import make_batches, tiny_hsnn_config
