@@ -1,9 +1,8 @@
 """The in-memory hierarchical index that serving walks: nodes per level, children, items per leaf.
 
-Level-l nodes are the distinct hard path prefixes (k_1..k_l) of the items in key order, so a node's
-children (a leaf's items) are one contiguous range: CSR offsets into the next level. What a query needs
-that does not depend on the user (item tower outputs, node projections, representatives, the item half
-of each MoNN's first over-arch Linear) is computed here, once per index version.
+Level-l nodes are the distinct hard path prefixes (k_1..k_l) in key order, so a node's children (a leaf's
+items) are one contiguous range, CSR offsets into the next level. What a query needs that does not depend on
+the user (item tower outputs, node projections, each MoNN's first-Linear item half) is built once per version.
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """HSNN: a mixture of MoNNs over a learned hierarchical item index.
 
 Index levels run coarsest first, each with a codebook (LTI) and its own MoNN; the item level has the item
-MoNN. Training scores every impression at every level: the item level with the item's features, each index
+MoNN. Training scores every impression at every level: the item level with the item's features, an index
 level with the item's node embedding (soft early, the hard serving node once the schedule ends). An
-ensemble turns the outputs along the item's path into one logit per level, and every level gets log loss
-(calibration, NE) plus the ranking loss beam search and top-k need (the clicked item's node against its
-siblings; the clicked item against the batch's items).
+ensemble turns the outputs along the path into one logit per level; every level gets log loss plus the
+ranking loss beam search and top-k need (node against siblings; clicked item against the batch's items).
 """
 
 from __future__ import annotations
@@ -75,12 +74,10 @@ class NodeMeans(nn.Module):
 
     A level-l node is a path prefix, key = ((k_1 * K_2 + k_2) * K_3 + ...) as in the serving layout.
     member_mean: a buffer; each training step moves a node's row towards its batch items' mean (a detached
-    EMA: the table describes the item tower, it does not train it). learned: residual rows, as the index's
-    codes: a node's vector sums its row and its ancestors'; a row starts at its first members' mean minus
-    the parent's vector, then the level losses train it, so a rarely visited leaf starts from, and shares
-    what is learned for, its parent. The table is saved with the weights and the index layout reads the
-    same rows: one input for training and serving.
-    """
+    EMA: it describes the item tower, it does not train it). learned: residual rows like the index's codes,
+    a node's vector sums its row and its ancestors'; a row starts at its first members' mean minus the
+    parent's vector, then the level losses train it, so a rarely visited leaf starts from its parent. The
+    table is saved with the weights and the index layout reads the same rows as training."""
 
     def __init__(self, codebook_sizes: list[int], dim: int, decay: float, learned: bool = False):
         super().__init__()
