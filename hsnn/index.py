@@ -28,8 +28,7 @@ class IndexLevel:
     representative: Tensor  # (M,) item row closest to the node embedding among the node's items
     child_offsets: Tensor  # (M + 1,) CSR into the next level's nodes, or into `leaf_items` at the last level
     sizes: Tensor  # (M,) items under the node
-    # (M, hidden) W_i node + b of the level MoNN's first over-arch Linear (None: dot product, or not yet built)
-    first: Tensor | None = None
+    first: Tensor | None = None  # (M, hidden) W_i node + b, the level MoNN's first Linear (None: dot product/unbuilt)
 
 
 @dataclass
@@ -43,8 +42,7 @@ class HierarchicalIndex:
     leaf_items: Tensor  # (N,) item rows grouped by leaf, in leaf order
     live: Tensor  # (N,) False once an item expired
     codebook_sizes: list[int]
-    # (N, hidden) W_i item + b of the item MoNN's first over-arch Linear (None: dot product, or not yet built)
-    item_first: Tensor | None = None
+    item_first: Tensor | None = None  # (N, hidden) W_i item + b, item MoNN's first Linear (None: dot product/unbuilt)
 
     @property
     def num_items(self) -> int:

@@ -51,9 +51,7 @@ class ProbeUsers(nn.Module):
         chosen = users.select(rows.to(users.dense.device))
         self.dense.copy_(chosen.dense)
         for name in self.sparse_names:
-            ids = chosen.sparse[name][:, : self.max_ids]
-            buffer = getattr(self, f"sparse_{name}")
-            buffer.zero_()
+            buffer, ids = getattr(self, f"sparse_{name}").zero_(), chosen.sparse[name][:, : self.max_ids]
             buffer[:, : ids.shape[1]] = ids
         for name in self.history_names:
             getattr(self, f"history_{name}").copy_(chosen.history[name])
@@ -301,9 +299,8 @@ class HSNN(nn.Module):
         along each item's path, still learned by the level losses; no LTI aids apply."""
         node_embeddings = self.index.path_embeddings(paths)
         reconstruction = ((node_embeddings[-1] - v.detach()) ** 2).mean()
-        zero = v.new_zeros(())
         levels = [
-            LevelOutput(soft=v.new_zeros(len(v), 0), node_embedding=emb, hard=paths[:, i], flops_loss=zero)
+            LevelOutput(soft=v.new_zeros(len(v), 0), node_embedding=emb, hard=paths[:, i], flops_loss=v.new_zeros(()))
             for i, emb in enumerate(node_embeddings)
         ]
         return IndexOutput(levels, node_embeddings, reconstruction)
