@@ -138,18 +138,14 @@ class LTIConfig(StrictModel):
     usage_ema_decay: float = Field(0.95, gt=0, lt=1)
     dead_threshold: float = Field(0.1, ge=0, description="Dead when EMA usage < threshold / num_nodes.")
     reseed_every: int = Field(50, ge=1, description="Check for dead codes every this many steps.")
-    use_kmeans_init: bool = Field(
-        True, description="Seed the codebook by k-means on recent item embeddings when the index warm-up ends."
-    )
+    use_kmeans_init: bool = Field(True, description="Seed codes by k-means on recent item embeddings after warm-up.")
     use_ema_codebook: bool = Field(
         True,
         description="VQ-VAE's EMA codebook: after every step code <- d * code + (1 - d) * mean of its batch inputs, "
         "so codes keep up with a training item tower (by gradient alone they were stranded and the index collapsed).",
     )
     ema_decay: float = Field(0.9, gt=0, lt=1, description="d in the EMA codebook update.")
-    node_losses_move_codes: bool = Field(
-        True, description="Level losses reach the codes through c_bar (the paper); False: codes follow members only."
-    )
+    node_losses_move_codes: bool = Field(True, description="Level losses move codes via c_bar (the paper); False: no.")
     use_hard_assignment: bool = Field(
         True,
         description="From alpha_max on, the node embedding is the hard code (soft gradient passed straight "
@@ -202,18 +198,12 @@ class HSNNConfig(StrictModel):
         "residual rows started at that mean (`NodeMeans`).",
     )
     node_mean_decay: float = Field(0.9, gt=0, lt=1, description="EMA decay of the member_mean node input.")
-    index_stop_gradient: bool = Field(
-        True, description="VQ-style: index and level losses never reach the item tower (except the commitment)."
-    )
+    index_stop_gradient: bool = Field(True, description="VQ-style: index losses reach the item tower only by commitment")
     retrieval_weight: float = Field(
         1.0, ge=0, description="In-batch logQ-corrected softmax for every clicked row: what ranking many items needs."
     )
-    retrieval_candidates: int = Field(
-        128, ge=2, description="Most distinct batch items each clicked row is contrasted with in the softmax."
-    )
-    node_ranking_weight: float = Field(
-        1.0, ge=0, description="Softmax of a clicked item's node against its siblings, per level: beam search's choice."
-    )
+    retrieval_candidates: int = Field(128, ge=2, description="Most distinct batch items a clicked row is compared with.")
+    node_ranking_weight: float = Field(1.0, ge=0, description="Softmax of a clicked node against its siblings.")
 
     @model_validator(mode="after")
     def _one_model_per_level(self) -> HSNNConfig:
