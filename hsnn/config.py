@@ -198,11 +198,11 @@ class HSNNConfig(StrictModel):
         "residual rows started at that mean (`NodeMeans`).",
     )
     node_mean_decay: float = Field(0.9, gt=0, lt=1, description="EMA decay of the member_mean node input.")
-    index_stop_gradient: bool = Field(True, description="VQ-style: index losses reach the item tower only by commitment")
+    index_stop_gradient: bool = Field(True, description="VQ-style: index losses reach the item tower by commitment")
     retrieval_weight: float = Field(
         1.0, ge=0, description="In-batch logQ-corrected softmax for every clicked row: what ranking many items needs."
     )
-    retrieval_candidates: int = Field(128, ge=2, description="Most distinct batch items a clicked row is compared with.")
+    retrieval_candidates: int = Field(128, ge=2, description="Most distinct batch items a clicked row meets.")
     node_ranking_weight: float = Field(1.0, ge=0, description="Softmax of a clicked node against its siblings.")
 
     @model_validator(mode="after")
