@@ -202,7 +202,7 @@ class HSNNConfig(StrictModel):
     retrieval_weight: float = Field(
         1.0, ge=0, description="In-batch logQ-corrected softmax for every clicked row: what ranking many items needs."
     )
-    retrieval_candidates: int = Field(128, ge=2, description="Most distinct batch items a clicked row meets.")
+    retrieval_candidates: int = Field(128, ge=2, description="Most distinct batch items in a clicked row's softmax.")
     node_ranking_weight: float = Field(1.0, ge=0, description="Softmax of a clicked node against its siblings.")
 
     @model_validator(mode="after")
