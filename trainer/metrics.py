@@ -20,12 +20,22 @@ class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         declare = Declare(registry)
         gauge, counter, histogram = declare.gauge, declare.counter, declare.histogram
+        # consumption: what the loop read, routed and survived
         self.events = counter("hsnn_trainer_events", "Impressions consumed, by outcome", "outcome")
         self.events_per_second = gauge("hsnn_trainer_events_per_second", "Impressions consumed per second")
         self.lag_messages = gauge("hsnn_trainer_consumer_lag_messages", "High watermark minus next offset", "partition")
         self.lag_seconds = gauge(
             "hsnn_trainer_consumer_lag_seconds", "Now minus event time of the last consumed record", "partition"
         )
+        self.item_events = counter("hsnn_trainer_item_events", "Item records read, by outcome", "outcome")
+        self.dead_letters = counter("hsnn_trainer_dead_letters", "Records sent to a dead-letter topic", "reason")
+        self.kafka_errors = counter("hsnn_trainer_kafka_errors", "Kafka errors survived by the loop")
+        self.offset_out_of_range = counter(
+            "hsnn_trainer_offset_out_of_range",
+            "Stored offsets found outside the partition's log (the trainer halts unless told how to reset)",
+        )
+        self.halted = gauge("hsnn_trainer_halted", "1 when the trainer stopped itself and needs an operator")
+        # training: how fresh and how healthy the steps are
         self.event_to_trained = histogram(
             "hsnn_trainer_event_to_trained_seconds",
             "Per trained impression: when its train step finished minus its event time",
@@ -36,23 +46,16 @@ class TrainerMetrics:
             "Newest impression event time trained into the weights (epoch s; 0: nothing trained yet)",
         )
         self.loss = gauge("hsnn_trainer_loss", "Total loss of the last train step")
+        self.grad_norm = gauge("hsnn_trainer_grad_norm", "Gradient norm of the last step, before clipping")
+        self.clipped_steps = counter("hsnn_trainer_clipped_steps", "Train steps whose gradients were clipped")
+        self.skipped_steps = counter(
+            "hsnn_trainer_skipped_steps", "Train steps skipped: non-finite loss or gradient (batch not applied)"
+        )
+        # snapshots: what was published, under which lease
         self.rolling_ne = gauge("hsnn_trainer_rolling_ne", "Click NE on the held-out buffer at the last snapshot")
         self.last_snapshot = gauge(
             "hsnn_trainer_last_snapshot_timestamp_seconds", "When the trainer last published a snapshot"
         )
-        self.dead_letters = counter("hsnn_trainer_dead_letters", "Records sent to a dead-letter topic", "reason")
-        self.item_events = counter("hsnn_trainer_item_events", "Item records read, by outcome", "outcome")
-        self.kafka_errors = counter("hsnn_trainer_kafka_errors", "Kafka errors survived by the loop")
-        self.skipped_steps = counter(
-            "hsnn_trainer_skipped_steps", "Train steps skipped: non-finite loss or gradient (batch not applied)"
-        )
-        self.clipped_steps = counter("hsnn_trainer_clipped_steps", "Train steps whose gradients were clipped")
-        self.grad_norm = gauge("hsnn_trainer_grad_norm", "Gradient norm of the last step, before clipping")
-        self.offset_out_of_range = counter(
-            "hsnn_trainer_offset_out_of_range",
-            "Stored offsets found outside the partition's log (the trainer halts unless told how to reset)",
-        )
-        self.halted = gauge("hsnn_trainer_halted", "1 when the trainer stopped itself and needs an operator")
         self.lease_epoch = gauge("hsnn_trainer_lease_epoch", "Fencing epoch of the store lease held")
         self.non_finite_snapshots = counter(
             "hsnn_trainer_non_finite_snapshots_refused", "Snapshots not written because a weight was NaN/inf"
