@@ -72,6 +72,7 @@ class ApiMetrics:
         self.watching_since = clock()
         self.adoptions: deque[Adoption] = deque(maxlen=RECENT_ADOPTIONS)
         declare = Declare(registry)
+        # requests
         self.latency = declare.histogram(
             "hsnn_api_request_latency_seconds",
             "Time from arrival to answer of POST /retrieve, by outcome (ok or the error).",
@@ -84,8 +85,9 @@ class ApiMetrics:
         self.errors = declare.counter("hsnn_api_errors", "Failed /retrieve requests", "outcome")
         declare.gauge("hsnn_api_queue_depth", "Requests waiting to be batched.").set_function(lambda: batcher.depth)
 
+        # the served (model, index) pair
         def served(name: str, doc: str, read: Callable[[ServingPair], float | None]) -> None:
-            """A gauge of the served (model, index) pair, read at scrape time; 0 while none (or unknown)."""
+            """A gauge of the served pair, read at scrape time; 0 while none (or unknown)."""
             declare.gauge(name, doc).set_function(lambda: (read(pair) or 0) if (pair := state.current()) else 0)
 
         served("hsnn_api_model_version", "Snapshot version being served (0: none).", lambda p: p.model_version)
@@ -106,6 +108,29 @@ class ApiMetrics:
             " 0: none/unknown).",
             lambda p: p.event_time_watermark,
         )
+
+        # item events posted to the API
+        self.item_events = declare.counter(
+            "hsnn_api_item_events",
+            "Item events received on POST /items/events, by outcome (acknowledged, not_acknowledged).",
+            "outcome",
+        )
+        for outcome in ("acknowledged", "not_acknowledged"):
+            self.item_events.labels(outcome=outcome)
+
+        # swaps: loading a promoted snapshot, and how fresh the adopted one is
+        self.reloads = declare.counter(
+            "hsnn_api_reloads",
+            "Attempts to load a newly promoted snapshot, by outcome (a failure keeps the old pair serving).",
+            "outcome",
+        )
+        for outcome in (SUCCESS, FAILURE):
+            self.reloads.labels(outcome=outcome)
+        self.reload_seconds = declare.histogram(
+            "hsnn_api_reload_duration_seconds",
+            "Time to load a snapshot and its index, successful or not.",
+            RELOAD_BUCKETS,
+        )
         self.published_to_served = declare.histogram(
             "hsnn_api_snapshot_published_to_served_seconds",
             "Adoption time minus the adopted snapshot's manifest created_at, per new snapshot swapped in.",
@@ -116,25 +141,6 @@ class ApiMetrics:
             "Adoption time minus the newest impression event time trained into the adopted snapshot.",
             FRESHNESS_BUCKETS,
         )
-        self.reloads = declare.counter(
-            "hsnn_api_reloads",
-            "Attempts to load a newly promoted snapshot, by outcome (a failure keeps the old pair serving).",
-            "outcome",
-        )
-        self.reload_seconds = declare.histogram(
-            "hsnn_api_reload_duration_seconds",
-            "Time to load a snapshot and its index, successful or not.",
-            RELOAD_BUCKETS,
-        )
-        self.item_events = declare.counter(
-            "hsnn_api_item_events",
-            "Item events received on POST /items/events, by outcome (acknowledged, not_acknowledged).",
-            "outcome",
-        )
-        for outcome in (SUCCESS, FAILURE):
-            self.reloads.labels(outcome=outcome)
-        for outcome in ("acknowledged", "not_acknowledged"):
-            self.item_events.labels(outcome=outcome)
 
     def observe_reload(self, outcome: str, seconds: float) -> None:
         self.reloads.labels(outcome=outcome).inc()

@@ -35,6 +35,7 @@ class TrainerMetrics:
             "Stored offsets found outside the partition's log (the trainer halts unless told how to reset)",
         )
         self.halted = gauge("hsnn_trainer_halted", "1 when the trainer stopped itself and needs an operator")
+
         # training: how fresh and how healthy the steps are
         self.event_to_trained = histogram(
             "hsnn_trainer_event_to_trained_seconds",
@@ -51,6 +52,7 @@ class TrainerMetrics:
         self.skipped_steps = counter(
             "hsnn_trainer_skipped_steps", "Train steps skipped: non-finite loss or gradient (batch not applied)"
         )
+
         # snapshots: what was published, under which lease
         self.rolling_ne = gauge("hsnn_trainer_rolling_ne", "Click NE on the held-out buffer at the last snapshot")
         self.last_snapshot = gauge(
