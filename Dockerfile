@@ -23,7 +23,7 @@ WORKDIR /src
 # Dependencies first (torch from PyPI is the big layer): install the project's metadata with empty
 # packages so this layer is reused until pyproject.toml changes.
 COPY pyproject.toml README.md LICENSE ./
-RUN for pkg in hsnn streaming worlds hsnn_ops hsnn_client trainer indexer retrieval_api devservers bench feed; do \
+RUN for pkg in hsnn clitools streaming worlds hsnn_ops hsnn_client trainer indexer retrieval_api devservers bench feed; do \
         mkdir -p "$pkg" && touch "$pkg/__init__.py"; \
     done \
     && pip install --upgrade pip \
@@ -33,6 +33,7 @@ RUN for pkg in hsnn streaming worlds hsnn_ops hsnn_client trainer indexer retrie
 
 # Then the sources; --no-deps so nothing is resolved again.
 COPY hsnn ./hsnn
+COPY clitools ./clitools
 COPY streaming ./streaming
 COPY worlds ./worlds
 COPY hsnn_ops ./hsnn_ops
@@ -44,7 +45,7 @@ COPY devservers ./devservers
 COPY bench ./bench
 COPY feed ./feed
 RUN pip install --no-deps . \
-    && python -c "import hsnn, streaming, worlds, hsnn_ops, hsnn_client, trainer, indexer, retrieval_api, feed, fastapi" \
+    && python -c "import hsnn, clitools, streaming, worlds, hsnn_ops, hsnn_client, trainer, indexer, retrieval_api, feed, fastapi" \
     && hsnn-api --help > /dev/null
 
 # ---- runtime stage: the venv, no build tools, a non-root user ----

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import get_args
 
 import torch
 
@@ -25,6 +26,15 @@ from bench.data import (
 )
 from bench.report import aggregate_seeds, write_report
 from bench.run import ABLATIONS, BUILDERS, RunConfig, run_benchmark
+from hsnn.config import HSNNConfig
+
+
+def add_config_switch(parser: argparse.ArgumentParser, field: str, text: str) -> None:
+    """`--field` with the choices and the default of that `HSNNConfig` switch, so the two cannot drift apart."""
+    switch = HSNNConfig.model_fields[field]
+    parser.add_argument(
+        f"--{field.replace('_', '-')}", choices=get_args(switch.annotation), default=switch.default, help=text
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,17 +90,15 @@ def main(argv: list[str] | None = None) -> None:
         "--level-nodes",
         help="HSNN codebook size per level, coarsest first, e.g. 64,8 (default: from the corpus size, ~100 per leaf)",
     )
-    parser.add_argument(
-        "--index-input",
-        choices=("item_embedding", "score_profile"),
-        default="item_embedding",
-        help="what every HSNN index clusters: item tower outputs, or click-logit profiles over probe users",
+    add_config_switch(
+        parser,
+        "index_input",
+        "what every HSNN index clusters: item tower outputs, or click-logit profiles over probe users",
     )
-    parser.add_argument(
-        "--node-input",
-        choices=("code", "member_mean", "learned"),
-        default="code",
-        help="what every HSNN level model reads for a node: its path's codes (code), its members' running mean "
+    add_config_switch(
+        parser,
+        "node_input",
+        "what every HSNN level model reads for a node: its path's codes (code), its members' running mean "
         "item embedding (member_mean), or residual rows started there and trained by the level losses (learned)",
     )
     parser.add_argument(

@@ -24,12 +24,14 @@ import torch
 from torch import Tensor
 
 from bench.datasets.open_bandit import CAMPAIGNS, POLICIES, OpenBanditData, impression_batch, load_open_bandit
+from bench.metrics import auc, calibration
+from bench.platt import platt_fit
 from bench.report import plt, save_figure  # report selects the headless Agg backend
+from clitools.progress import progress_bar
 from hsnn.config import HSNNConfig, LTIConfig
-from hsnn.metrics import auc, calibration, normalized_entropy
-from hsnn.model import HSNN, platt_fit
+from hsnn.metrics import normalized_entropy
+from hsnn.model import HSNN
 from hsnn.monn import MoNN
-from hsnn.progress import progress_bar
 from hsnn.training import item_logits, make_optimizer, train_step
 from worlds.planted import tiny_monn
 

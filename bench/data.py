@@ -10,8 +10,8 @@ import torch
 
 from bench.datasets import gowalla, movielens
 from bench.harness import BenchData
+from clitools.progress import progress_bar
 from hsnn.features import TrainingBatch
-from hsnn.progress import progress_bar
 from streaming.events import ItemFeatures, impressions_to_batch, users_to_batch
 from worlds.planted import SCHEMA, make_batches, make_users, make_world, true_logits
 from worlds.simulator import Marketplace, feature_schema, scaled_config

@@ -50,10 +50,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from clitools.progress import progress_bar
 from hsnn.config import FeatureSchema, StrictModel, TowerConfig
 from hsnn.features import TrainingBatch, UserBatch
 from hsnn.monn import Tower, mlp
-from hsnn.progress import progress_bar
 
 PairSource = Iterable[tuple[UserBatch, Tensor] | TrainingBatch]
 PairScorer = Callable[[UserBatch, Tensor, Tensor], Tensor]

@@ -16,12 +16,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bench.metrics import calibration, ndcg_at_k, recall_at_k
+from bench.platt import calibrated_click_probs
+from clitools.progress import progress_bar
 from hsnn.config import FeatureSchema
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
-from hsnn.metrics import calibration, ndcg_at_k, normalized_entropy, recall_at_k
+from hsnn.metrics import normalized_entropy
 from hsnn.model import HSNN
-from hsnn.progress import progress_bar
-from hsnn.training import calibrated_click_probs, make_optimizer, train_step
+from hsnn.training import make_optimizer, train_step
 
 K_VALUES = (10, 20, 50, 100, 200)
 

@@ -35,8 +35,8 @@ from bench.harness import BenchData, train_for
 from bench.index_quality import min_cover_cost
 from bench.methods import residual_kmeans
 from bench.run import _model_config
+from clitools.progress import progress_bar
 from hsnn.monn import MoNN
-from hsnn.progress import progress_bar
 
 REPRESENTATIONS = ("item_embedding", "score_profile", "score_profile_centred", "score_profile_no_history_match")
 

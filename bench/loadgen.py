@@ -47,11 +47,12 @@ from pathlib import Path
 import httpx
 import torch
 
+from bench.exhaustive import retrieve_exhaustive
+from bench.sizing import beams_for_budget, index_shape
 from hsnn.features import ItemBatch, UserBatch
 from hsnn.index import DEFAULT_CAPACITY_FACTOR
-from hsnn.lti import beams_for_budget, index_shape
 from hsnn.model import HSNN
-from hsnn.serving import retrieve, retrieve_exhaustive
+from hsnn.serving import retrieve
 from hsnn.training import train
 from retrieval_api.catalogs import save_catalog
 from retrieval_api.state import Catalog, load_pair_from_store

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from bench.deep_retrieval import DeepRetrievalConfig, train_deep_retrieval
+from bench.exhaustive import retrieve_exhaustive
 from bench.harness import Answer, BenchData, SweepPoint, train_for
 from hsnn.config import HSNNConfig
 from hsnn.features import TrainingBatch
@@ -24,7 +25,7 @@ from hsnn.index import build_index, encode_catalog
 from hsnn.lti import kmeans
 from hsnn.model import HSNN
 from hsnn.monn import MoNN
-from hsnn.serving import retrieve, retrieve_exhaustive
+from hsnn.serving import retrieve
 
 SCORING_CHUNK = 65_536
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench.harness import BenchData, SweepPoint, full_ranking_retriever
+from clitools.progress import progress_bar
 from hsnn.features import UserBatch
-from hsnn.progress import progress_bar
 
 
 @dataclass

@@ -19,8 +19,8 @@ from bench.methods import (
     with_paths,
 )
 from bench.methods_mf import MFSoftmaxConfig, mf_softmax
+from bench.sizing import beams_for_budget, index_shape
 from hsnn.config import HSNNConfig, LTIConfig, MoNNConfig, preset
-from hsnn.lti import beams_for_budget, index_shape
 from hsnn.monn import MoNN
 from worlds.planted import tiny_monn
 

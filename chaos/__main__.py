@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from chaos.report import DOCS_PATH, REPORT_PATH, ExperimentResult, record
+from chaos.report import DOCS_PATH, REPORT_PATH, ExperimentResult, finish, record
 
 EXPERIMENTS = ("e4", "e5", "e7", "e10")
 # The streaming-loop experiments take their own options (`python -m chaos e1 --help`) and start their own servers.
@@ -41,6 +41,7 @@ LOOP_EXPERIMENTS = {
     "e8": "chaos.e8_hostile_clients",
     "e9": "chaos.e9_kafka_down",
     "soak": "chaos.soak",
+    "e2-trainer": "chaos.e1_trainer_kills",  # E2's broker kills during E1's feed, recorded under its own key
 }
 
 
@@ -82,10 +83,10 @@ def run(name: str, cases: int) -> ExperimentResult:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "e2-trainer":  # E1 with broker kills, recorded under its own key
-        return importlib.import_module("chaos.e1_trainer_kills").main_e2_trainer(argv[1:])
-    if argv and argv[0] in LOOP_EXPERIMENTS:
-        return importlib.import_module(LOOP_EXPERIMENTS[argv[0]]).main(argv[1:])
+    if argv and argv[0] in LOOP_EXPERIMENTS:  # each parses its own options, runs, records and prints its result
+        experiment = importlib.import_module(LOOP_EXPERIMENTS[argv[0]])
+        args = experiment.parse(argv[1:], argv[0]) if argv[0] == "e2-trainer" else experiment.parse(argv[1:])
+        return finish(experiment.run(args), args.report_key)
     parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.splitlines()[0])
     parser.add_argument("experiment", choices=[*EXPERIMENTS, "fast"])
     parser.add_argument("--cases", type=int, default=200, help="schemathesis cases for e7 (about)")

@@ -37,7 +37,7 @@ from chaos.harness import (
     read_topic,
     wait_for,
 )
-from chaos.report import ExperimentResult, finish, loop_result, parse_loop_args
+from chaos.report import ExperimentResult, experiment_parser, loop_result, parse_loop_args
 from streaming.events import ImpressionEvent, UserFeatures, encode, event_key, read_dead_letter
 from streaming.snapshots import SnapshotStore
 from trainer.bookkeeping import consumed_ids, is_held_out
@@ -228,7 +228,7 @@ def _lines(path: Path) -> int:
 
 
 def parse(argv: list[str], experiment: str = "e1") -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m chaos {experiment}", description=__doc__.splitlines()[0])
+    parser = experiment_parser(experiment, __doc__.splitlines()[0])
     parser.add_argument("--impressions", type=int, default=200_000)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--malformed", type=float, default=0.01, help="share of extra malformed records")
@@ -249,13 +249,3 @@ def parse(argv: list[str], experiment: str = "e1") -> argparse.Namespace:
     if args.snapshot_every <= 0:
         args.snapshot_every = max(50, args.impressions // ((args.kills + 1) * 3))
     return args
-
-
-def main(argv: list[str], experiment: str = "e1") -> int:
-    args = parse(argv, experiment)
-    return finish(run(args), args.report_key)
-
-
-def main_e2_trainer(argv: list[str]) -> int:
-    """`python -m chaos e2-trainer`: E2's broker kills during E1's feed, recorded under its own key."""
-    return main(argv, "e2-trainer")

@@ -41,7 +41,7 @@ from chaos.harness import (
     read_topic,
     wait_for,
 )
-from chaos.report import ExperimentResult, finish, loop_result, parse_loop_args
+from chaos.report import ExperimentResult, add_item_post_options, experiment_parser, loop_result, parse_loop_args
 from chaos.world import BEAMS, free_port, item_batch_bodies, post_items
 from indexer.catalogue_offsets import read_catalogue_offsets
 from streaming.events import ItemEvent, decode_item
@@ -243,20 +243,13 @@ def _answers(url: str) -> bool:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m chaos e2", description=__doc__.splitlines()[0])
+    parser = experiment_parser("e2", __doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--ads", type=int, default=4000, help="distinct ads; later batches update them")
-    parser.add_argument("--batch", type=int, default=200, help="events per item post")
-    parser.add_argument("--posters", type=int, default=4, help="concurrent item posters")
+    add_item_post_options(parser, posters=4, batch=200, posters_help="concurrent item posters")
     parser.add_argument("--gap", type=float, default=4.0, help="seconds of posting before each kill")
     parser.add_argument("--down", type=float, default=2.0, help="seconds the broker stays dead")
     parser.add_argument("--retry-pause", type=float, default=0.2, help="seconds before a poster retries a batch")
-    parser.add_argument("--ack-timeout", type=float, default=2.0, help="the API's kafka_ack_timeout_s")
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0)
     return parse_loop_args(parser, "e2", argv)
-
-
-def main(argv: list[str]) -> int:
-    args = parse(argv)
-    return finish(run(args), args.report_key)

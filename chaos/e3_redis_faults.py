@@ -25,7 +25,7 @@ import redis as redis_lib
 import torch
 
 from chaos.harness import create_topics, indexer_service, kafka_bootstrap, produce, wait_for
-from chaos.report import ExperimentResult, finish, loop_result, parse_loop_args
+from chaos.report import ExperimentResult, experiment_parser, loop_result, parse_loop_args
 from hsnn.model import HSNN
 from hsnn.training import train
 from streaming.events import ItemEvent, ItemFeatures, encode, event_key, supersedes
@@ -194,14 +194,9 @@ def run(args: argparse.Namespace) -> ExperimentResult:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m chaos e3", description=__doc__.splitlines()[0])
+    parser = experiment_parser("e3", __doc__.splitlines()[0])
     parser.add_argument("--ads", type=int, default=20_000)
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--fault-delay", type=float, default=0.3, help="seconds after a part is sent to the fault")
     parser.add_argument("--timeout", type=float, default=600.0, help="longest wait for the index to converge")
     return parse_loop_args(parser, "e3", argv)
-
-
-def main(argv: list[str]) -> int:
-    args = parse(argv)
-    return finish(run(args), args.report_key)

@@ -30,7 +30,7 @@ from chaos.harness import (
     read_topic,
     wait_for,
 )
-from chaos.report import ExperimentResult, finish, loop_result, parse_loop_args
+from chaos.report import ExperimentResult, experiment_parser, loop_result, parse_loop_args
 from indexer.catalogue_offsets import read_catalogue_offsets
 from streaming.events import encode, event_key, read_dead_letter
 from streaming.index_store import catalog_entry
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> ExperimentResult:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m chaos e6", description=__doc__.splitlines()[0])
+    parser = experiment_parser("e6", __doc__.splitlines()[0])
     parser.add_argument("--impressions", type=int, default=5_000)
     parser.add_argument("--huge", type=int, default=10, help="900 KB records per topic")
     parser.add_argument("--ads", type=int, default=300)
@@ -202,8 +202,3 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0)
     return parse_loop_args(parser, "e6", argv)
-
-
-def main(argv: list[str]) -> int:
-    args = parse(argv)
-    return finish(run(args), args.report_key)

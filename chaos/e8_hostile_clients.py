@@ -36,7 +36,7 @@ from typing import Any
 
 from bench.loadgen import drive, rss_mb
 from chaos.harness import api_service, wait_ready
-from chaos.report import ExperimentResult, finish, loop_result, parse_options
+from chaos.report import ExperimentResult, loop_result, parse_options
 from chaos.world import BEAMS, closed_loop, free_port, planted_world, request_bodies, tiny_model
 from retrieval_api.settings import ApiSettings
 from streaming.snapshots import SnapshotStore
@@ -262,8 +262,3 @@ OPTIONS = (
 
 def parse(argv: list[str]) -> argparse.Namespace:
     return parse_options("e8", __doc__.splitlines()[0], OPTIONS, argv)
-
-
-def main(argv: list[str]) -> int:
-    args = parse(argv)
-    return finish(run(args), args.report_key)

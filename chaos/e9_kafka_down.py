@@ -31,7 +31,7 @@ import httpx
 from bench.loadgen import Tally
 from bench.trainer_throughput import make_events
 from chaos.harness import api_service, create_topics, wait_for, wait_ready
-from chaos.report import ExperimentResult, finish, loop_result, parse_loop_args
+from chaos.report import ExperimentResult, add_item_post_options, experiment_parser, loop_result, parse_loop_args
 from chaos.world import BEAMS, free_port, item_batch_bodies, planted_world, post_items, request_bodies, tiny_model
 from streaming.snapshots import SnapshotStore
 
@@ -192,18 +192,11 @@ async def _post_once(url: str, body: bytes) -> tuple[int, float, Any]:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m chaos e9", description=__doc__.splitlines()[0])
-    parser.add_argument("--posters", type=int, default=8, help="concurrent item batches (and kafka_workers)")
-    parser.add_argument("--batch", type=int, default=1000, help="events per item batch")
+    parser = experiment_parser("e9", __doc__.splitlines()[0])
+    add_item_post_options(parser, posters=8, batch=1000, posters_help="concurrent item batches (and kafka_workers)")
     parser.add_argument("--concurrency", type=int, default=4, help="closed-loop /retrieve clients")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per phase")
     parser.add_argument("--rounds", type=int, default=2, help="(Kafka up, Kafka down) phase pairs, alternated")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring, per phase")
-    parser.add_argument("--ack-timeout", type=float, default=2.0, help="the API's kafka_ack_timeout_s")
     parser.add_argument("--tolerance", type=float, default=0.2, help="allowed rise of /retrieve p99 while down")
     return parse_loop_args(parser, "e9", argv)
-
-
-def main(argv: list[str]) -> int:
-    args = parse(argv)
-    return finish(run(args), args.report_key)

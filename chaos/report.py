@@ -94,6 +94,19 @@ def add_loop_options(parser: argparse.ArgumentParser, experiment: str) -> None:
     parser.add_argument("--report-key", default=experiment, help="key in reports/reliability.json ('' = do not record)")
 
 
+def experiment_parser(experiment: str, description: str) -> argparse.ArgumentParser:
+    """The parser of `python -m chaos <experiment>`; `parse_loop_args` adds the options every loop takes."""
+    return argparse.ArgumentParser(prog=f"python -m chaos {experiment}", description=description)
+
+
+def add_item_post_options(parser: argparse.ArgumentParser, posters: int, batch: int, posters_help: str) -> None:
+    """The item-post load of an experiment: concurrent posters of `batch`-event bodies to /items/events, each
+    answered within the API's Kafka acknowledgement timeout."""
+    parser.add_argument("--posters", type=int, default=posters, help=posters_help)
+    parser.add_argument("--batch", type=int, default=batch, help="events per item post")
+    parser.add_argument("--ack-timeout", type=float, default=2.0, help="the API's kafka_ack_timeout_s")
+
+
 def parse_loop_args(parser: argparse.ArgumentParser, experiment: str, argv: list[str]) -> argparse.Namespace:
     """Add the loop options, parse `argv`, and keep the command line that reproduces the run (`args.command`)."""
     add_loop_options(parser, experiment)
@@ -106,7 +119,7 @@ def parse_options(
     experiment: str, description: str, options: Sequence[tuple[str, type, Any, str]], argv: list[str]
 ) -> argparse.Namespace:
     """`parse_loop_args` for a parser whose options are (name, type, default, help) rows."""
-    parser = argparse.ArgumentParser(prog=f"python -m chaos {experiment}", description=description)
+    parser = experiment_parser(experiment, description)
     for name, kind, default, text in options:
         parser.add_argument(name, type=kind, default=default, help=text)
     return parse_loop_args(parser, experiment, argv)

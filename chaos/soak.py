@@ -30,7 +30,7 @@ import httpx
 
 from bench.loadgen import rss_mb
 from chaos.harness import wait_for
-from chaos.report import ExperimentResult, finish, loop_result, parse_options
+from chaos.report import ExperimentResult, loop_result, parse_options
 from chaos.world import closed_loop, open_loop
 
 
@@ -168,8 +168,3 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.minutes < 2:
         raise SystemExit("python -m chaos soak: --minutes must be at least 2")
     return args
-
-
-def main(argv: list[str]) -> int:
-    args = parse(argv)
-    return finish(run(args), args.report_key)

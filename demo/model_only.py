@@ -12,13 +12,16 @@ import time
 
 import torch
 
+from bench.exhaustive import retrieve_exhaustive
+from bench.metrics import recall_at_k
+from bench.platt import calibrated_click_probs
+from clitools.progress import progress_bar
 from hsnn.index import build_index
-from hsnn.metrics import index_health, normalized_entropy, recall_at_k
+from hsnn.metrics import index_health, normalized_entropy
 from hsnn.model import HSNN
 from hsnn.monn import MoNN
-from hsnn.progress import progress_bar
-from hsnn.serving import retrieve, retrieve_exhaustive
-from hsnn.training import calibrated_click_probs, make_optimizer, train_step
+from hsnn.serving import retrieve
+from hsnn.training import make_optimizer, train_step
 from worlds.planted import SCHEMA, make_batches, make_users, make_world, tiny_hsnn_config, tiny_monn, true_logits
 
 

@@ -12,7 +12,7 @@ import resource
 import sys
 import time
 
-from hsnn.progress import progress_bar
+from clitools.progress import progress_bar
 from streaming.events import encode
 from worlds.simulator import Marketplace, scaled_config
 

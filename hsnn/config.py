@@ -1,7 +1,4 @@
-"""Model configuration: plain pydantic models, saved as JSON beside the weights.
-
-Presets are values of these models, not subclasses, so a new size is one dict away.
-"""
+"""Model configuration: plain pydantic models, saved as JSON beside the weights; presets are values, not subclasses."""
 
 from __future__ import annotations
 
@@ -17,11 +14,8 @@ class StrictModel(BaseModel):
 
 
 class FeatureSchema(StrictModel):
-    """What the data looks like: shared by the towers, the I2IF features and every data source.
-
-    Sparse ids are positive integers; 0 means "missing" / padding. Unbounded id spaces are
-    hashed into `buckets` rows, so raw ids of any size can be fed directly.
-    """
+    """What the data looks like, for the towers, I2IF and every data source. Sparse ids are positive, 0 is
+    missing / padding; ids are hashed into each feature's bucket count, so raw ids of any size can be fed."""
 
     user_dense_dim: int = Field(4, ge=0)
     user_sparse: dict[str, int] = Field(default_factory=lambda: {"segment": 64, "age_bucket": 16})
@@ -80,38 +74,32 @@ class MoNNConfig(StrictModel):
         return self
 
 
-def _tower(num_embed: int, dim: int, hidden: list[int], sparse_dim: int = 16) -> TowerConfig:
-    return TowerConfig(num_embed=num_embed, dim=dim, hidden=hidden, sparse_dim=sparse_dim)
+_Side = tuple[int, list[int]]  # a tower's (num_embed, MLP widths)
+
+
+def _monn(
+    name: str, dim: int, user: _Side, item: _Side, interaction_hidden: int, layers: int, hidden: int
+) -> MoNNConfig:
+    """Towers of one width `dim`, one interaction embedding, `layers` over-arch layers of width `hidden`."""
+    return MoNNConfig(
+        name=name,
+        user=TowerConfig(num_embed=user[0], dim=dim, hidden=user[1]),
+        item=TowerConfig(num_embed=item[0], dim=dim, hidden=item[1]),
+        interaction=TowerConfig(num_embed=1, dim=dim, hidden=[interaction_hidden], sparse_dim=8),
+        overarch_layers=layers,
+        overarch_hidden=hidden,
+    )
 
 
 # Shapes follow the HSNN paper's Table 5 (num_embed x dim per tower); MLP widths are ours,
 # sized so the suite and the benchmarks run on a 2-core CPU.
 PRESETS: dict[str, MoNNConfig] = {
-    "two_tower": MoNNConfig(name="two_tower", user=_tower(1, 40, [64]), item=_tower(1, 40, [64]), dot_product=True),
-    "monn_small": MoNNConfig(
-        name="monn_small",
-        user=_tower(8, 40, [128]),
-        item=_tower(1, 40, [64]),
-        interaction=_tower(1, 40, [32], sparse_dim=8),
-        overarch_layers=1,
-        overarch_hidden=64,
+    "two_tower": MoNNConfig(
+        name="two_tower", user=TowerConfig(dim=40, hidden=[64]), item=TowerConfig(dim=40, hidden=[64]), dot_product=True
     ),
-    "monn_medium": MoNNConfig(
-        name="monn_medium",
-        user=_tower(10, 48, [256]),
-        item=_tower(4, 48, [128]),
-        interaction=_tower(1, 48, [64], sparse_dim=8),
-        overarch_layers=2,
-        overarch_hidden=128,
-    ),
-    "monn_large": MoNNConfig(
-        name="monn_large",
-        user=_tower(30, 48, [256, 256]),
-        item=_tower(8, 48, [128]),
-        interaction=_tower(1, 48, [64], sparse_dim=8),
-        overarch_layers=3,
-        overarch_hidden=256,
-    ),
+    "monn_small": _monn("monn_small", 40, (8, [128]), (1, [64]), interaction_hidden=32, layers=1, hidden=64),
+    "monn_medium": _monn("monn_medium", 48, (10, [256]), (4, [128]), interaction_hidden=64, layers=2, hidden=128),
+    "monn_large": _monn("monn_large", 48, (30, [256, 256]), (8, [128]), interaction_hidden=64, layers=3, hidden=256),
 }
 
 
@@ -141,36 +129,27 @@ class LTIConfig(StrictModel):
     )
     use_balance_prices: bool = Field(
         False,
-        description="A price per node is added to its distance; every rebalance_every steps the prices are set "
-        "by an auction on recent item embeddings so no node holds more than capacity_factor x its share (empty "
-        "top-level nodes first split the largest). Hard assignment is argmin(distance + price) in training and "
-        "serving alike, so balance holds per item, not only per batch. Off by default: re-pricing while the "
-        "level models learn moved their targets and cost more node quality than it bought (docs/benchmarks.md); "
-        "the build-time cap balances the served index either way.",
+        description="Every rebalance_every steps an auction on recent item embeddings prices the nodes so none "
+        "holds more than capacity_factor x its share (empty top nodes first split the largest); hard assignment "
+        "is argmin(distance + price) in training and serving. Off: re-pricing moved the level models' targets and "
+        "cost more node quality than it bought (docs/benchmarks.md); the build-time cap balances either way.",
     )
     use_dead_code_reseed: bool = True
     usage_ema_decay: float = Field(0.95, gt=0, lt=1)
     dead_threshold: float = Field(0.1, ge=0, description="Dead when EMA usage < threshold / num_nodes.")
     reseed_every: int = Field(50, ge=1, description="Check for dead codes every this many steps.")
-    use_kmeans_init: bool = Field(
-        True, description="Seed the codebook by k-means on recent item embeddings when the index warm-up ends."
-    )
+    use_kmeans_init: bool = Field(True, description="Seed codes by k-means on recent item embeddings after warm-up.")
     use_ema_codebook: bool = Field(
         True,
-        description="After every step each code moves towards the mean of the batch inputs assigned to it "
-        "(code <- d * code + (1 - d) * mean), as VQ-VAE's EMA codebook: codes keep up with an item tower that "
-        "is still training, where the gradient alone left codes stranded and the index collapsed.",
+        description="VQ-VAE's EMA codebook: after every step code <- d * code + (1 - d) * mean of its batch inputs, "
+        "so codes keep up with a training item tower (by gradient alone they were stranded and the index collapsed).",
     )
     ema_decay: float = Field(0.9, gt=0, lt=1, description="d in the EMA codebook update.")
-    node_losses_move_codes: bool = Field(
-        True,
-        description="The level losses reach the codebook through c_bar (the paper's supervision of the index). "
-        "False: codes follow their members only (online k-means); the level models still learn on the nodes.",
-    )
+    node_losses_move_codes: bool = Field(True, description="Level losses move codes via c_bar (the paper); False: no.")
     use_hard_assignment: bool = Field(
         True,
-        description="Once the schedule reaches alpha_max, the node embedding is the hard (argmin) code, with the "
-        "soft assignment's gradient passed straight through: training then sees exactly the serving path.",
+        description="From alpha_max on, the node embedding is the hard code (soft gradient passed straight "
+        "through): training sees exactly the serving path.",
     )
 
 
@@ -181,9 +160,7 @@ class HSNNConfig(StrictModel):
     levels: list[LTIConfig] = Field(default_factory=lambda: [LTIConfig(num_nodes=16), LTIConfig(num_nodes=8)])
     level_models: list[MoNNConfig] = Field(
         default_factory=lambda: [preset("monn_large"), preset("monn_medium")],
-        description="One MoNN per index level, coarsest (largest) first. Their interaction towers are not "
-        "used: a node has no features of its own, so a level model reads the user and the node embedding only, "
-        "the same inputs in training and at serving.",
+        description="One MoNN per index level, coarsest first; no interaction tower (a node has no features).",
     )
     item_model: MoNNConfig = Field(default_factory=lambda: preset("monn_small"))
     task_weights: list[float] | None = Field(None, description="Weight per task; default all 1.")
@@ -197,16 +174,12 @@ class HSNNConfig(StrictModel):
     index_freeze_step: int | None = Field(
         None,
         ge=1,
-        description="From this step on the index is fixed: one auction on recent embeddings caps it as a build "
-        "would (empty top nodes split the largest first), then codes and prices stay, so the level models spend "
-        "the rest of training on exactly the index serving will walk. None: the index never freezes.",
+        description="From this step one auction caps the index as a build would, then codes and prices stay: the "
+        "level models train on exactly the index serving walks. None: never.",
     )
     index_freeze_capacity_factor: float = Field(2.0, ge=1.0, description="The cap applied when the index freezes.")
     commitment_weight: float = Field(
-        0.0,
-        ge=0,
-        description="VQ commitment: pulls item embeddings towards their codes. With index_stop_gradient this "
-        "is the only index term that reaches the item tower.",
+        0.0, ge=0, description="VQ commitment, item embeddings towards their codes (reaches a stop-gradient tower)."
     )
     distillation_weight: float = Field(0.0, ge=0, description="Log loss on soft labels, when a batch has them.")
     use_joint_index: bool = Field(
@@ -214,42 +187,23 @@ class HSNNConfig(StrictModel):
     )
     index_input: Literal["item_embedding", "score_profile"] = Field(
         "item_embedding",
-        description="What the index clusters. item_embedding: the item tower's output. score_profile: the item "
-        "model's click logits (I2IF included) for probe_users users drawn once from the training stream and saved "
-        "with the weights, so items that the same users would click share nodes; costs probe_users pair scores "
-        "per item.",
+        description="What the index clusters: the item tower's output, or the item model's click logits for "
+        "probe_users users saved with the weights (items the same users click share nodes; probe_users scores/item).",
     )
     probe_users: int = Field(128, ge=2, description="Probe users of the score_profile index input (its dimension).")
     node_input: Literal["code", "member_mean", "learned"] = Field(
         "code",
-        description="What a level model reads for a node. code: the sum of codes along the node's path (in the "
-        "index input's space). member_mean: the running mean item embedding of the node's members (an EMA over "
-        "training batches, saved with the weights and read as it is at serving), so a level model sees a node "
-        "as its items look to the item model whatever space the index clusters in (e.g. score profiles). "
-        "learned: residual rows (a node adds its ancestors' rows) that start at the members' mean and are then "
-        "trained by the level losses.",
+        description="What a level model reads for a node: the sum of codes on its path (index input space); its "
+        "members' EMA mean item embedding, as the item model sees them whatever the index clusters; or learned "
+        "residual rows started at that mean (`NodeMeans`).",
     )
     node_mean_decay: float = Field(0.9, gt=0, lt=1, description="EMA decay of the member_mean node input.")
-    index_stop_gradient: bool = Field(
-        True,
-        description="The index reads a detached item embedding (VQ-style): reconstruction, FLOPs and node losses "
-        "shape the codebook and the level models, never the item tower (except the commitment term).",
-    )
+    index_stop_gradient: bool = Field(True, description="VQ-style: index losses reach the item tower by commitment")
     retrieval_weight: float = Field(
-        1.0,
-        ge=0,
-        description="In-batch sampled softmax (logQ-corrected) over the batch's items for every clicked row, "
-        "beside the log loss: what ranking many items needs.",
+        1.0, ge=0, description="In-batch logQ-corrected softmax for every clicked row: what ranking many items needs."
     )
-    retrieval_candidates: int = Field(
-        128, ge=2, description="Most distinct batch items each clicked row is contrasted with in the softmax."
-    )
-    node_ranking_weight: float = Field(
-        1.0,
-        ge=0,
-        description="Softmax over a clicked item's node and its siblings at every level: beam search keeps "
-        "the nodes that win this comparison.",
-    )
+    retrieval_candidates: int = Field(128, ge=2, description="Most distinct batch items in a clicked row's softmax.")
+    node_ranking_weight: float = Field(1.0, ge=0, description="Softmax of a clicked node against its siblings.")
 
     @model_validator(mode="after")
     def _one_model_per_level(self) -> HSNNConfig:

@@ -1,16 +1,15 @@
-"""Feature tensors and I2IF, the one implementation shared by training and serving.
+"""Feature tensors and I2IF, one implementation for training and serving.
 
-Users and items are kept apart (a user's tower runs once per request, an item's once per
-index build); a batch of <user, item> pairs is two index vectors into them. Training uses
-`pair_user = pair_item = arange(B)`; serving uses one user row and many item rows. The
-interaction features are computed by the same function in both cases.
+Users and items are kept apart (a user's tower runs once per request, an item's once per index build); a
+batch of <user, item> pairs is two index vectors into them: `pair_user = pair_item = arange(B)` in
+training, one user row and many item rows at serving.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,20 +31,15 @@ class UserBatch:
         return self.dense.shape[0]
 
     def select(self, rows: Tensor) -> UserBatch:
-        return UserBatch(
-            dense=self.dense[rows],
-            sparse={k: v[rows] for k, v in self.sparse.items()},
-            history={k: v[rows] for k, v in self.history.items()},
-            history_age=self.history_age[rows],
-        )
+        return self.apply(lambda t: t[rows])
 
     def to(self, device: torch.device | str) -> UserBatch:
-        return UserBatch(
-            dense=self.dense.to(device),
-            sparse={k: v.to(device) for k, v in self.sparse.items()},
-            history={k: v.to(device) for k, v in self.history.items()},
-            history_age=self.history_age.to(device),
-        )
+        return self.apply(lambda t: t.to(device))
+
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> UserBatch:
+        """This batch with `fn` applied to every tensor."""
+        sparse, history = ({k: fn(v) for k, v in part.items()} for part in (self.sparse, self.history))
+        return UserBatch(fn(self.dense), sparse, history, fn(self.history_age))
 
 
 @dataclass
@@ -60,9 +54,6 @@ class ItemBatch:
 
     def select(self, rows: Tensor) -> ItemBatch:
         return ItemBatch(dense=self.dense[rows], sparse={k: v[rows] for k, v in self.sparse.items()})
-
-    def to(self, device: torch.device | str) -> ItemBatch:
-        return ItemBatch(dense=self.dense.to(device), sparse={k: v.to(device) for k, v in self.sparse.items()})
 
     @staticmethod
     def concat(parts: Sequence[ItemBatch]) -> ItemBatch:
@@ -96,13 +87,9 @@ class TrainingBatch:
 
 
 def hash_ids(ids: Tensor, buckets: int, salt: int) -> Tensor:
-    """Map raw positive ids of any size into [1, buckets), keeping 0 (padding) at 0.
-
-    Ids below m = buckets - 1 go through a salted permutation of [0, m) (a multiplier coprime with
-    m), so a catalogue numbered 1..n with n < m gets one row per id and no collisions; larger ids are
-    mixed by multiplicative hashing first. The salt differs per feature, so two features sharing raw
-    ids do not collide the same way.
-    """
+    """Map raw positive ids of any size into [1, buckets), keeping 0 (padding) at 0. Ids below m = buckets - 1
+    go through a salted permutation of [0, m) (a catalogue 1..n < m gets no collisions), larger ones through
+    multiplicative hashing; the salt differs per feature, so features sharing raw ids collide differently."""
     m = buckets - 1
     prime = 2_147_483_629
     mixed = ((ids % prime) * 0x9E3779B1 + salt * 0x85EBCA6B) % prime
@@ -121,20 +108,11 @@ def _coprime_multiplier(m: int) -> int:
 
 
 def interaction_features(
-    schema: FeatureSchema,
-    users: UserBatch,
-    items: ItemBatch,
-    pair_user: Tensor,
-    pair_item: Tensor,
+    schema: FeatureSchema, users: UserBatch, items: ItemBatch, pair_user: Tensor, pair_item: Tensor
 ) -> InteractionFeatures:
-    """I2IF: look each item's attributes up in the user's engagement history.
-
-    The user's history, per attribute, is the query; the item's attribute value is the
-    posting it is matched against. Per attribute and pair we return how many history events
-    share the item's value (log1p of the count), the recency weight of the newest such event
-    (exp(-age / scale)), the share of the history that matched, and the matched id itself
-    (0 when nothing matched) as a sparse feature.
-    """
+    """I2IF: look each item's attributes up in the user's engagement history. Per attribute and pair: log1p of
+    how many history events share the item's value, the recency weight exp(-age / scale) of the newest one,
+    the share of the history that matched, and the matched id (0 when none) as a sparse feature."""
     valid = users.history[schema.history_attributes[0]][pair_user] > 0  # (P, H)
     age = users.history_age[pair_user]
     recency = torch.exp(-age.clamp(min=0) / schema.recency_scale)
@@ -153,13 +131,3 @@ def interaction_features(
 
 def interaction_dense_dim(schema: FeatureSchema) -> int:
     return 3 * len(schema.interaction_attributes)
-
-
-def pad_id_lists(lists: Sequence[Sequence[int]], length: int) -> Tensor:
-    """Right-pad (and truncate to the newest `length`) id lists into a (len(lists), length) tensor."""
-    out = torch.zeros(len(lists), length, dtype=torch.long)
-    for row, ids in enumerate(lists):
-        kept = list(ids)[-length:]
-        if kept:
-            out[row, : len(kept)] = torch.as_tensor(kept, dtype=torch.long)
-    return out

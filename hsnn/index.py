@@ -1,24 +1,21 @@
 """The in-memory hierarchical index that serving walks: nodes per level, children, items per leaf.
 
-Nodes at level l are the distinct hard path prefixes (k_1..k_l) of the live items, kept in
-key order, so the children of a node (and the items of a leaf) are one contiguous range:
-each level stores CSR offsets into the next. Everything a query needs that does not depend
-on the user (item tower outputs, node projections, representative items, and the item half of
-each MoNN's first over-arch Linear) is precomputed here, once per index version.
+Level-l nodes are the distinct hard path prefixes (k_1..k_l) in key order, so a node's children (a leaf's
+items) are one contiguous range, CSR offsets into the next level. What a query needs that does not depend on
+the user (item tower outputs, node projections, each MoNN's first-Linear item half) is built once per version.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from hsnn.features import ItemBatch
-from hsnn.metrics import index_health
+from hsnn.lti import group_means
 from hsnn.model import HSNN
-from hsnn.progress import progress_bar
 
 DEFAULT_CAPACITY_FACTOR = 2.0  # no node larger than twice its level's mean
 
@@ -31,8 +28,7 @@ class IndexLevel:
     representative: Tensor  # (M,) item row closest to the node embedding among the node's items
     child_offsets: Tensor  # (M + 1,) CSR into the next level's nodes, or into `leaf_items` at the last level
     sizes: Tensor  # (M,) items under the node
-    # (M, hidden) W_i node + b of the level MoNN's first over-arch Linear (None: dot product, or not yet built)
-    first: Tensor | None = None
+    first: Tensor | None = None  # (M, hidden) W_i node + b, the level MoNN's first Linear (None: dot product/unbuilt)
 
 
 @dataclass
@@ -46,8 +42,7 @@ class HierarchicalIndex:
     leaf_items: Tensor  # (N,) item rows grouped by leaf, in leaf order
     live: Tensor  # (N,) False once an item expired
     codebook_sizes: list[int]
-    # (N, hidden) W_i item + b of the item MoNN's first over-arch Linear (None: dot product, or not yet built)
-    item_first: Tensor | None = None
+    item_first: Tensor | None = None  # (N, hidden) W_i item + b, item MoNN's first Linear (None: dot product/unbuilt)
 
     @property
     def num_items(self) -> int:
@@ -68,14 +63,10 @@ class HierarchicalIndex:
         paths: Tensor | None = None,
         replace: bool = True,
     ) -> HierarchicalIndex:
-        """A new index with these items appended (this one is left as it is).
-
-        New items join their hard path's leaf; a path prefix no item had before becomes a new node
-        (the layout, CSR offsets, representatives and node projections are recomputed). Embeddings and
-        paths are computed with `model` unless given (e.g. taken from an indexer's delta). With
-        `replace`, rows already holding one of these ids are marked expired first, so an update is an
-        append plus an expire. Expired rows stay in the table until the next full build.
-        """
+        """A new index with these items appended (this one stays): each joins its hard path's leaf, a new prefix
+        becomes a new node, the layout is recomputed. Embeddings and paths come from `model` unless given (an
+        indexer's delta). `replace` expires rows holding these ids first, so an update is append + expire;
+        expired rows stay until the next full build."""
         if item_embeddings is None:
             item_embeddings = encode_catalog(model, items)
         if paths is None:
@@ -115,7 +106,7 @@ def encode_catalog(model: HSNN, items: ItemBatch, batch_size: int = 8192, progre
     model.eval()
     chunks = []
     starts = range(0, len(items), batch_size)
-    for start in progress_bar(starts, "item tower", enabled=progress):
+    for start in tqdm(starts, "item tower", unit="batch", leave=False, dynamic_ncols=True, disable=not progress):
         rows = torch.arange(start, min(start + batch_size, len(items)))
         chunks.append(model.item_model.encode_items(items.select(rows)))
     return torch.cat(chunks)
@@ -131,13 +122,12 @@ def build_index(
     progress: bool = False,
     capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
 ) -> HierarchicalIndex:
-    """Assign every live item to its hard path and lay the hierarchy out for serving.
+    """Assign every item to its hard path and lay the hierarchy out for serving.
 
-    With `capacity_factor` c, no node at any level holds more than c x its level's mean, whatever
-    training left: over-full nodes' prices are raised until they fit (`ResidualIndex.assign_with_capacity`),
-    and the prices stay in `model`, so later single-item assignments (the indexer's deltas) follow the
-    same rule. `None` keeps the plain argmin. `paths` overrides the learned assignment (the other index
-    builders in the benchmark: an existing hierarchy, k-means, EM), keeping the same serving code.
+    With `capacity_factor` c no node holds over c x its level's mean, whatever training left: the auction's
+    prices (`ResidualIndex.assign_with_capacity`) stay in `model`, so the indexer's later single-item
+    assignments follow the same rule; None keeps the plain argmin. `paths` overrides the learned assignment
+    (the benchmark's other index builders: an existing hierarchy, k-means, EM) with the same serving code.
     """
     if len(item_ids) == 0:
         raise ValueError("cannot build an index over an empty catalogue")
@@ -161,11 +151,8 @@ def _layout(
     live: Tensor,
     vectors: Tensor | None = None,
 ) -> HierarchicalIndex:
-    """Lay the hierarchy out over items whose embeddings and hard paths are known.
-
-    A node's representative is its closest *live* member when it has one (its closest member otherwise);
-    with every item live this is exactly what `build_index` always did.
-    """
+    """Lay the hierarchy out over items whose embeddings and hard paths are known. A node's representative is
+    its closest *live* member when it has one (its closest member otherwise)."""
     if vectors is None:  # (N, index_dim): what the index assigns, for each node's closest member
         vectors = model.index_vectors(item_embeddings, items)
     penalty = None if bool(live.all()) else torch.where(live, 0.0, float("inf"))
@@ -183,9 +170,7 @@ def _layout(
         ranked = distance if penalty is None else distance + penalty
         representative = _closest_per_group(inverse, ranked, len(node_keys))
         embedding = cumulative[representative]
-        flat = item_embeddings.flatten(1)  # (N, item_size)
-        member_means = torch.zeros(len(node_keys), flat.shape[1]).index_add_(0, inverse, flat)
-        member_means /= torch.bincount(inverse, minlength=len(node_keys)).clamp(min=1).unsqueeze(1)
+        member_means = group_means(item_embeddings.flatten(1), inverse, len(node_keys))[0]  # (M, item_size)
         node_input = model.node_inputs(level_idx, node_keys, embedding, member_means)
         projected = model.level_models[level_idx].project_nodes(node_input)  # (M, num_embed, dim)
         levels.append(
@@ -204,8 +189,7 @@ def _layout(
         parent_keys = lower.keys // codebook_sizes[level_idx + 1]  # sorted, since lower.keys is
         first_child = torch.searchsorted(parent_keys, upper.keys)
         upper.child_offsets = torch.cat([first_child, torch.tensor([len(lower.keys)])])
-    leaf_nodes = item_nodes[:, -1]
-    leaf_items = torch.argsort(leaf_nodes, stable=True)
+    leaf_items = torch.argsort(item_nodes[:, -1], stable=True)
     levels[-1].child_offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(levels[-1].sizes, 0)])
     return HierarchicalIndex(
         item_ids=item_ids,
@@ -218,33 +202,4 @@ def _layout(
         live=live,
         codebook_sizes=codebook_sizes,
         item_first=model.item_model.item_first(item_embeddings),
-    )
-
-
-def level_health(index: HierarchicalIndex) -> list[dict[str, float]]:
-    """Balance of every level over all its possible nodes (prefixes): used/nodes, max/mean, entropy, gini,
-    and the largest node's size beside the live item count (a cap of c x mean allows ceil(c * items / nodes)).
-
-    Only live items count. The indexer records this with every index and refuses one past its limit.
-    """
-    live = index.live
-    out = []
-    for level_idx in range(len(index.levels)):
-        possible = 1
-        for size in index.codebook_sizes[: level_idx + 1]:
-            possible *= size
-        keys = torch.zeros(int(live.sum()), dtype=torch.long)
-        for upper in range(level_idx + 1):
-            keys = keys * index.codebook_sizes[upper] + index.paths[live, upper]
-        stats = index_health(keys, possible)
-        stats["items"] = float(len(keys))
-        stats["max_size"] = float(torch.bincount(keys).max()) if len(keys) else 0.0
-        out.append(stats)
-    return out
-
-
-def within_capacity(health: list[dict[str, float]], capacity_factor: float) -> bool:
-    """True when no level's largest node exceeds ceil(capacity_factor x its level's mean size)."""
-    return all(
-        level["max_size"] <= math.ceil(capacity_factor * level["items"] / level["nodes"] - 1e-9) for level in health
     )

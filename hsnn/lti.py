@@ -1,35 +1,31 @@
 """Learning To Index: a differentiable codebook per level, stacked residually (RQ-style).
 
-For an input v and codes c_1..c_K: d_k = ||v - c_k||^2 / (dim * s), with s a running mean of
-the distances (so alpha and prices mean the same whatever scale the item tower drifts to).
-Each node also carries a price p_k, raised while it holds more than its share and lowered
-while it holds less (dual ascent on the balance constraint). Cost e_k = d_k + p_k;
-soft assignment a = softmax(-alpha * e); hard node = argmin_k e_k, the same function in
-training and at serving. Node embedding c_bar = sum_k a_k c_k while the schedule is soft,
-the hard code (soft gradient passed straight through) once alpha reaches alpha_max.
-Level l+1 quantises what level l left over, r_{l+1} = r_l - c_bar_l, so a node at level l is
-the path prefix (k_1 .. k_l) and its embedding is the sum of the codes along it; level l+1's
-prices are kept per (parent prefix, code), so every parent's children share its items evenly.
+For an input v and codes c_1..c_K: d_k = ||v - c_k||^2 / (dim * s), s a running mean distance (so alpha
+and prices mean the same at any scale of the item tower). Cost e_k = d_k + p_k, p_k the node's price (an
+auction's, so no node holds more than its cap). Soft a = softmax(-alpha * e); hard node = argmin_k e_k in
+training and serving alike; c_bar = sum_k a_k c_k, the hard code (soft gradient straight through) once
+alpha reaches alpha_max. Level l+1 quantises r_{l+1} = r_l - c_bar_l: a level-l node is the path prefix
+(k_1 .. k_l), embedded as the sum of its codes, priced per (parent prefix, code).
 
-Paper: HSNN (arXiv 2024) §3.2, Algorithm 1 (soft assignment, temperature schedule, FLOPs
-regulariser); the prices, k-means seeding, hardening and the build-time cap are this
-project's answers to the collapse and imbalance measured on the plain version (docs/architecture.md).
+Paper: HSNN (arXiv 2024) §3.2, Algorithm 1 (soft assignment, temperature schedule, FLOPs regulariser);
+prices, k-means seeding, hardening and the build-time cap answer the collapse and imbalance measured on
+the plain version (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
+from operator import mul
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hsnn.config import LTIConfig
-
-_PRICE_LIMIT = 8.0  # prices are in mean-distance units; beyond this a node is unreachable anyway
 
 
 @dataclass
@@ -61,6 +57,20 @@ def is_hardened(config: LTIConfig, step: int) -> bool:
     return not config.use_temperature_schedule or step >= config.schedule_steps
 
 
+def group_means(x: Tensor, group: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Mean row of x per group, (groups, dim) with 0 for an empty group, and the group sizes (groups,)."""
+    counts = torch.bincount(group, minlength=groups).to(x.dtype)
+    return x.new_zeros(groups, x.shape[1]).index_add_(0, group, x) / counts.clamp(min=1).unsqueeze(1), counts
+
+
+def rank_in_groups(group: Tensor, key: Tensor, descending: bool = False) -> tuple[Tensor, Tensor]:
+    """Positions sorted by group, then by key (stable), and each one's rank inside its group: a segmented sort."""
+    order = torch.argsort(key, descending=descending, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    _, sizes = torch.unique_consecutive(group[order], return_counts=True)
+    return order, torch.arange(len(order)) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+
+
 def kmeans(x: Tensor, k: int, iterations: int = 20, seed: int = 0) -> Tensor:
     """Plain Lloyd's k-means with k-means++ seeding; returns (k, dim) centroids."""
     generator = torch.Generator().manual_seed(seed)
@@ -70,10 +80,8 @@ def kmeans(x: Tensor, k: int, iterations: int = 20, seed: int = 0) -> Tensor:
         probs = nearest / nearest.sum() if nearest.sum() > 0 else torch.full_like(nearest, 1 / len(x))
         centroids = torch.cat([centroids, x[torch.multinomial(probs, 1, generator=generator)]])
     for _ in range(iterations):
-        assign = squared_distances(x, centroids).argmin(dim=1)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        means, counts = group_means(x, squared_distances(x, centroids).argmin(dim=1), k)
+        centroids = torch.where(counts.unsqueeze(1) > 0, means, centroids)
     return centroids
 
 
@@ -90,7 +98,7 @@ class LearnedIndexLevel(nn.Module):
         self.register_buffer("distance_scale", torch.zeros(()))  # 0 until the first training batch
         self._pooled: deque[tuple[Tensor, int]] = deque(maxlen=max(config.flops_pool_batches - 1, 0))
         self._recent_inputs: Tensor | None = None
-        self._recent_hard: Tensor | None = None
+        self._recent_hard: Tensor | None = None  # the last training batch's inputs and hard nodes
         self.frozen = False  # set by ResidualIndex.freeze; the index-level buffer is what snapshots keep
 
     @property
@@ -128,7 +136,7 @@ class LearnedIndexLevel(nn.Module):
             if self.config.flops_at_target_temperature:
                 balanced = torch.softmax(-self.config.alpha_max * cost, dim=1)
             flops_loss = self._flops_regularizer(balanced)
-            self._track_usage(x.detach(), hard, parent)
+            self._track_usage(x.detach(), hard)
         moving = self.config.node_losses_move_codes and not self.frozen
         codebook = self.codebook if moving else self.codebook.detach()
         return LevelOutput(soft=soft, node_embedding=weights @ codebook, hard=hard, flops_loss=flops_loss)
@@ -142,44 +150,34 @@ class LearnedIndexLevel(nn.Module):
             self.distance_scale.mul_(0.99).add_(0.01 * mean)
 
     def _flops_regularizer(self, soft: Tensor) -> Tensor:
-        """K * sum_k (mean soft assignment)^2 over this batch and the last M-1 (detached) batches.
-
-        Equals 1 for a perfectly balanced index and K when everything sits in one node.
-        """
+        """K * sum_k (mean soft assignment)^2 over this batch and the last M-1 (detached) ones: 1 when perfectly
+        balanced, K when everything sits in one node."""
         if not self.config.use_flops_regularizer:
             return soft.new_zeros(())
-        total = soft.sum(dim=0)
-        count = soft.shape[0]
+        total, count = soft.sum(dim=0), soft.shape[0]
         for past_sum, past_count in self._pooled:
-            total = total + past_sum
-            count += past_count
+            total, count = total + past_sum, count + past_count
         if self._pooled.maxlen:
             self._pooled.append((soft.sum(dim=0).detach(), soft.shape[0]))
         mean = total / count
         return self.num_nodes * (mean * mean).sum()
 
     @torch.no_grad()
-    def _track_usage(self, x: Tensor, hard: Tensor, parent: Tensor | None) -> None:
+    def _track_usage(self, x: Tensor, hard: Tensor) -> None:
         share = torch.bincount(hard, minlength=self.num_nodes).to(x.dtype) / len(hard)
         decay = self.config.usage_ema_decay
         self.usage_ema.mul_(decay).add_(share, alpha=1 - decay)
-        self._recent_inputs = x
-        self._recent_hard = hard
+        self._recent_inputs, self._recent_hard = x, hard
 
     @torch.no_grad()
     def ema_update(self) -> None:
-        """code_k <- d * code_k + (1 - d) * mean of last batch's inputs whose hard node is k (nodes with members).
-
-        Run after the optimiser step (not inside the forward, whose graph still holds the codebook).
-        """
+        """code_k <- d * code_k + (1 - d) * mean of the last batch's inputs on node k (nodes with members); run
+        after the optimiser step, as the forward's graph still holds the codebook."""
         if not self.config.use_ema_codebook or self._recent_inputs is None or self._recent_hard is None:
             return
-        x, hard = self._recent_inputs, self._recent_hard
-        sums = torch.zeros_like(self.codebook).index_add_(0, hard, x)
-        counts = torch.bincount(hard, minlength=self.num_nodes).unsqueeze(1).to(x.dtype)
-        target = sums / counts.clamp(min=1)
-        decay = self.config.ema_decay
-        self.codebook.copy_(torch.where(counts > 0, decay * self.codebook + (1 - decay) * target, self.codebook))
+        target, counts = group_means(self._recent_inputs, self._recent_hard, self.num_nodes)
+        decay, moved = self.config.ema_decay, counts.unsqueeze(1) > 0
+        self.codebook.copy_(torch.where(moved, decay * self.codebook + (1 - decay) * target, self.codebook))
         self._recent_hard = None  # one update per batch: steps on a fixed index (no LTI forward) must not replay it
 
     @torch.no_grad()
@@ -188,10 +186,8 @@ class LearnedIndexLevel(nn.Module):
 
     @torch.no_grad()
     def reseed_dead_codes(self, generator: torch.Generator | None = None) -> int:
-        """Move dead codes onto recent inputs drawn from the busiest nodes; returns how many moved.
-
-        Drawing from crowded nodes splits them, which is what a collapsed index needs.
-        """
+        """Move dead codes onto recent inputs drawn from the busiest nodes (splitting them, as a collapsed index
+        needs); returns how many moved."""
         if not self.config.use_dead_code_reseed or self._recent_inputs is None:
             return 0
         dead = self.dead_nodes()
@@ -255,10 +251,14 @@ class ResidualIndex(nn.Module):
     @torch.no_grad()
     def assign(self, v: Tensor) -> Tensor:
         """Hard path (N, levels): each level's argmin(distance + price) on the hard residual."""
+        return self._hard_paths(v, lambda i, level, residual, parent: level.assign(residual, parent))
+
+    def _hard_paths(self, v: Tensor, choose: Callable[[int, LearnedIndexLevel, Tensor, Tensor], Tensor]) -> Tensor:
+        """(N, levels) codes: `choose(i, level, residual, parent)` picks level i's codes on the hard residual."""
         residual, codes = v, []
         parent = torch.zeros(len(v), dtype=torch.long, device=v.device)
-        for level in self.levels:
-            code = level.assign(residual, parent)
+        for i, level in enumerate(self.levels):
+            code = choose(i, level, residual, parent)
             residual = residual - level.codebook[code]
             parent = parent * level.num_nodes + code
             codes.append(code)
@@ -279,11 +279,8 @@ class ResidualIndex(nn.Module):
 
     @torch.no_grad()
     def seed_with_kmeans(self, seed: int = 0) -> bool:
-        """Residual k-means over the recent item embeddings (the warmed-up item tower's), level by level.
-
-        A random codebook on a still-moving embedding space is what collapsed the first LTI; seeding
-        from embeddings the item loss has already shaped starts every node on real items.
-        """
+        """Residual k-means over the recent (warmed-up) item embeddings, level by level: a random codebook on a
+        still-moving embedding space collapsed the first LTI; this starts every node on real items."""
         if not self._reservoir:
             return False
         x = torch.cat(list(self._reservoir))
@@ -306,8 +303,7 @@ class ResidualIndex(nn.Module):
 
     @torch.no_grad()
     def after_step(self, step: int) -> int:
-        """Once the codebooks are seeded: EMA code updates every step, dead-code re-seeding on schedule;
-        returns how many codes were re-seeded. Called by the training step after the optimiser step."""
+        """After the optimiser step, once seeded: EMA code updates, dead-code re-seeding on schedule (returned)."""
         if not bool(self.seeded) or bool(self.frozen):
             return 0
         for level in self.levels:
@@ -324,12 +320,9 @@ class ResidualIndex(nn.Module):
 
     @torch.no_grad()
     def rebalance(self, capacity_factor: float, generator: torch.Generator | None = None, force: bool = False) -> int:
-        """Re-price every level on the recent item embeddings so no node holds more than capacity_factor x
-        its share, after splitting the largest top-level node for every empty one; returns codes moved.
-
-        Prices are set afresh from a sample each time (an auction, not per-batch dual ascent, which
-        oscillates: inside a tight cluster every price step moves the whole cluster).
-        """
+        """Re-price every level on recent item embeddings so no node holds over capacity_factor x its share,
+        after splitting the largest top node for every empty one; returns codes moved. Prices are set afresh by
+        an auction (per-batch dual ascent oscillates: in a tight cluster every price step moves all of it)."""
         if not self._reservoir or not (force or any(level.config.use_balance_prices for level in self.levels)):
             return 0
         x = torch.unique(torch.cat(list(self._reservoir)), dim=0)  # a batch stream repeats items
@@ -353,34 +346,20 @@ class ResidualIndex(nn.Module):
 
     @torch.no_grad()
     def assign_with_capacity(self, v: Tensor, capacity_factor: float, max_rounds: int = 5000) -> Tensor:
-        """Hard paths (N, levels) in which no node at any level holds more than capacity_factor x its level's
-        mean, found by raising the prices of over-full nodes (an auction), level by level.
-
-        The prices are kept, so afterwards `assign` reproduces these paths item by item: the index a build
-        lays out, the path training computes and the path a new item gets from the indexer stay one function.
-        """
-        residual = v
-        parent = torch.zeros(len(v), dtype=torch.long, device=v.device)
-        codes = []
-        for i, level in enumerate(self.levels):
-            nodes_here = math.prod(self.sizes[: i + 1])
-            cap = max(1, math.ceil(capacity_factor * len(v) / nodes_here))
-            code = _auction(level, residual, parent, cap, max_rounds)
-            residual = residual - level.codebook[code]
-            parent = parent * level.num_nodes + code
-            codes.append(code)
-        return torch.stack(codes, dim=1)
+        """Hard paths (N, levels) where no node holds over capacity_factor x its level's mean: an auction raises
+        over-full nodes' prices, level by level. The prices stay, so `assign` then reproduces these paths: a
+        build's layout, training's path and the indexer's path for a new item stay one function."""
+        caps = [max(1, math.ceil(capacity_factor * len(v) / nodes)) for nodes in accumulate(self.sizes, mul)]
+        return self._hard_paths(v, lambda i, level, x, parent: _auction(level, x, parent, caps[i], max_rounds))
 
 
 def _auction(level: LearnedIndexLevel, x: Tensor, parent: Tensor, cap: int, max_rounds: int) -> Tensor:
     """Raise over-full (parent, node) prices until every node holds <= cap rows; returns the codes (N,).
 
-    Each round, an over-full node keeps the `cap` rows that prefer it most (largest margin over their
-    next-best node) and its price rises just past the next row's margin, which moves the rest on.
-    Prices only rise, so rounds end. Rows with identical embeddings cannot be told apart by any price,
-    and cascades can make the auction slow: when the overflow stops shrinking for `patience` rounds, the
-    rows still in excess go greedily to their best node with room (`_place_overflow`); only those rows
-    then differ from what `assign` would give, and the cap holds whatever the input.
+    Each round an over-full node keeps the `cap` rows preferring it most (largest margin over their next best)
+    and its price rises just past the next row's margin; prices only rise, so rounds end. Identical rows and
+    slow cascades: after `patience` rounds without less overflow the excess goes greedily to its best node
+    with room (`_place_overflow`); only those rows differ from `assign`, and the cap holds whatever the input.
     """
     k = level.num_nodes
     dist = level.distances(x)  # (N, K)
@@ -402,18 +381,10 @@ def _auction(level: LearnedIndexLevel, x: Tensor, parent: Tensor, cap: int, max_
             if stale >= patience:
                 break
         margin = (best2.values[:, 1] - best2.values[:, 0]) if k > 1 else torch.zeros(len(x))
-        in_over = over[group]
-        rows = torch.nonzero(in_over).flatten()
-        # sort the rows of over-full groups by (group, margin descending); rank within the group
-        order = rows[torch.argsort(-margin[rows], stable=True)]
-        order = order[torch.argsort(group[order], stable=True)]
-        _, per_group = torch.unique_consecutive(group[order], return_counts=True)
-        first = torch.repeat_interleave(torch.cumsum(per_group, 0) - per_group, per_group)
-        rank = torch.arange(len(order)) - first
-        pivot = order[rank == cap]  # the first row each over-full group lets go
-        raise_by = margin[pivot] + 1e-4
-        flat = level.price.view(-1)
-        flat.index_add_(0, group[pivot], raise_by)
+        rows = torch.nonzero(over[group]).flatten()  # rows of over-full groups, ranked by margin (largest first)
+        order, rank = rank_in_groups(group[rows], -margin[rows])
+        pivot = rows[order[rank == cap]]  # the first row each over-full group lets go
+        level.price.view(-1).index_add_(0, group[pivot], margin[pivot] + 1e-4)
     return _place_overflow(dist + level.price[parent], parent, k, level.num_parents, cap)
 
 
@@ -425,11 +396,7 @@ def _place_overflow(cost: Tensor, parent: Tensor, k: int, num_parents: int, cap:
     counts = torch.bincount(group, minlength=num_parents * k)
     if not bool((counts > cap).any()):
         return code
-    own = cost.gather(1, code.unsqueeze(1)).squeeze(1)
-    order = torch.argsort(own, stable=True)
-    order = order[torch.argsort(group[order], stable=True)]
-    _, per_group = torch.unique_consecutive(group[order], return_counts=True)
-    rank = torch.arange(len(order)) - torch.repeat_interleave(torch.cumsum(per_group, 0) - per_group, per_group)
+    order, rank = rank_in_groups(group, cost.gather(1, code.unsqueeze(1)).squeeze(1))
     evicted = order[rank >= cap]
     counts = torch.bincount(group[order[rank < cap]], minlength=num_parents * k)
     for row in evicted.tolist():
@@ -438,29 +405,3 @@ def _place_overflow(cost: Tensor, parent: Tensor, k: int, num_parents: int, cap:
         code[row] = choice
         counts[parent[row] * k + choice] += 1
     return code
-
-
-def index_shape(num_items: int, levels: int = 2, items_per_leaf: int = 100, min_nodes: int = 2) -> list[int]:
-    """Codebook sizes per level for a corpus: about `items_per_leaf` items per leaf, levels equally wide.
-
-    10^5 items -> [32, 32]; 10^6 -> [100, 100]; the top level stays O(100-1,000) as in the paper's I1.
-    """
-    if num_items < 1 or levels < 1:
-        raise ValueError("need at least one item and one level")
-    leaves = max(min_nodes**levels, math.ceil(num_items / items_per_leaf))
-    width = max(min_nodes, round(leaves ** (1 / levels)))
-    return [width] * levels
-
-
-def beams_for_budget(sizes: Sequence[int], num_items: int, items_budget: int, widening: float = 4.0) -> list[int]:
-    """Beam per level so that about `items_budget` items are scored at the item level.
-
-    Leaves hold num_items / prod(sizes) items on average, so the last beam keeps budget / that many
-    leaves; each level above keeps `widening` x the parents those leaves need, so a good leaf under a
-    second-best parent is still reachable.
-    """
-    per_leaf = num_items / math.prod(sizes)
-    beams = [max(1, math.ceil(items_budget / max(per_leaf, 1e-9)))]
-    for size in reversed(sizes[1:]):
-        beams.insert(0, max(1, math.ceil(widening * beams[0] / size)))
-    return [min(b, math.prod(sizes[: i + 1])) for i, b in enumerate(beams)]

@@ -1,12 +1,10 @@
 """HSNN: a mixture of MoNNs over a learned hierarchical item index.
 
-Index levels run coarsest first; each has a codebook (LTI) and its own MoNN, and the item
-level has the item MoNN. Training scores every impression at every level: the item level
-with the item's own features, each index level with the item's node embedding (soft early,
-the hard serving node once the schedule ends) in place of the item. An ensemble layer turns
-the outputs along the item's path into one logit per level, and every level gets its own
-supervision: log loss (calibration, NE) plus a ranking loss (the clicked item's node against
-its siblings; the clicked item against the batch's items) that beam search and top-k need.
+Index levels run coarsest first, each with a codebook (LTI) and its own MoNN; the item level has the item
+MoNN. Training scores every impression at every level: the item level with the item's features, an index
+level with the item's node embedding (soft early, the hard serving node once the schedule ends). An
+ensemble turns the outputs along the path into one logit per level; every level gets log loss plus the
+ranking loss beam search and top-k need (node against siblings; clicked item against the batch's items).
 """
 
 from __future__ import annotations
@@ -19,17 +17,14 @@ from torch import Tensor, nn
 
 from hsnn.config import FeatureSchema, HSNNConfig
 from hsnn.features import ItemBatch, TrainingBatch, UserBatch
-from hsnn.lti import IndexOutput, LevelOutput, ResidualIndex
+from hsnn.lti import IndexOutput, LevelOutput, ResidualIndex, group_means
 from hsnn.monn import MoNN, in_batch_softmax_loss
 
 
 class ProbeUsers(nn.Module):
-    """K users drawn once from the training stream, raw features kept as buffers (saved with the weights).
-
-    They are the axes of the score-profile index input: an item is described by the item model's click
-    logits for these users, I2IF included, so the profile says who would click it. Sparse id lists are
-    kept up to `max_ids` per feature (mean-pooled bags ignore the zero padding).
-    """
+    """K users drawn once from the training stream, raw features saved with the weights: the axes of the
+    score-profile index input (an item's click logits for these users, I2IF included, say who would click it).
+    Sparse id lists keep up to `max_ids` per feature (mean-pooled bags ignore the zero padding)."""
 
     def __init__(self, schema: FeatureSchema, count: int, max_ids: int = 8):
         super().__init__()
@@ -56,9 +51,7 @@ class ProbeUsers(nn.Module):
         chosen = users.select(rows.to(users.dense.device))
         self.dense.copy_(chosen.dense)
         for name in self.sparse_names:
-            ids = chosen.sparse[name][:, : self.max_ids]
-            buffer = getattr(self, f"sparse_{name}")
-            buffer.zero_()
+            buffer, ids = getattr(self, f"sparse_{name}").zero_(), chosen.sparse[name][:, : self.max_ids]
             buffer[:, : ids.shape[1]] = ids
         for name in self.history_names:
             getattr(self, f"history_{name}").copy_(chosen.history[name])
@@ -75,18 +68,14 @@ class ProbeUsers(nn.Module):
 
 
 class NodeMeans(nn.Module):
-    """Per level, one vector per node built from its members' item embeddings: what a level model reads
-    with `node_input` "member_mean" or "learned".
+    """Per level, one vector per node from its members' item embeddings (`node_input` member_mean / learned).
 
-    A level-l node is a path prefix, numbered key = ((k_1 * K_2 + k_2) * K_3 + ...) as in the serving
-    layout. member_mean: each training step moves a node's row towards the mean of the batch items on
-    it (an EMA, detached: the table describes the item tower, it does not train it); the table is a
-    buffer. learned: residual rows, as the index's own codes: a node's vector is the sum of its row and
-    its ancestors' rows, a row starts as the first batch members' mean minus the parent's vector, then
-    it is a parameter trained by the level losses (as a given hierarchy's codes are), so a sparsely
-    visited leaf starts from, and shares what is learned for, its parent. Either way the table is saved
-    with the weights and the index layout reads the same rows: one input for training and serving.
-    """
+    A level-l node is a path prefix, key = ((k_1 * K_2 + k_2) * K_3 + ...) as in the serving layout.
+    member_mean: a buffer; each training step moves a node's row towards its batch items' mean (a detached
+    EMA: it describes the item tower, it does not train it). learned: residual rows like the index's codes,
+    a node's vector sums its row and its ancestors'; a row starts at its first members' mean minus the
+    parent's vector, then the level losses train it, so a rarely visited leaf starts from its parent. The
+    table is saved with the weights and the index layout reads the same rows as training."""
 
     def __init__(self, codebook_sizes: list[int], dim: int, decay: float, learned: bool = False):
         super().__init__()
@@ -135,11 +124,9 @@ class NodeMeans(nn.Module):
         """vectors: (N, dim) detached item embeddings of the batch rows whose prefix keys are `keys`."""
         for level, key in enumerate(keys):
             means, seen = self.means(level).data, self.seen(level)
-            counts = torch.bincount(key, minlength=len(seen)).to(vectors.dtype)  # (nodes,)
-            sums = torch.zeros_like(means).index_add_(0, key, vectors)
+            batch_means, counts = group_means(vectors, key, len(seen))  # (nodes, dim), (nodes,)
             hit = counts > 0
-            batch_mean = sums[hit] / counts[hit, None]
-            fresh = (seen[hit] == 0)[:, None]
+            batch_mean, fresh = batch_means[hit], (seen[hit] == 0)[:, None]
             if self.learned:  # rows are only initialised here, as residuals on the parent's vector
                 nodes = torch.nonzero(hit).flatten()
                 parent = self.vectors(level - 1, nodes // self.codebook_sizes[level]) if level > 0 else 0.0
@@ -150,10 +137,8 @@ class NodeMeans(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """Output level l = per-task weighted sum of the MoNN outputs z_0..z_l along the path + bias.
-
-    Starts as the identity on z_l, so each level first predicts with its own model.
-    """
+    """Output level l = per-task weighted sum of the MoNN outputs z_0..z_l along the path + bias; starts as
+    the identity on z_l, so each level first predicts with its own model."""
 
     def __init__(self, num_outputs: int, num_tasks: int):
         super().__init__()
@@ -187,16 +172,11 @@ class HSNN(nn.Module):
         index_dim = config.probe_users if profile else self.item_model.item_embedding_size
         self.index = ResidualIndex(index_dim, config.levels)
         self.probes = ProbeUsers(schema, config.probe_users) if profile else None
-        item_size = self.item_model.item_embedding_size
+        item_size, sizes = self.item_model.item_embedding_size, [c.num_nodes for c in config.levels]
         member_mean = config.node_input in ("member_mean", "learned")
         node_dim = item_size if member_mean else index_dim
-        self.node_means = (
-            NodeMeans(
-                [c.num_nodes for c in config.levels], item_size, config.node_mean_decay, config.node_input == "learned"
-            )
-            if member_mean
-            else None
-        )
+        learned = config.node_input == "learned"
+        self.node_means = NodeMeans(sizes, item_size, config.node_mean_decay, learned) if member_mean else None
         # A node has no features of its own (its representative item's I2IF would differ from the
         # training item's), so level models read the user and the node embedding: identical inputs
         # in training and at serving.
@@ -207,7 +187,7 @@ class HSNN(nn.Module):
         self.num_outputs = len(config.levels) + 1
         num_tasks = len(schema.tasks)
         self.ensemble = Ensemble(self.num_outputs, num_tasks)
-        # Post-hoc Platt scaling per output level and task, fitted by `fit_calibration`.
+        # Post-hoc Platt scaling per output level and task, fitted on held-out data by `bench.platt`.
         self.register_buffer("calibration_scale", torch.ones(self.num_outputs, num_tasks))
         self.register_buffer("calibration_shift", torch.zeros(self.num_outputs, num_tasks))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -224,10 +204,6 @@ class HSNN(nn.Module):
             return 1.0
         return min(1.0, (int(self.step) + 1) / self.config.index_warmup_steps)
 
-    def seed_step(self) -> int:
-        """The step at which the codebooks are seeded by k-means: half-way through the index warm-up."""
-        return self.config.index_warmup_steps // 2 if self.config.use_index_warmup else 0
-
     def calibrate(self, level: int, logits: Tensor) -> Tensor:
         return logits * self.calibration_scale[level] + self.calibration_shift[level]
 
@@ -243,21 +219,20 @@ class HSNN(nn.Module):
         if self.probes is not None and self.training and not bool(self.probes.captured):
             self.probes.capture(users, seed=int(self.step))
             self.index.clear_reservoir()  # what the index saw so far was not a profile over these users
-        if self.config.index_stop_gradient or not self.config.use_joint_index:
-            with torch.no_grad():
-                index_input = self.index_vectors(item_emb, items)  # (B, index_dim)
-        else:
-            index_input = self.index_vectors(item_emb, items)
+        detached = self.config.index_stop_gradient or not self.config.use_joint_index
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detached):
+            index_input = self.index_vectors(item_emb, items)  # (B, index_dim)
         if batch.item_paths is not None:
             index_out = self._fixed_index(index_input, batch.item_paths)
         else:
             step = int(self.step)
             freeze_at = self.config.index_freeze_step
+            seed_at = self.config.index_warmup_steps // 2 if self.config.use_index_warmup else 0  # k-means seeding
             if self.training and freeze_at is not None and step >= freeze_at and not bool(self.index.frozen):
                 self.index.freeze(self.config.index_freeze_capacity_factor)
                 if self.node_means is not None:
                     self.node_means.reset()  # the capped assignment moves items: node rows start again
-            elif self.training and not bool(self.index.seeded) and step >= self.seed_step():
+            elif self.training and not bool(self.index.seeded) and step >= seed_at:
                 if self.index.seed_with_kmeans(seed=step):
                     self.index.rebalance(self.config.training_capacity_factor)
             elif self.training and bool(self.index.seeded) and step % self.config.rebalance_every == 0:
@@ -293,12 +268,8 @@ class HSNN(nn.Module):
         return HSNNOutput(logits=logits, losses=losses)
 
     def index_vectors(self, item_emb: Tensor, items: ItemBatch, chunk: int = 1024) -> Tensor:
-        """What the index assigns, one row per item: (N, index_dim), from item embeddings (N, n_item, d).
-
-        item_embedding: the flattened embedding. score_profile: the item model's click logit for each
-        probe user, I2IF included (`ProbeUsers`). Training, index builds and the indexer's deltas all
-        call this one function.
-        """
+        """What the index assigns (N, index_dim) from item embeddings (N, n_item, d), for training, builds and
+        the indexer's deltas alike: the flattened embedding, or each probe user's click logit (`ProbeUsers`)."""
         if self.probes is None:
             return item_emb.flatten(1)
         model, probes = self.item_model, self.probes.batch()
@@ -328,9 +299,8 @@ class HSNN(nn.Module):
         along each item's path, still learned by the level losses; no LTI aids apply."""
         node_embeddings = self.index.path_embeddings(paths)
         reconstruction = ((node_embeddings[-1] - v.detach()) ** 2).mean()
-        zero = v.new_zeros(())
         levels = [
-            LevelOutput(soft=v.new_zeros(len(v), 0), node_embedding=emb, hard=paths[:, i], flops_loss=zero)
+            LevelOutput(soft=v.new_zeros(len(v), 0), node_embedding=emb, hard=paths[:, i], flops_loss=v.new_zeros(()))
             for i, emb in enumerate(node_embeddings)
         ]
         return IndexOutput(levels, node_embeddings, reconstruction)
@@ -338,11 +308,8 @@ class HSNN(nn.Module):
     def _node_ranking_loss(
         self, clicked: Tensor, level_users: list[Tensor], index_out: IndexOutput, path: Tensor
     ) -> Tensor:
-        """Per level, softmax over the clicked item's node and its siblings (same parent), target = its node.
-
-        This is the comparison beam search makes: at level l it keeps the children that outscore their
-        siblings. Candidates are scored exactly as serving scores them (ensemble over the path so far).
-        """
+        """Per level, softmax over the clicked item's node and its siblings, target = its node: the comparison
+        beam search makes, with candidates scored exactly as serving scores them (ensemble over the path)."""
         total = path.new_zeros(())
         if len(clicked) == 0:
             return total
@@ -358,12 +325,8 @@ class HSNN(nn.Module):
                 candidates = self.node_means.vectors(level, sibling_keys)  # (P * K, item_size)
                 unused = (self.node_means.seen(level)[sibling_keys] == 0).view(num_clicked, k)
             else:
-                prefix = (
-                    index_out.node_embeddings[level - 1][clicked]
-                    if level > 0
-                    else codebook.new_zeros(num_clicked, codebook.shape[1])
-                )  # (P, dim)
-                candidates = (prefix.unsqueeze(1) + codebook.unsqueeze(0)).flatten(0, 1)  # (P * K, dim)
+                prefix = index_out.node_embeddings[level - 1][clicked].unsqueeze(1) if level else 0.0  # (P, 1, dim)
+                candidates = (prefix + codebook.expand(num_clicked, k, -1)).flatten(0, 1)  # (P * K, dim)
             user_emb = level_users[level][clicked].repeat_interleave(k, dim=0)
             z = model.pair_logits(user_emb, model.project_nodes(candidates), None)  # (P * K, tasks)
             ancestors = path[clicked, :level].repeat_interleave(k, dim=0)  # (P * K, level, tasks)
@@ -387,61 +350,10 @@ class HSNN(nn.Module):
             gap = item_emb.flatten(1) - index_out.node_embeddings[-1].detach()
             losses["commitment"] = warm * self.config.commitment_weight * (gap**2).mean()
         if batch.soft_labels is not None and self.config.distillation_weight > 0:
-            soft = F.binary_cross_entropy_with_logits(logits[-1], batch.soft_labels, reduction="none")
-            losses["distillation"] = self.config.distillation_weight * (soft.mean(0) * self.task_weights).sum()
+            losses["distillation"] = self.config.distillation_weight * self.task_loss(logits[-1], batch.soft_labels)
         return losses
 
     def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Weighted multi-task log loss."""
         per_task = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=0)
         return (per_task * self.task_weights).sum()
-
-    @torch.no_grad()
-    def fit_calibration(self, batch: TrainingBatch, iterations: int = 50) -> None:
-        """Platt-scale every output level and task on held-out data (monotone: rankings stay)."""
-        was_training = self.training
-        self.eval()
-        logits = self(batch).logits
-        self.train(was_training)
-        for level, level_logits in enumerate(logits):
-            for task in range(level_logits.shape[1]):
-                scale, shift = platt_fit(level_logits[:, task], batch.labels[:, task], iterations)
-                self.calibration_scale[level, task] = scale
-                self.calibration_shift[level, task] = shift
-
-
-def platt_fit(logits: Tensor, labels: Tensor, iterations: int, min_scale: float = 1e-3) -> tuple[float, float]:
-    """Fit sigmoid(scale * logit + shift) to the labels by log loss; returns (scale, shift).
-
-    LBFGS with a strong-Wolfe line search: without it, sharply scaled logits and rare positives
-    make the plain step overshoot to absurd scales. The map must stay increasing (rankings are
-    kept), so when the best scale is below `min_scale` (the logits rank this data no better than
-    chance) the scale is pinned there and only the shift is fitted: about the base rate.
-    """
-    if labels.min() == labels.max():
-        return 1.0, 0.0
-    logits, labels = logits.detach().double(), labels.detach().double()
-    scale, shift = _fit_log_loss(logits, labels, torch.tensor([1.0, 0.0], dtype=torch.float64), iterations)
-    if scale < min_scale:
-        _, shift = _fit_log_loss(logits, labels, torch.tensor([min_scale, 0.0], dtype=torch.float64), iterations, True)
-        scale = min_scale
-    return scale, shift
-
-
-def _fit_log_loss(
-    logits: Tensor, labels: Tensor, start: Tensor, iterations: int, shift_only: bool = False
-) -> tuple[float, float]:
-    scale = start[0].clone().requires_grad_(not shift_only)
-    shift = start[1].clone().requires_grad_(True)
-    params = [shift] if shift_only else [scale, shift]
-    optimizer = torch.optim.LBFGS(params, max_iter=iterations, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(logits * scale + shift, labels)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return float(scale.detach()), float(shift.detach())

@@ -1,10 +1,9 @@
 """MoNN: user, item and interaction towers feeding a DHEN-style over-arch, one logit per task.
 
-The whole network is here. A tower turns sparse ids (embedding bags over hashed ids) and
-dense values into F field vectors, then emits `num_embed x dim` embeddings from an MLP over
-the fields plus an attentional-FM summary of their pairwise products. The over-arch stacks
-those embeddings and mixes them with layers that add explicit dot-product interactions and
-an MLP to a residual stream. The Two Tower preset replaces the over-arch with a dot product.
+A tower turns hashed sparse ids (embedding bags) and dense values into F field vectors, then emits
+`num_embed x dim` embeddings from an MLP over the fields and an attentional-FM summary of their pairwise
+products. The over-arch stacks them and adds explicit dot-product interactions and an MLP to a residual
+stream. The Two Tower preset replaces the over-arch with a dot product.
 """
 
 from __future__ import annotations
@@ -130,11 +129,8 @@ class OverArch(nn.Module):
 
 
 class MoNN(nn.Module):
-    """A Modular Neural Network scoring <user, item> pairs, one logit per task.
-
-    With `item_input_dim` set, the item side is a projection of a given vector instead of
-    an item tower: that is how an HSNN level model scores index nodes from node embeddings.
-    """
+    """A Modular Neural Network scoring <user, item> pairs, one logit per task. With `item_input_dim` the item
+    side projects a given vector instead of running an item tower: an HSNN level model scoring index nodes."""
 
     def __init__(self, config: MoNNConfig, schema: FeatureSchema, item_input_dim: int | None = None):
         super().__init__()
@@ -223,19 +219,20 @@ class MoNN(nn.Module):
         item = user + self.item_embedding_size
         return slice(0, user), slice(user, item), slice(item, None)
 
-    def user_first(self, user_emb: Tensor) -> Tensor | None:
-        """(U, hidden) = W_u u: the user columns of the first over-arch Linear, once per user, not per pair."""
+    def _first_part(self, emb: Tensor, side: int, bias: bool = False) -> Tensor | None:
+        """W_side emb (+ b): one side's columns of the first over-arch Linear (0 user, 1 item, 2 interaction)."""
         linear = self._first_linear()
         if linear is None:
             return None
-        return user_emb.flatten(1) @ linear.weight[:, self._column_ranges()[0]].T
+        return F.linear(emb.flatten(1), linear.weight[:, self._column_ranges()[side]], linear.bias if bias else None)
+
+    def user_first(self, user_emb: Tensor) -> Tensor | None:
+        """(U, hidden) = W_u u, once per user, not per pair."""
+        return self._first_part(user_emb, 0)
 
     def item_first(self, item_emb: Tensor) -> Tensor | None:
-        """(N, hidden) = W_i i + b: the item columns plus the bias, precomputed once per index version."""
-        linear = self._first_linear()
-        if linear is None:
-            return None
-        return F.linear(item_emb.flatten(1), linear.weight[:, self._column_ranges()[1]], linear.bias)
+        """(N, hidden) = W_i i + b, precomputed once per index version."""
+        return self._first_part(item_emb, 1, bias=True)
 
     def pair_logits_split(
         self,
@@ -247,21 +244,16 @@ class MoNN(nn.Module):
         pair_item: Tensor,
         interaction_emb: Tensor | None,
     ) -> Tensor:
-        """`pair_logits` for pairs (pair_user, pair_item) with the first Linear split, W [u; i; x] = W_u u
-        + (W_i i + b) + W_x x: only the interaction part runs per pair, the halves are gathered rows.
-
-        user_emb: (U, n_u, d), user_first: (U, hidden); item_emb: (N, n_i, d), item_first: (N, hidden);
-        interaction_emb: (P, n_x, d) or None. Returns (P, tasks), equal to `pair_logits` within float tolerance.
-        """
+        """`pair_logits` (P, tasks) with the first Linear split, W [u; i; x] = W_u u + (W_i i + b) + W_x x: the
+        halves are gathered rows, only W_x x runs per pair. user_emb: (U, n_u, d), user_first: (U, hidden);
+        item_emb: (N, n_i, d), item_first: (N, hidden); interaction_emb: (P, n_x, d) or None."""
         users, items = user_emb[pair_user], item_emb[pair_item]  # (P, n_u, d), (P, n_i, d)
         if self.overarch is None or user_first is None or item_first is None:
             return self.pair_logits(users, items, interaction_emb)
         first = user_first[pair_user] + item_first[pair_item]  # (P, hidden)
         parts = [users, items]
         if interaction_emb is not None:
-            linear = self._first_linear()
-            assert linear is not None
-            first = first + interaction_emb.flatten(1) @ linear.weight[:, self._column_ranges()[2]].T
+            first = first + self._first_part(interaction_emb, 2)
             parts.append(interaction_emb)
         return self.overarch(torch.cat(parts, dim=1), first=first)
 
@@ -272,11 +264,8 @@ class MoNN(nn.Module):
         return self.pair_logits(self.encode_users(users), self.encode_items(items), interaction)
 
     def pair_flops(self, item_side_precomputed: bool = False) -> int:
-        """Multiply-adds x 2 spent per scored pair (interaction tower + over-arch), for cost reports.
-
-        With `item_side_precomputed`, the user and item columns of the first over-arch Linear are left
-        out (serving gathers them: W_u u once per user, W_i i once per index version).
-        """
+        """Multiply-adds x 2 per scored pair (interaction tower + over-arch), for cost reports; with
+        `item_side_precomputed`, less the first Linear's user and item columns (serving gathers those)."""
         flops = 0
         linear = self._first_linear()
         if item_side_precomputed and linear is not None:
@@ -297,19 +286,14 @@ class MoNN(nn.Module):
 
 
 def in_batch_softmax_loss(
-    model: MoNN,
-    batch: TrainingBatch,
-    user_emb: Tensor,
-    item_emb: Tensor,
-    clicked: Tensor,
-    max_candidates: int = 128,
+    model: MoNN, batch: TrainingBatch, user_emb: Tensor, item_emb: Tensor, clicked: Tensor, max_candidates: int = 128
 ) -> Tensor:
-    """Sampled softmax for every clicked row over the batch's distinct items, logQ-corrected.
+    """Sampled softmax for every clicked row over the batch's distinct items, logQ-corrected: the retrieval
+    objective (log loss on a few negatives ranks poorly on implicit feedback).
 
-    For clicked row i and candidate item j: s_ij = logit(u_i, j) - log q_j, loss = CE(s_i, own item).
-    q_j is the share of training rows showing item j (a hashed running count, updated here while
-    training). user_emb: (B, n_user, d) and item_emb: (B, n_item, d) are the batch's tower outputs.
-    Log loss on a few negatives ranks poorly on implicit feedback; this is the retrieval objective.
+    Clicked row i, candidate j: s_ij = logit(u_i, j) - log q_j, loss = CE(s_i, own item); q_j is the share of
+    training rows showing j (a hashed running count, updated here while training). user_emb: (B, n_user, d)
+    and item_emb: (B, n_item, d) are the batch's tower outputs.
     """
     if len(clicked) == 0 or model.item_tower is None:
         return user_emb.new_zeros(())

@@ -1,14 +1,12 @@
-"""Layer-wise retrieval over a HierarchicalIndex, and the exhaustive scoring it must match.
+"""Layer-wise retrieval over a HierarchicalIndex (`bench.exhaustive` holds the exhaustive scoring it must match).
 
-Per query: each level's user tower once; level 0 scores every node; each later level scores
-the children of the nodes the previous level kept (top-b); the item level scores the live
-items under the kept leaves with the item MoNN; the ensemble combines each candidate's
-outputs along its path. Several users are scored in one pass (pairs carry a user row), which
-is what request batching in the API relies on.
+Per query: each level's user tower once; level 0 scores every node, each later level the children of the
+nodes the previous one kept (top-b), the item level the live items under the kept leaves; the ensemble
+combines each candidate's outputs along its path. Pairs carry a user row, so a batch of users (the API's
+request batching) goes through in one pass.
 
-Scoring splits the first over-arch Linear, W [u; i; x] = W_u u + (W_i i + b) + W_x x: the item
-halves are index tables (built with the index, filled here if an index arrived without them),
-W_u u runs once per user, so per pair only the interaction part and the rest of the net run.
+Scoring splits the first over-arch Linear, W [u; i; x] = W_u u + (W_i i + b) + W_x x: the item halves are
+index tables, W_u u runs once per user, so per pair only W_x x and the rest of the net run.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from torch import Tensor
 
 from hsnn.features import UserBatch
 from hsnn.index import HierarchicalIndex, expand_ranges
+from hsnn.lti import rank_in_groups
 from hsnn.model import CLICK, HSNN
 from hsnn.monn import MoNN
 
@@ -49,7 +48,7 @@ def ensure_score_tables(model: HSNN, index: HierarchicalIndex) -> None:
             level.first = level_model.item_first(level.projected)
 
 
-def _score_nodes(
+def score_nodes(
     model: MoNN,
     level_idx: int,
     index: HierarchicalIndex,
@@ -69,7 +68,7 @@ def _score_nodes(
     )
 
 
-def _score_items(
+def score_items(
     model: MoNN,
     index: HierarchicalIndex,
     users: UserBatch,
@@ -88,22 +87,9 @@ def _score_items(
     )
 
 
-def _allowed(index: HierarchicalIndex, rows: Tensor, exclude: Tensor | None) -> Tensor:
-    """Mask over rows: live and not excluded by the request."""
-    keep = index.live[rows]
-    if exclude is not None and len(exclude):
-        keep &= ~torch.isin(index.item_ids[rows], exclude)
-    return keep
-
-
 def _top_per_user(pair_user: Tensor, score: Tensor, limit: int) -> Tensor:
     """Positions of each user's `limit` best pairs, grouped by user and best first (a segmented top-k)."""
-    order = torch.argsort(score, descending=True, stable=True)
-    order = order[torch.argsort(pair_user[order], stable=True)]
-    grouped_user = pair_user[order]
-    counts = torch.bincount(grouped_user)
-    group_start = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(order)) - group_start[grouped_user]
+    order, rank = rank_in_groups(pair_user, score, descending=True)
     return order[rank < limit]
 
 
@@ -117,12 +103,9 @@ def retrieve(
     exclude: Sequence[Tensor | None] | None = None,
     precomputed: bool = True,
 ) -> list[Retrieved]:
-    """Top-k live items per user by layer-wise beam search; beams[l] nodes kept at level l.
-
-    All users of the batch move through each level together: candidates are flat (user, node)
-    pairs, grouped by user, and the per-user top-b is a segmented sort. `precomputed=False` scores
-    with the plain `MoNN.pair_logits` (same results; only the loadgen's before/after uses it).
-    """
+    """Top-k live items per user by layer-wise beam search, beams[l] nodes kept at level l. The batch's users
+    move through each level together as flat (user, node) pairs; the per-user top-b is a segmented sort.
+    `precomputed=False` scores with the plain `MoNN.pair_logits` (same results; the loadgen's before/after)."""
     if len(beams) != model.num_levels:
         raise ValueError(f"need one beam width per index level ({model.num_levels}), got {list(beams)}")
     model.eval()
@@ -136,7 +119,7 @@ def retrieve(
     ancestors = torch.empty(len(candidates), 0, model.ensemble.bias.shape[1])
     for level_idx, level_model in enumerate(model.level_models):
         user_emb = level_model.encode_users(users)
-        z = _score_nodes(level_model, level_idx, index, user_emb, pair_user, candidates, precomputed)
+        z = score_nodes(level_model, level_idx, index, user_emb, pair_user, candidates, precomputed)
         path = torch.cat([ancestors, z.unsqueeze(1)], dim=1)
         score = model.calibrate(level_idx, model.ensemble(level_idx, path))[:, CLICK]
         scored = torch.bincount(pair_user, minlength=num_users)
@@ -156,7 +139,7 @@ def retrieve(
             keep[mine] &= ~torch.isin(index.item_ids[rows[mine]], banned)
     rows, pair_user, ancestors = rows[keep], pair_user[keep], ancestors[keep]
     item_model = model.item_model
-    z = _score_items(item_model, index, users, item_model.encode_users(users), pair_user, rows, precomputed)
+    z = score_items(item_model, index, users, item_model.encode_users(users), pair_user, rows, precomputed)
     path = torch.cat([ancestors, z.unsqueeze(1)], dim=1)
     item_level = model.num_outputs - 1
     scores = torch.sigmoid(model.calibrate(item_level, model.ensemble(item_level, path))[:, CLICK])
@@ -173,53 +156,3 @@ def retrieve(
         )
         for u, positions in enumerate(per_user)
     ]
-
-
-def _top_k(model: HSNN, index: HierarchicalIndex, path: Tensor, rows: Tensor, k: int, cost: QueryCost) -> Retrieved:
-    item_level = model.num_outputs - 1
-    scores = torch.sigmoid(model.calibrate(item_level, model.ensemble(item_level, path))[:, CLICK])
-    top = torch.topk(scores, min(k, len(scores)))
-    return Retrieved(item_ids=index.item_ids[rows[top.indices]], scores=top.values, rows=rows[top.indices], cost=cost)
-
-
-@torch.no_grad()
-def retrieve_exhaustive(
-    model: HSNN,
-    index: HierarchicalIndex,
-    users: UserBatch,
-    k: int,
-    exclude: Sequence[Tensor | None] | None = None,
-) -> list[Retrieved]:
-    """Score every live item along its own path (the quality ceiling and the equality reference).
-
-    Same scoring functions (and precomputed tables) as `retrieve`, so wide beams must equal this.
-    """
-    model.eval()
-    ensure_score_tables(model, index)
-    num_users = len(users)
-    exclude = exclude or [None] * num_users
-    all_rows = torch.arange(index.num_items)
-    node_outputs = []  # per level: (users, nodes, tasks)
-    for level_idx, level_model in enumerate(model.level_models):
-        num_nodes = len(index.levels[level_idx].keys)
-        pair_user = torch.arange(num_users).repeat_interleave(num_nodes)
-        pair_node = torch.arange(num_nodes).repeat(num_users)
-        z = _score_nodes(level_model, level_idx, index, level_model.encode_users(users), pair_user, pair_node)
-        node_outputs.append(z.view(num_users, num_nodes, -1))
-    item_model = model.item_model
-    user_emb = item_model.encode_users(users)
-    results = []
-    for u in range(num_users):
-        rows = all_rows[_allowed(index, all_rows, exclude[u])]
-        z_item = _score_items(item_model, index, users, user_emb, torch.full((len(rows),), u), rows)
-        ancestors = [node_outputs[lvl][u, index.item_nodes[rows, lvl]] for lvl in range(model.num_levels)]
-        path = torch.stack([*ancestors, z_item], dim=1)
-        nodes = sum(len(level.keys) for level in index.levels)
-        cost = QueryCost(
-            nodes_scored=nodes,
-            items_scored=len(rows),
-            flops=len(rows) * item_model.pair_flops(True)
-            + sum(len(lv.keys) * m.pair_flops(True) for lv, m in zip(index.levels, model.level_models, strict=True)),
-        )
-        results.append(_top_k(model, index, path, rows, k, cost))
-    return results

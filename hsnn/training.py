@@ -9,29 +9,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hsnn.features import TrainingBatch
-from hsnn.model import CLICK, HSNN, platt_fit
+from hsnn.model import CLICK, HSNN
 from hsnn.monn import MoNN, in_batch_softmax_loss
 
 
 def make_optimizer(model: nn.Module, lr: float = 3e-3) -> torch.optim.Optimizer:
-    """Adam over every parameter, embedding tables included, in its fused kernel.
-
-    The id tables dominate the parameter count (about 20M floats on Gowalla at 64 dims); the
-    per-tensor Adam loop spent 1.9 s per step on them, the fused one 0.22 s (same update).
-    """
+    """Adam over every parameter in its fused kernel: on the id tables (20M floats on Gowalla at 64 dims) the
+    per-tensor loop spent 1.9 s per step, the fused one 0.22 s (same update)."""
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
-def monn_loss(
-    model: MoNN, batch: TrainingBatch, task_weights: Tensor | None = None, retrieval_weight: float = 1.0
-) -> Tensor:
+def monn_loss(model: MoNN, batch: TrainingBatch, retrieval_weight: float = 1.0) -> Tensor:
     """Per-task log loss (calibration, NE) + the in-batch softmax over clicked rows (ranking), as HSNN's item level."""
     rows = torch.arange(len(batch), device=batch.labels.device)
     user_emb, item_emb = model.encode_users(batch.users), model.encode_items(batch.items)
     interaction = model.encode_interactions(batch.users, batch.items, rows, rows)
     logits = model.pair_logits(user_emb, item_emb, interaction)
-    per_task = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(dim=0)
-    loss = (per_task * task_weights).sum() if task_weights is not None else per_task.sum()
+    loss = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(dim=0).sum()
     if retrieval_weight > 0:
         clicked = torch.nonzero(batch.labels[:, CLICK] > 0.5).flatten()
         loss = loss + retrieval_weight * in_batch_softmax_loss(model, batch, user_emb, item_emb, clicked)
@@ -81,15 +75,3 @@ def predict(model: nn.Module, batch: TrainingBatch) -> Tensor:
     if isinstance(model, HSNN):
         logits = model.calibrate(model.num_outputs - 1, logits)
     return torch.sigmoid(logits)
-
-
-def calibrated_click_probs(model: nn.Module, fit: TrainingBatch, batches: list[TrainingBatch]) -> Tensor:
-    """Click probabilities on `batches` after Platt scaling fitted on `fit`, done alike for HSNN and MoNN.
-
-    Comparisons of NE between models are only fair when every model got the same calibration step.
-    """
-    if isinstance(model, HSNN):
-        model.fit_calibration(fit)
-        return torch.cat([predict(model, b)[:, 0] for b in batches])
-    scale, shift = platt_fit(item_logits(model, fit)[:, 0], fit.labels[:, 0], iterations=50)
-    return torch.cat([torch.sigmoid(item_logits(model, b)[:, 0] * scale + shift) for b in batches])

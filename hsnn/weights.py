@@ -21,15 +21,9 @@ def save_model(model: HSNN | MoNN, directory: str | Path) -> list[Path]:
     """Write `model.safetensors` and `model.json` into `directory`; returns the paths written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, HSNN):
-        meta = {"kind": "hsnn", "config": model.config.model_dump(mode="json")}
-    else:
-        meta = {
-            "kind": "monn",
-            "config": model.config.model_dump(mode="json"),
-            "features": model.schema.model_dump(mode="json"),
-        }
-    meta["format_version"] = FORMAT_VERSION
+    meta = {"kind": "hsnn", "config": model.config.model_dump(mode="json"), "format_version": FORMAT_VERSION}
+    if not isinstance(model, HSNN):  # a standalone MoNN also needs the feature schema it was built for
+        meta |= {"kind": "monn", "features": model.schema.model_dump(mode="json")}
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     weights, config = directory / WEIGHTS_FILE, directory / CONFIG_FILE
     save_file(tensors, str(weights))

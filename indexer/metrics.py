@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
-from streaming.service_metrics import service_registry
+from streaming.service_metrics import Declare, service_registry
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600)
 _REBUILD_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -22,15 +22,8 @@ class IndexerMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or service_registry()
-
-        def gauge(name: str, doc: str, *labels: str) -> Gauge:
-            return Gauge(name, doc, labels, registry=self.registry)
-
-        def counter(name: str, doc: str, *labels: str) -> Counter:
-            return Counter(name, doc, labels, registry=self.registry)
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, buckets=buckets, registry=self.registry)
+        declare = Declare(self.registry)
+        gauge, counter, histogram = declare.gauge, declare.counter, declare.histogram
 
         # declared in this order, which is the order of /metrics
         self.event_to_indexed = histogram(

@@ -34,9 +34,10 @@ import torch
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
-from hsnn.index import build_index, level_health, within_capacity
+from hsnn.index import build_index
 from hsnn.model import HSNN
 from indexer.catalogue_offsets import CatalogueCursor, read_catalogue_offsets
+from indexer.gate import level_health, within_capacity
 from indexer.metrics import IndexerMetrics
 from indexer.settings import IndexerSettings
 from streaming.codec import decode_item

@@ -16,11 +16,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from retrieval_api.batcher import Batcher
 from retrieval_api.state import ServingPair, ServingState
 from retrieval_api.watcher import FAILURE, SUCCESS
+from streaming.service_metrics import Declare
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -70,76 +71,76 @@ class ApiMetrics:
         self.clock = clock
         self.watching_since = clock()
         self.adoptions: deque[Adoption] = deque(maxlen=RECENT_ADOPTIONS)
-        self.latency = Histogram(
+        declare = Declare(registry)
+        # requests
+        self.latency = declare.histogram(
             "hsnn_api_request_latency_seconds",
             "Time from arrival to answer of POST /retrieve, by outcome (ok or the error).",
-            ["outcome"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
+            "outcome",
         )
-        self.batch_size = Histogram(
-            "hsnn_api_batch_size", "Requests scored together in one pass.", buckets=BATCH_BUCKETS, registry=registry
+        self.batch_size = declare.histogram(
+            "hsnn_api_batch_size", "Requests scored together in one pass.", BATCH_BUCKETS
         )
-        self.errors = Counter("hsnn_api_errors", "Failed /retrieve requests", ["outcome"], registry=registry)
-        queue_depth = Gauge("hsnn_api_queue_depth", "Requests waiting to be batched.", registry=registry)
-        queue_depth.set_function(lambda: batcher.depth)
-        model_version = Gauge("hsnn_api_model_version", "Snapshot version being served (0: none).", registry=registry)
-        model_version.set_function(lambda: pair.model_version if (pair := state.current()) else 0)
-        index_version = Gauge("hsnn_api_index_version", "Index version being served (0: none).", registry=registry)
-        index_version.set_function(lambda: pair.index_version if (pair := state.current()) else 0)
-        loaded = Gauge(
+        self.errors = declare.counter("hsnn_api_errors", "Failed /retrieve requests", "outcome")
+        declare.gauge("hsnn_api_queue_depth", "Requests waiting to be batched.").set_function(lambda: batcher.depth)
+
+        # the served (model, index) pair
+        def served(name: str, doc: str, read: Callable[[ServingPair], float | None]) -> None:
+            """A gauge of the served pair, read at scrape time; 0 while none (or unknown)."""
+            declare.gauge(name, doc).set_function(lambda: (read(pair) or 0) if (pair := state.current()) else 0)
+
+        served("hsnn_api_model_version", "Snapshot version being served (0: none).", lambda p: p.model_version)
+        served("hsnn_api_index_version", "Index version being served (0: none).", lambda p: p.index_version)
+        served(
             "hsnn_api_model_loaded_timestamp_seconds",
             "When the served model/index pair was loaded (epoch s; 0: none).",
-            registry=registry,
+            lambda p: p.loaded_at,
         )
-        loaded.set_function(lambda: pair.loaded_at if (pair := state.current()) else 0)
-        served = Gauge(
+        served(
             "hsnn_api_served_snapshot_timestamp_seconds",
             "When the served snapshot was written by the publisher (manifest created_at, epoch s; 0: none/unknown).",
-            registry=registry,
+            lambda p: p.snapshot_created_at,
         )
-        served.set_function(lambda: (pair.snapshot_created_at or 0) if (pair := state.current()) else 0)
-        event_time = Gauge(
+        served(
             "hsnn_api_served_snapshot_event_time_seconds",
             "Newest impression event time trained into the served snapshot (manifest event_time_watermark, epoch s;"
             " 0: none/unknown).",
-            registry=registry,
+            lambda p: p.event_time_watermark,
         )
-        event_time.set_function(lambda: (pair.event_time_watermark or 0) if (pair := state.current()) else 0)
-        self.published_to_served = Histogram(
-            "hsnn_api_snapshot_published_to_served_seconds",
-            "Adoption time minus the adopted snapshot's manifest created_at, per new snapshot swapped in.",
-            buckets=FRESHNESS_BUCKETS,
-            registry=registry,
-        )
-        self.event_to_served = Histogram(
-            "hsnn_api_event_to_served_seconds",
-            "Adoption time minus the newest impression event time trained into the adopted snapshot.",
-            buckets=FRESHNESS_BUCKETS,
-            registry=registry,
-        )
-        self.reloads = Counter(
-            "hsnn_api_reloads",
-            "Attempts to load a newly promoted snapshot, by outcome (a failure keeps the old pair serving).",
-            ["outcome"],
-            registry=registry,
-        )
-        self.reload_seconds = Histogram(
-            "hsnn_api_reload_duration_seconds",
-            "Time to load a snapshot and its index, successful or not.",
-            buckets=RELOAD_BUCKETS,
-            registry=registry,
-        )
-        self.item_events = Counter(
+
+        # item events posted to the API
+        self.item_events = declare.counter(
             "hsnn_api_item_events",
             "Item events received on POST /items/events, by outcome (acknowledged, not_acknowledged).",
-            ["outcome"],
-            registry=registry,
+            "outcome",
+        )
+        for outcome in ("acknowledged", "not_acknowledged"):
+            self.item_events.labels(outcome=outcome)
+
+        # swaps: loading a promoted snapshot, and how fresh the adopted one is
+        self.reloads = declare.counter(
+            "hsnn_api_reloads",
+            "Attempts to load a newly promoted snapshot, by outcome (a failure keeps the old pair serving).",
+            "outcome",
         )
         for outcome in (SUCCESS, FAILURE):
             self.reloads.labels(outcome=outcome)
-        for outcome in ("acknowledged", "not_acknowledged"):
-            self.item_events.labels(outcome=outcome)
+        self.reload_seconds = declare.histogram(
+            "hsnn_api_reload_duration_seconds",
+            "Time to load a snapshot and its index, successful or not.",
+            RELOAD_BUCKETS,
+        )
+        self.published_to_served = declare.histogram(
+            "hsnn_api_snapshot_published_to_served_seconds",
+            "Adoption time minus the adopted snapshot's manifest created_at, per new snapshot swapped in.",
+            FRESHNESS_BUCKETS,
+        )
+        self.event_to_served = declare.histogram(
+            "hsnn_api_event_to_served_seconds",
+            "Adoption time minus the newest impression event time trained into the adopted snapshot.",
+            FRESHNESS_BUCKETS,
+        )
 
     def observe_reload(self, outcome: str, seconds: float) -> None:
         self.reloads.labels(outcome=outcome).inc()

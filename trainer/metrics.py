@@ -6,9 +6,10 @@ import bisect
 from collections import Counter as Tally
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Histogram
+
+from streaming.service_metrics import Declare
 
 # Seconds from an impression's event time to the train step that applied it (online training runs behind
 # Kafka by the poll, the catalogue catch-up and the queue of batches before it).
@@ -17,50 +18,49 @@ EVENT_TO_TRAINED_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300
 
 class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
-        kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
-        self.events = Counter("hsnn_trainer_events", "Impressions consumed, by outcome", ["outcome"], **kw)
-        self.events_per_second = Gauge("hsnn_trainer_events_per_second", "Impressions consumed per second", **kw)
-        self.lag_messages = Gauge(
-            "hsnn_trainer_consumer_lag_messages", "High watermark minus next offset", ["partition"], **kw
+        declare = Declare(registry)
+        gauge, counter, histogram = declare.gauge, declare.counter, declare.histogram
+        # consumption: what the loop read, routed and survived
+        self.events = counter("hsnn_trainer_events", "Impressions consumed, by outcome", "outcome")
+        self.events_per_second = gauge("hsnn_trainer_events_per_second", "Impressions consumed per second")
+        self.lag_messages = gauge("hsnn_trainer_consumer_lag_messages", "High watermark minus next offset", "partition")
+        self.lag_seconds = gauge(
+            "hsnn_trainer_consumer_lag_seconds", "Now minus event time of the last consumed record", "partition"
         )
-        self.lag_seconds = Gauge(
-            "hsnn_trainer_consumer_lag_seconds", "Now minus event time of the last consumed record", ["partition"], **kw
-        )
-        self.event_to_trained = Histogram(
-            "hsnn_trainer_event_to_trained_seconds",
-            "Per trained impression: when its train step finished minus its event time",
-            buckets=EVENT_TO_TRAINED_BUCKETS,
-            **kw,
-        )
-        self.trained_event_time = Gauge(
-            "hsnn_trainer_trained_event_time_seconds",
-            "Newest impression event time trained into the weights (epoch s; 0: nothing trained yet)",
-            **kw,
-        )
-        self.loss = Gauge("hsnn_trainer_loss", "Total loss of the last train step", **kw)
-        self.rolling_ne = Gauge("hsnn_trainer_rolling_ne", "Click NE on the held-out buffer at the last snapshot", **kw)
-        self.last_snapshot = Gauge(
-            "hsnn_trainer_last_snapshot_timestamp_seconds", "When the trainer last published a snapshot", **kw
-        )
-        self.dead_letters = Counter(
-            "hsnn_trainer_dead_letters", "Records sent to a dead-letter topic", ["reason"], **kw
-        )
-        self.item_events = Counter("hsnn_trainer_item_events", "Item records read, by outcome", ["outcome"], **kw)
-        self.kafka_errors = Counter("hsnn_trainer_kafka_errors", "Kafka errors survived by the loop", **kw)
-        self.skipped_steps = Counter(
-            "hsnn_trainer_skipped_steps", "Train steps skipped: non-finite loss or gradient (batch not applied)", **kw
-        )
-        self.clipped_steps = Counter("hsnn_trainer_clipped_steps", "Train steps whose gradients were clipped", **kw)
-        self.grad_norm = Gauge("hsnn_trainer_grad_norm", "Gradient norm of the last step, before clipping", **kw)
-        self.offset_out_of_range = Counter(
+        self.item_events = counter("hsnn_trainer_item_events", "Item records read, by outcome", "outcome")
+        self.dead_letters = counter("hsnn_trainer_dead_letters", "Records sent to a dead-letter topic", "reason")
+        self.kafka_errors = counter("hsnn_trainer_kafka_errors", "Kafka errors survived by the loop")
+        self.offset_out_of_range = counter(
             "hsnn_trainer_offset_out_of_range",
             "Stored offsets found outside the partition's log (the trainer halts unless told how to reset)",
-            **kw,
         )
-        self.halted = Gauge("hsnn_trainer_halted", "1 when the trainer stopped itself and needs an operator", **kw)
-        self.lease_epoch = Gauge("hsnn_trainer_lease_epoch", "Fencing epoch of the store lease held", **kw)
-        self.non_finite_snapshots = Counter(
-            "hsnn_trainer_non_finite_snapshots_refused", "Snapshots not written because a weight was NaN/inf", **kw
+        self.halted = gauge("hsnn_trainer_halted", "1 when the trainer stopped itself and needs an operator")
+
+        # training: how fresh and how healthy the steps are
+        self.event_to_trained = histogram(
+            "hsnn_trainer_event_to_trained_seconds",
+            "Per trained impression: when its train step finished minus its event time",
+            EVENT_TO_TRAINED_BUCKETS,
+        )
+        self.trained_event_time = gauge(
+            "hsnn_trainer_trained_event_time_seconds",
+            "Newest impression event time trained into the weights (epoch s; 0: nothing trained yet)",
+        )
+        self.loss = gauge("hsnn_trainer_loss", "Total loss of the last train step")
+        self.grad_norm = gauge("hsnn_trainer_grad_norm", "Gradient norm of the last step, before clipping")
+        self.clipped_steps = counter("hsnn_trainer_clipped_steps", "Train steps whose gradients were clipped")
+        self.skipped_steps = counter(
+            "hsnn_trainer_skipped_steps", "Train steps skipped: non-finite loss or gradient (batch not applied)"
+        )
+
+        # snapshots: what was published, under which lease
+        self.rolling_ne = gauge("hsnn_trainer_rolling_ne", "Click NE on the held-out buffer at the last snapshot")
+        self.last_snapshot = gauge(
+            "hsnn_trainer_last_snapshot_timestamp_seconds", "When the trainer last published a snapshot"
+        )
+        self.lease_epoch = gauge("hsnn_trainer_lease_epoch", "Fencing epoch of the store lease held")
+        self.non_finite_snapshots = counter(
+            "hsnn_trainer_non_finite_snapshots_refused", "Snapshots not written because a weight was NaN/inf"
         )
         for outcome in ("trained", "dead_letter", "eval", "skipped"):  # export zeros: dashboards see every series
             self.events.labels(outcome)

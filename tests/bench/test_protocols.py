@@ -19,7 +19,7 @@ from bench.datasets.movielens import GENRES, load_movielens, ratio_parts
 from bench.harness import BenchData, SweepPoint, evaluate, full_ranking_retriever, rank_users
 from bench.index_quality import level_health, min_cover_cost, oracle_cost
 from bench.methods_mf import MFSoftmaxConfig, in_batch_softmax_loss, train_mf_softmax
-from hsnn.metrics import ndcg_at_k, recall_at_k
+from bench.metrics import ndcg_at_k, recall_at_k
 
 
 def gain(rank: int) -> float:

@@ -206,7 +206,7 @@ def test_training_hard_path_equals_the_serving_path_for_every_item(hardened_hsnn
 
 def test_level_model_inputs_match_between_training_and_serving(hardened_hsnn, world):
     from hsnn.index import build_index
-    from hsnn.serving import _score_nodes
+    from hsnn.serving import score_nodes
 
     model = hardened_hsnn
     index = build_index(model, world.item_ids, world.items)
@@ -218,7 +218,7 @@ def test_level_model_inputs_match_between_training_and_serving(hardened_hsnn, wo
         for level_idx, level_model in enumerate(model.level_models):
             user_emb = level_model.encode_users(batch.users)
             trained = level_model.pair_logits(user_emb, level_model.project_nodes(out.node_embeddings[level_idx]), None)
-            served = _score_nodes(
+            served = score_nodes(
                 level_model, level_idx, index, user_emb, torch.arange(len(batch)), index.item_nodes[rows, level_idx]
             )
             torch.testing.assert_close(trained, served)

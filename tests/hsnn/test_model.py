@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from hsnn.metrics import calibration
-from hsnn.model import HSNN, platt_fit
+from bench.metrics import calibration
+from bench.platt import fit_calibration, platt_fit
+from hsnn.model import HSNN
 from hsnn.training import predict
 from worlds.planted import make_batches, tiny_hsnn_config
 
@@ -45,7 +46,7 @@ def test_calibration_fixes_a_biased_model(trained_hsnn, world):
     with torch.no_grad():
         model.ensemble.bias[-1] += 1.5  # over-predict on purpose
     before = calibration(predict(model, held_out[1])[:, 0], held_out[1].labels[:, 0])
-    model.fit_calibration(held_out[0])
+    fit_calibration(model, held_out[0])
     after = calibration(predict(model, held_out[1])[:, 0], held_out[1].labels[:, 0])
     assert before > 1.3
     assert abs(after - 1) < 0.15 < abs(before - 1)

@@ -2,8 +2,9 @@
 
 import torch
 
+from bench.metrics import recall_at_k
 from hsnn.index import build_index
-from hsnn.metrics import log_loss, recall_at_k
+from hsnn.metrics import log_loss
 from hsnn.monn import MoNN
 from hsnn.serving import retrieve
 from hsnn.training import predict, train

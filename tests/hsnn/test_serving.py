@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from bench.exhaustive import retrieve_exhaustive
 from hsnn.index import build_index, expand_ranges
-from hsnn.serving import retrieve, retrieve_exhaustive
+from hsnn.serving import retrieve
 from worlds.planted import make_users
 
 
@@ -90,7 +91,7 @@ def test_beam_count_must_match_levels(trained_hsnn, index, users):
 
 def test_split_first_layer_equals_plain_pair_logits(trained_hsnn, index, users):
     """The precomputed item halves (index tables) plus W_u u and W_x x give pair_logits' logits."""
-    from hsnn.serving import _score_items, _score_nodes
+    from hsnn.serving import score_items, score_nodes
 
     torch.manual_seed(3)
     for level_idx, level_model in enumerate(trained_hsnn.level_models):
@@ -99,7 +100,7 @@ def test_split_first_layer_equals_plain_pair_logits(trained_hsnn, index, users):
         pair_node = torch.randint(len(index.levels[level_idx].keys), (50,))
         pair_user = torch.randint(len(users), (50,))
         plain = level_model.pair_logits(user_emb[pair_user], index.levels[level_idx].projected[pair_node], None)
-        fast = _score_nodes(level_model, level_idx, index, user_emb, pair_user, pair_node)
+        fast = score_nodes(level_model, level_idx, index, user_emb, pair_user, pair_node)
         torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     item_model = trained_hsnn.item_model
     assert index.item_first is not None and item_model.interaction_tower is not None
@@ -107,7 +108,7 @@ def test_split_first_layer_equals_plain_pair_logits(trained_hsnn, index, users):
     rows, pair_user = torch.randint(index.num_items, (200,)), torch.randint(len(users), (200,))
     interaction = item_model.encode_interactions(users, index.items, pair_user, rows)
     plain = item_model.pair_logits(user_emb[pair_user], index.item_embeddings[rows], interaction)
-    fast = _score_items(item_model, index, users, user_emb, pair_user, rows)
+    fast = score_items(item_model, index, users, user_emb, pair_user, rows)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     # and the reported per-pair cost drops by exactly the user and item columns of the first Linear
     assert item_model.pair_flops(True) < item_model.pair_flops()

@@ -11,10 +11,11 @@ import redis as redis_lib
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from hsnn.index import build_index, level_health, within_capacity
+from hsnn.index import build_index
 from hsnn.model import HSNN
 from hsnn.training import train
 from indexer.catalogue_offsets import read_catalogue_offsets, write_catalogue_offsets
+from indexer.gate import level_health, within_capacity
 from indexer.metrics import IndexerMetrics
 from indexer.service import Indexer
 from indexer.settings import IndexerSettings

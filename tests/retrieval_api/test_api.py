@@ -12,9 +12,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from bench.exhaustive import retrieve_exhaustive
 from hsnn.features import UserBatch
 from hsnn.model import HSNN
-from hsnn.serving import retrieve, retrieve_exhaustive
+from hsnn.serving import retrieve
 from hsnn.training import train
 from retrieval_api.app import create_app
 from retrieval_api.batcher import Batcher, Overloaded

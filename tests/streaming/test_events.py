@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from hsnn.config import FeatureSchema
-from hsnn.features import pad_id_lists
 from streaming.events import (
     IMPRESSIONS_TOPIC,
     ITEMS_TOPIC,
@@ -324,6 +323,16 @@ def test_short_history_is_right_padded():
     assert torch.equal(batch.history["item_id"], torch.tensor([[9, 0, 0]]))
     assert torch.equal(batch.history["category"], torch.tensor([[0, 0, 0]]))
     assert torch.equal(batch.history_age, torch.tensor([[1.5, 0.0, 0.0]]))
+
+
+def pad_id_lists(lists: list[list[int]], length: int) -> torch.Tensor:
+    """The padding rule row by row (keep the newest `length`, right-pad with 0): the reference for `_pad_rows`."""
+    out = torch.zeros(len(lists), length, dtype=torch.long)
+    for row, ids in enumerate(lists):
+        kept = list(ids)[-length:]
+        if kept:
+            out[row, : len(kept)] = torch.as_tensor(kept, dtype=torch.long)
+    return out
 
 
 def test_padding_matches_pad_id_lists():

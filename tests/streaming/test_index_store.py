@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.exhaustive import retrieve_exhaustive
 from hsnn.index import build_index
 from hsnn.model import HSNN
-from hsnn.serving import retrieve, retrieve_exhaustive
+from hsnn.serving import retrieve
 from streaming.events import ItemEvent, ItemFeatures
 from streaming.index_store import (
     CatalogEntry,
