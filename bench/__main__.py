@@ -74,14 +74,6 @@ def main(argv: list[str] | None = None) -> None:
         help=f"HSNN index builders, from {BUILDERS} and the ablations {tuple(ABLATIONS)}",
     )
     parser.add_argument("--batch-size", type=int, default=250, help="gowalla / movielens: rows per training batch")
-    parser.add_argument(
-        "--negatives",
-        type=int,
-        default=4,
-        help="gowalla / movielens: uniform negatives per training positive (log loss; the in-batch softmax"
-        " uses the batch's other items whatever this is)",
-    )
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam step size of every trained model but mf_softmax")
     parser.add_argument("--epochs", type=int, help="open_bandit: passes over the training impressions (default 8)")
     parser.add_argument(
         "--sparse-dim", type=int, help="id embedding width of user/item towers (default: 64 on gowalla/movielens)"
@@ -115,6 +107,15 @@ def main(argv: list[str] | None = None) -> None:
         "--flops-at-target",
         action="store_true",
         help="LTI ablation: FLOPs regulariser on the assignment at alpha_max, not the scheduled alpha",
+    )
+    training = parser.add_argument_group("training budget (every trained model but mf_softmax)")
+    training.add_argument("--lr", type=float, default=3e-3, help="Adam step size")
+    training.add_argument(
+        "--negatives",
+        type=int,
+        default=4,
+        help="gowalla / movielens: uniform negatives per training positive for the log loss (the in-batch"
+        " softmax contrasts the batch's other items whatever this is)",
     )
     args = parser.parse_args(argv)
     protocol = _protocol(parser, args)
