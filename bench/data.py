@@ -117,6 +117,41 @@ def gowalla_data(
     )
 
 
+def protocol_data(
+    dataset: str,
+    protocol: str | None = None,
+    test_file: str | None = None,
+    eval_users: int | None = None,
+    data_root: str | None = None,
+    seed: int = 0,
+    batch_size: int = 250,
+    negatives: int = 4,
+) -> tuple[BenchData, str]:
+    """An implicit-feedback data set under its protocol (default: gowalla valid, movielens recbole), for
+    the single-method tools; returns (data, protocol). Protocols that evaluate every user ignore `eval_users`."""
+    if dataset == "gowalla":
+        protocol = protocol or ("official" if test_file else "valid")
+        users = None if protocol == "official" else eval_users or GOWALLA_VALID_EVAL_USERS
+        data = gowalla_data(
+            data_root,
+            users,
+            test_path=test_file,
+            seed=seed,
+            batch_size=batch_size,
+            protocol=protocol,
+            negatives=negatives,
+        )
+        return data, protocol
+    if dataset == "movielens":
+        protocol = protocol or "recbole"
+        users = None if protocol == "recbole" else eval_users
+        data = movielens_data(
+            data_root, users, seed=seed, batch_size=batch_size, protocol=protocol, negatives=negatives
+        )
+        return data, protocol
+    raise ValueError(f"no (user, item) protocol for data set {dataset!r}; choose gowalla or movielens")
+
+
 def movielens_data(
     root: str | Path | None,
     num_eval_users: int | None = None,

@@ -149,18 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    from bench.data import GOWALLA_VALID_EVAL_USERS, gowalla_data, movielens_data
+    from bench.data import protocol_data
     from bench.harness import evaluate
 
     torch.set_num_threads(args.threads)
-    if args.dataset == "gowalla":
-        protocol = args.protocol or ("official" if args.test_file else "valid")
-        users = None if protocol == "official" else args.eval_users or GOWALLA_VALID_EVAL_USERS
-        data = gowalla_data(args.data_root, users, test_path=args.test_file, seed=args.seed, protocol=protocol)
-    else:
-        protocol = args.protocol or "recbole"
-        users = None if protocol == "recbole" else args.eval_users
-        data = movielens_data(args.data_root, users, seed=args.seed, protocol=protocol)
+    data, protocol = protocol_data(
+        args.dataset, args.protocol, args.test_file, args.eval_users, args.data_root, args.seed
+    )
     config = MFSoftmaxConfig(
         epochs=args.epochs, temperature=args.temperature or None, learning_rate=args.learning_rate, seed=args.seed
     )

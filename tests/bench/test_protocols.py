@@ -236,3 +236,17 @@ def test_training_negatives_change_batches_but_not_the_ne_impressions(gowalla_ro
 def test_cli_rejects_out_of_range_training_knobs(flag: list[str]):
     with pytest.raises(SystemExit):
         main(["--dataset", "gowalla", "--quick", *flag])
+
+
+def test_budget_tool_counts_the_positives_it_trained_on(gowalla_root: Path, tmp_path: Path):
+    from bench.budget import main as budget
+
+    out = tmp_path / "budget.jsonl"
+    argv = ["--data-root", str(gowalla_root), "--steps", "6", "--batch-size", "4", "--negatives", "1"]
+    result = budget([*argv, "--out", str(out)])
+    # 6 train positives, 2 per batch of 4 rows: 6 steps are two epochs
+    assert result["positives_trained"] == 12 and result["epochs"] == 2.0
+    assert 0.0 <= result["recall@20"] <= 1.0 and result["eval_users"] == 3
+    assert json.loads(out.read_text().splitlines()[-1]) == result
+    with pytest.raises(SystemExit):
+        budget([*argv[:-2], "--negatives", "4"])  # a batch of 4 rows cannot hold 1 positive + 4 negatives
