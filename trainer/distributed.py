@@ -168,39 +168,46 @@ class ReplicaSync:
 
     def __init__(self, model: nn.Module) -> None:
         self.named = [*model.named_parameters(), *model.named_buffers()]
+        largest = max((t.numel() for _, t in self.named), default=1)
+        # Position weights: a plain sum misses counts and shares that moved between slots (their total is the batch).
+        self.weights = torch.frac(torch.arange(largest, dtype=torch.float64) * 0.6180339887498949) + 0.5
 
     def fingerprints(self) -> Tensor:
-        return torch.stack(
-            [
-                t.detach().sum(dtype=torch.float64) if t.numel() else torch.zeros((), dtype=torch.float64)
-                for _, t in self.named
-            ]
-        )
+        """Two float64 numbers per tensor: its sum and a position-weighted sum."""
+        out = torch.zeros(2 * len(self.named), dtype=torch.float64)
+        for i, (_, t) in enumerate(self.named):
+            if t.numel():
+                flat = t.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+                out[2 * i] = flat.sum()
+                out[2 * i + 1] = torch.dot(flat, self.weights[: flat.numel()])
+        return out
 
     def repair(self, group: RankGroup) -> list[str]:
         """Broadcast rank 0's copy of every tensor whose fingerprint differs on some rank; returns their names."""
         mine = self.fingerprints().to(group.device)
         both = torch.cat([mine, -mine])
         dist.all_reduce(both, op=dist.ReduceOp.MAX)
-        n = len(self.named)
-        differ = torch.nonzero(both[:n] != -both[n:]).flatten().tolist()  # max != min (NaN always differs)
+        n = len(mine)
+        unequal = (both[:n] != -both[n:]).cpu().reshape(-1, 2).any(dim=1)  # max != min (NaN always differs)
+        differ = torch.nonzero(unequal).flatten().tolist()
         with torch.no_grad():
             for i in differ:
                 dist.broadcast(self.named[i][1].data, src=0)
         return [self.named[i][0] for i in differ]
 
-    def digest(self) -> str:
-        """sha256 over every tensor's bytes: equal digests mean bit-identical replicas."""
-        h = hashlib.sha256()
-        for name, t in self.named:
-            h.update(name.encode())
-            h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+    def digests(self) -> list[str]:
+        """sha256 of each tensor's bytes: equal lists mean bit-identical replicas (-0.0 and 0.0 included)."""
+        return [
+            hashlib.sha256(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for _, t in self.named
+        ]
 
-    def broadcast_all(self) -> None:
+    def broadcast(self, names: Iterable[str]) -> None:
+        wanted = set(names)
         with torch.no_grad():
-            for _, t in self.named:
-                dist.broadcast(t.data, src=0)
+            for name, t in self.named:
+                if name in wanted:
+                    dist.broadcast(t.data, src=0)
 
 
 @dataclass
@@ -537,20 +544,22 @@ class GroupTrainer(OnlineTrainer):
             handle.flush()
             os.fsync(handle.fileno())  # durable *before* the snapshot that counts these lines
         topic = self.settings.impressions_topic
-        digest = self.replicas.digest()
+        digests = self.replicas.digests()
         share = {
             "offsets": self.offsets.topic(topic),
             "ids_lines": dict(self._ids_lines_p),
             "trained": self.trained_total,
             "watermark": self.watermark,
             "held_out": [] if self.rank == 0 else list(self.eval_buffer),
-            "digest": digest,
+            "digests": digests,
         }
         shares = self.group.gather_objects(share)
-        mismatched = sum(s["digest"] != shares[0]["digest"] for s in shares)
-        if mismatched:  # fingerprints missed a difference: make them identical before anything is written
-            log.error("%d rank(s) differ from rank 0 at the barrier: re-broadcasting the whole state", mismatched)
-            self.replicas.broadcast_all()
+        names = [name for name, _ in self.replicas.named]
+        differ = sorted({names[i] for s in shares for i, d in enumerate(s["digests"]) if d != shares[0]["digests"][i]})
+        mismatched = len(differ)
+        if differ:  # the per-step fingerprints missed a difference: make the replicas identical before writing
+            log.error("replicas differ at the barrier in %s: rank 0's copy is broadcast", differ[:10])
+            self.replicas.broadcast(differ)
         if self.rank != 0:
             self.eval_buffer.clear()
         outcome: dict[str, Any] | None = None
