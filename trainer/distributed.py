@@ -416,6 +416,7 @@ class GroupTrainer(OnlineTrainer):
             self.metrics.kafka_errors.inc()
             log.warning("rank %d: Kafka error, this round trains nothing here: %s", self.rank, err)
         chunks, batches = self._route(records)
+        agree_started = time.perf_counter()
         plan = plan_round(
             self.group,
             [len(c) for c in chunks],
@@ -434,6 +435,7 @@ class GroupTrainer(OnlineTrainer):
             )
             if self._template is None and not batches:
                 self._template = to_device(template, self.group.device)
+        self._add_time("agree", time.perf_counter() - agree_started)  # includes waiting for the slowest rank
         for step in range(plan.steps):
             chunk = chunks[step] if step < len(chunks) else None
             batch = batches[step] if step < len(batches) else None
@@ -445,6 +447,9 @@ class GroupTrainer(OnlineTrainer):
         self.dead_letters.send()
         self._update_lag()
         return len(records)
+
+    def _add_time(self, name: str, seconds: float) -> None:
+        self.timings.extra[name] = self.timings.extra.get(name, 0.0) + seconds
 
     def _time_due(self, records: int) -> bool:
         return (self._since_snapshot + records) > 0 and (
@@ -488,9 +493,12 @@ class GroupTrainer(OnlineTrainer):
         started = time.perf_counter()
         self.optimizer.arm()
         stats = ddp_step(self.ddp, self.model, self._template, self.optimizer, scale, real)
+        stepped = time.perf_counter()
         repaired = self.replicas.repair(self.group)
         self.replica_repairs += len(repaired)
-        self.timings.train += time.perf_counter() - started
+        self.timings.train += stepped - started  # forward, backward with DDP's allreduce, optimizer
+        self._add_time("repair", time.perf_counter() - stepped)
+        self._add_time("zero_weight_steps" if batch is None else "real_steps", 1.0)
         self.metrics.grad_norm.set(self.optimizer.last_grad_norm)
         if chunk is None:
             return
