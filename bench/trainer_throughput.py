@@ -175,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
         help="group sizes to run side by side, e.g. '1,2' or '1x2,1x1,2x1' (ranks x torch threads per rank); "
         "report: reports/trainer_ddp.*",
     )
+    parser.add_argument(
+        "--global-batch",
+        action="store_true",
+        help="with --ranks: each rank trains batches of batch-size / ranks (the same global batch and steps)",
+    )
     args = parser.parse_args(argv)
     commit = _git_commit()  # the code that runs is the code at start
     logging.basicConfig(level=logging.WARNING)
@@ -407,10 +412,17 @@ def run_groups(
         world = int(world_text)
         threads = int(threads_text) if threads_text else args.threads or max(1, cores // world)
         name = f"{world}x{threads}"
+        name = name if name not in runs else f"{name}#{sum(k.split('#')[0] == name for k in runs) + 1}"
         out = work / f"ranks-{name}"
         out.mkdir()
+        batch = max(1, args.batch_size // world) if args.global_batch else args.batch_size
         run_settings = settings.model_copy(
-            update={"store_dir": str(out / "store"), "group_id": f"bench-ddp-{world}-{uuid.uuid4().hex[:6]}"}
+            update={
+                "store_dir": str(out / "store"),
+                "group_id": f"bench-ddp-{world}-{uuid.uuid4().hex[:6]}",
+                "batch_size": batch,
+                "max_poll_records": batch,
+            }
         )
         load = os.getloadavg()[0]
         mp.spawn(
@@ -432,6 +444,7 @@ def run_groups(
         runs[name] = {
             "ranks": world,
             "threads_per_rank": threads,
+            "batch_per_rank": batch,
             "events": events,
             "seconds": seconds,
             "events_per_second": events / seconds,
@@ -456,6 +469,7 @@ def run_groups(
         "cores": cores,
         "events": args.events,
         "batch_size": args.batch_size,
+        "global_batch": bool(args.global_batch),
         "partitions": args.partitions,
         "source": args.source,
         "record_bytes_mean": record_bytes,
@@ -475,22 +489,28 @@ def write_ddp_report(label: str, result: dict, path: Path = DDP_REPORT) -> None:
     lines = [
         "# Trainer scale-out: 1 vs N ranks (`python -m bench.trainer_throughput --ranks ...`)",
         "",
+        "Run names are ranks x torch threads per rank (#2: the same again, later in the same command).",
         "Each rank is a process owning partitions p % ranks == rank, gradients averaged by torch DDP (gloo,",
         "loopback), one lockstep round per poll. Same topics for every group size, run one after the other in one",
         "command. us/event figures are per event the rank consumed; `agree` includes waiting for the slower rank,",
         "`repair` the per-step replica check. allreduce: measured, one allreduce of the dense parameter bytes.",
         "",
     ]
-    for name, r in data.items():
+    for label, r in data.items():
         lines += [
-            f"## {name} (commit {r['commit']}, {r['cores']} cores, {r['events']:,} events, batch {r['batch_size']} "
-            f"per rank, {r['partitions']} partitions)",
+            f"## {label} (commit {r['commit']}, {r['cores']} cores, {r['events']:,} events, "
+            + (
+                f"global batch {r['batch_size']} split over the ranks"
+                if r.get("global_batch")
+                else f"batch {r['batch_size']} per rank"
+            )
+            + f", {r['partitions']} partitions)",
             "",
-            "| ranks | threads/rank | events/s | x 1 rank | load before | rank | events | train us | decode us "
+            "| run | events/s | x first 1-rank run | load before | rank | batch | events | train us | decode us "
             "| agree us | repair us | steps (real + zero-weight) | allreduce ms | NE |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for run in r["runs"].values():
+        for run_name, run in r["runs"].items():
             ratio = "" if run.get("ratio_to_one_rank") is None else f"{run['ratio_to_one_rank']:.2f}"
             for i, rank in enumerate(run["per_rank"]):
                 extra = rank["extra_us_per_event"]
@@ -498,13 +518,13 @@ def write_ddp_report(label: str, result: dict, path: Path = DDP_REPORT) -> None:
                 allreduce = "" if rank["allreduce_seconds"] is None else f"{1e3 * rank['allreduce_seconds']:.1f}"
                 ne = "" if rank["ne"] is None else f"{rank['ne']:.4f}"
                 head = (
-                    f"| {run['ranks']} | {run['threads_per_rank']} | {run['events_per_second']:,.1f} | {ratio} "
-                    f"| {run['load_average_1m_before']:.2f} "
+                    f"| {run_name} | {run['events_per_second']:,.1f} | {ratio} | {run['load_average_1m_before']:.2f} "
                     if i == 0
-                    else "| | | | | "
+                    else "| | | | "
                 )
                 lines.append(
-                    head + f"| {rank['rank']} | {rank['events']:,} | {rank['us_per_event']['train']:,.0f} "
+                    head + f"| {rank['rank']} | {run.get('batch_per_rank', r['batch_size'])} | {rank['events']:,} "
+                    f"| {rank['us_per_event']['train']:,.0f} "
                     f"| {rank['us_per_event']['decode']:,.0f} | {extra.get('agree', 0):,.0f} "
                     f"| {extra.get('repair', 0):,.0f} | {steps.get('real_steps', '')} + "
                     f"{steps.get('zero_weight_steps', '')} | {allreduce} | {ne} |"

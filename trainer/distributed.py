@@ -173,14 +173,14 @@ class ReplicaSync:
         self.weights = torch.frac(torch.arange(largest, dtype=torch.float64) * 0.6180339887498949) + 0.5
 
     def fingerprints(self) -> Tensor:
-        """Two float64 numbers per tensor: its sum and a position-weighted sum."""
-        out = torch.zeros(2 * len(self.named), dtype=torch.float64)
-        for i, (_, t) in enumerate(self.named):
-            if t.numel():
-                flat = t.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
-                out[2 * i] = flat.sum()
-                out[2 * i + 1] = torch.dot(flat, self.weights[: flat.numel()])
-        return out
+        """Two float64 numbers per tensor: its sum and a position-weighted sum (computed where the tensor lives)."""
+        parts: list[Tensor] = []
+        for _, t in self.named:
+            if self.weights.device != t.device:
+                self.weights = self.weights.to(t.device)
+            flat = t.detach().reshape(-1).to(torch.float64)
+            parts.append(torch.stack([flat.sum(), torch.dot(flat, self.weights[: flat.numel()])]))
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
     def repair(self, group: RankGroup) -> list[str]:
         """Broadcast rank 0's copy of every tensor whose fingerprint differs on some rank; returns their names."""
@@ -320,7 +320,12 @@ class GroupTrainer(OnlineTrainer):
         except BaseException:
             self.group.close()
             raise
-        self.model.to(self.group.device)
+        if self.group.device.type != "cpu":  # NCCL: the model and Adam's state (restored on CPU) on the GPU
+            self.model.to(self.group.device)
+            for state in self.optimizer.inner.state.values():
+                for key, value in state.items():
+                    if isinstance(value, Tensor):
+                        state[key] = value.to(self.group.device)
         self.replicas = ReplicaSync(self.model)
         # DDP broadcasts rank 0's parameters and buffers once here; gradients are averaged in backward.
         # Every step repairs what HSNN changed outside the gradient (ReplicaSync), so buffers need no
@@ -630,6 +635,25 @@ class GroupTrainer(OnlineTrainer):
             result.manifest.eval_metrics,
         )
         return {"result": result}
+
+    def eval_metrics(self) -> dict[str, float]:
+        """As the single trainer's, with the eval batch on the group's device (rank 0 at the barrier)."""
+        if self.group.device.type == "cpu":
+            return super().eval_metrics()
+        from hsnn.metrics import normalized_entropy
+        from hsnn.training import predict
+
+        metrics: dict[str, float] = {"events": float(len(self.eval_buffer))}
+        clicks = sum(e.labels.click for e, _ in self.eval_buffer)
+        if len(self.eval_buffer) >= self.settings.eval_min_events and 0 < clicks < len(self.eval_buffer):
+            events = [e for e, _ in self.eval_buffer]
+            items = {e.ad_id: f for e, f in self.eval_buffer}
+            batch = to_device(impressions_to_batch(events, self.schema, items, checked=True), self.group.device)
+            probs = predict(self.model, batch)
+            metrics["ne"] = normalized_entropy(probs[:, 0].cpu(), batch.labels[:, 0].cpu())
+            self.metrics.rolling_ne.set(metrics["ne"])
+        metrics["trained_events_total"] = float(self.trained_total)
+        return metrics
 
     # ------------------------------------------------------------------ loop and stop
     def run(self, should_stop: Any, max_idle_polls: int | None = None, all_must_stop: bool = False) -> None:
