@@ -37,7 +37,7 @@ def parameter_split(ads: int = 2_000, users: int = 5_000, seed: int = 0) -> dict
 def plan(run: dict, split: dict[str, int], targets: list[float], ids: list[float]) -> list[str]:
     runs = run["runs"]
     one = next(r for r in runs.values() if r["ranks"] == 1)
-    multi = [r for r in runs.values() if r["ranks"] > 1]
+    multi = [r for r in runs.values() if r["ranks"] > 1 and not r.get("independent")]
     group = max(multi, key=lambda r: r["events_per_second"]) if multi else one
     per_rank = group["events_per_second"] / group["ranks"]
     batch = run["batch_size"]

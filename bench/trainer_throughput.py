@@ -15,7 +15,8 @@ reports/trainer_throughput.json and the table in reports/trainer_throughput.md.
 
     python -m bench.trainer_throughput --events 6144 --batch-size 512 --ranks 1,2 --label ddp
 
-`--ranks 1,2` (or `1x2,1x1,2x1`: ranks x threads) runs the same topics once per group size, side by side
+`--ranks 1,2` (or `1x2,1x1,2x1`: ranks x threads; `2ix1`: the control, 2 single trainers side by side on
+a partition each, no torch.distributed) runs the same topics once per group size, side by side
 in one command (the first entry with one rank is the ratio's base): each rank is a
 process (torch.multiprocessing, gloo on loopback) owning partitions p % ranks == rank, with cores // ranks
 torch threads unless `--threads` says otherwise. It reports events/s of the group, the ratio to one rank,
@@ -329,30 +330,63 @@ def _allreduce_seconds(numel: int, repeats: int = 5) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def _rank_main(rank: int, world: int, port: int, settings_json: str, threads: int, ends: dict, out: str) -> None:
-    """One rank of a bench group (world 1: today's single trainer, no torch.distributed)."""
+class _ShareTrainer(OnlineTrainer):
+    """The control run: a single trainer (no torch.distributed) on one rank's share of the partitions."""
+
+    share: tuple[int, int] = (0, 1)
+
+    def _assign_partitions(self) -> None:
+        from trainer.distributed import owns
+
+        rank, world = self.share
+        stored = self.kafka.assign(self.offsets, owns=lambda p: owns(p, rank, world))
+        self.kafka.enforce_stored_offsets(stored, self.offsets, self.metrics.offset_out_of_range.inc)
+
+
+def _rank_main(
+    rank: int, world: int, port: int, settings_json: str, threads: int, ends: dict, out: str, independent: bool
+) -> None:
+    """One rank of a bench group (world 1: today's single trainer, no torch.distributed; `independent`: N
+    single trainers side by side, each on its share of the partitions, nothing shared: the machine's capacity
+    for N processes without DDP)."""
     from trainer.distributed import GroupTrainer, owns
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(threads)
     settings = TrainerSettings.model_validate_json(settings_json).model_copy(
-        update={"rank": rank, "world_size": world, "master_port": port, "torch_threads": threads}
+        update={
+            "rank": 0 if independent else rank,
+            "world_size": 1 if independent else world,
+            "master_port": port,
+            "torch_threads": threads,
+        }
     )
-    trainer = GroupTrainer(settings, registry=CollectorRegistry()) if world > 1 else OnlineTrainer(settings)
+    if independent:
+        _ShareTrainer.share = (rank, world)
+        settings = settings.model_copy(update={"store_dir": f"{settings.store_dir}-{rank}"})
+        trainer: OnlineTrainer = _ShareTrainer(settings)
+    elif world > 1:
+        trainer = GroupTrainer(settings, registry=CollectorRegistry())
+    else:
+        trainer = OnlineTrainer(settings)
     topic = settings.impressions_topic
     mine = {int(p): o for p, o in ends.items() if owns(int(p), rank, world)}
     trainer.catch_up_items()
+    if independent:  # start together: a file per ready process
+        (Path(out) / f"ready{rank}").touch()
+        while len(list(Path(out).glob("ready*"))) < world:
+            time.sleep(0.01)
 
     def drained() -> bool:
         return all((trainer.offsets.get(topic, p) or 0) >= o for p, o in mine.items())
 
     allreduce = None
     params = sum(p.numel() for p in trainer.model.parameters())
-    if world > 1:
+    if isinstance(trainer, GroupTrainer):
         allreduce = _allreduce_seconds(params)
         trainer.group.all(True)  # start together
     started = time.perf_counter()
-    if world > 1:
+    if isinstance(trainer, GroupTrainer):
         trainer.run(drained, max_idle_polls=50, all_must_stop=True)
     else:
         trainer.run(drained, max_idle_polls=50)
@@ -409,9 +443,10 @@ def run_groups(
     runs: dict[str, dict] = {}
     for spec in args.ranks.split(","):
         world_text, _, threads_text = spec.partition("x")
-        world = int(world_text)
+        independent = world_text.endswith("i")
+        world = int(world_text.rstrip("i"))
         threads = int(threads_text) if threads_text else args.threads or max(1, cores // world)
-        name = f"{world}x{threads}"
+        name = f"{world}{'i' if independent else ''}x{threads}"
         name = name if name not in runs else f"{name}#{sum(k.split('#')[0] == name for k in runs) + 1}"
         out = work / f"ranks-{name}"
         out.mkdir()
@@ -434,6 +469,7 @@ def run_groups(
                 threads,
                 {str(p): o for p, o in ends.items()},
                 str(out),
+                independent,
             ),
             nprocs=world,
             join=True,
@@ -443,6 +479,7 @@ def run_groups(
         seconds = max(r["seconds"] for r in ranks)
         runs[name] = {
             "ranks": world,
+            "independent": independent,
             "threads_per_rank": threads,
             "batch_per_rank": batch,
             "events": events,
@@ -489,7 +526,8 @@ def write_ddp_report(label: str, result: dict, path: Path = DDP_REPORT) -> None:
     lines = [
         "# Trainer scale-out: 1 vs N ranks (`python -m bench.trainer_throughput --ranks ...`)",
         "",
-        "Run names are ranks x torch threads per rank (#2: the same again, later in the same command).",
+        "Run names are ranks x torch threads per rank (#2: the same again, later in the same command); `2ix1` is",
+        "the control: 2 single trainers side by side, a partition each, nothing shared (no DDP, no lockstep).",
         "Each rank is a process owning partitions p % ranks == rank, gradients averaged by torch DDP (gloo,",
         "loopback), one lockstep round per poll. Same topics for every group size, run one after the other in one",
         "command. us/event figures are per event the rank consumed; `agree` includes waiting for the slower rank,",

@@ -267,6 +267,14 @@ def plan_round(
     return plan
 
 
+def no_buffer_sync_before_forward() -> dict[str, bool]:
+    """DDP's switch for "do not broadcast buffers before every forward" under its current name."""
+    import inspect
+
+    names = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in names else {"broadcast_buffers": False}
+
+
 def ddp_step(
     ddp: DistributedDataParallel,
     model: HSNN,
@@ -335,7 +343,7 @@ class GroupTrainer(OnlineTrainer):
             self.model,
             device_ids=[self.group.device.index] if self.group.device.type == "cuda" else None,
             find_unused_parameters=True,
-            broadcast_buffers=False,
+            **no_buffer_sync_before_forward(),
         )
         self.replicas.repair(self.group)  # identical from the first step, whatever DDP's start-up sync covers
         self.max_steps = -(-settings.max_poll_records // settings.batch_size)

@@ -118,9 +118,18 @@ class Launcher:
         for proc in self.procs:
             proc.wait()
 
+    def latest_snapshot(self) -> int | None:
+        from streaming.snapshots import SnapshotStore
+
+        try:
+            return SnapshotStore(self.settings.store_dir).latest_version()
+        except OSError:
+            return None
+
     def run(self) -> int:
-        restarts = 0
+        restarts = 0  # in a row without a new snapshot: a group that keeps snapshotting may restart forever
         self.start_group()
+        started_at = self.latest_snapshot()
         forwarded = False
         while True:
             time.sleep(0.1)
@@ -141,15 +150,17 @@ class Launcher:
             self.stop_group()
             if code in NOT_RETRIED:
                 return code
-            restarts += 1
+            latest = self.latest_snapshot()
+            restarts = 1 if latest != started_at else restarts + 1
             if restarts > self.settings.max_group_restarts:
                 log.critical("giving up after %d group restarts", restarts - 1)
                 return 1
             time.sleep(min(5.0, 0.5 * restarts))
             if self.stop.is_set():
                 return 0
-            log.info("restarting the group from the last snapshot (restart %d)", restarts)
+            log.info("restarting the group from the last snapshot %s (restart %d in a row)", latest, restarts)
             self.start_group()
+            started_at = latest
 
 
 def launch(settings: TrainerSettings, argv: Sequence[str]) -> int:

@@ -14,7 +14,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hsnn.model import HSNN
 from hsnn.training import make_optimizer, train_step
-from trainer.distributed import RankGroup, ReplicaSync, ddp_step, owns, plan_round
+from trainer.distributed import (
+    RankGroup,
+    ReplicaSync,
+    ddp_step,
+    no_buffer_sync_before_forward,
+    owns,
+    plan_round,
+)
 from trainer.guard import GuardedOptimizer
 from trainer.launcher import free_port, strip_ranks
 from trainer.settings import TrainerSettings
@@ -65,7 +72,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     group = RankGroup(TrainerSettings(rank=rank, world_size=2, master_port=port, dist_backend="gloo"))
     try:
         model, optimizer = _model()
-        ddp = DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
+        ddp = DistributedDataParallel(model, find_unused_parameters=True, **no_buffer_sync_before_forward())
         replicas = ReplicaSync(model)
         batches = make_batches(make_world(), 5, 64, seed=1, users_per_batch=32)
 
