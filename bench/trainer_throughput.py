@@ -181,6 +181,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="with --ranks: each rank trains batches of batch-size / ranks (the same global batch and steps)",
     )
+    parser.add_argument(
+        "--round-robin",
+        action="store_true",
+        help="impression i goes to partition i % partitions (not by key): equal partitions, so no rank ends with a "
+        "short last step alone",
+    )
     args = parser.parse_args(argv)
     commit = _git_commit()  # the code that runs is the code at start
     logging.basicConfig(level=logging.WARNING)
@@ -214,10 +220,11 @@ def main(argv: list[str] | None = None) -> None:
         for event in items:
             producer.send(topics["items"], key=contract.event_key(event), value=contract.encode(event))
         record_bytes = 0
-        for event in impressions:
+        for i, event in enumerate(impressions):
             value = contract.encode(event)
             record_bytes += len(value)
-            producer.send(topics["imp"], key=contract.event_key(event), value=value)
+            partition = i % args.partitions if args.round_robin else None
+            producer.send(topics["imp"], key=contract.event_key(event), value=value, partition=partition)
         producer.flush()
         producer.close()
         histories = [len(e.user.history) for e in impressions]
@@ -507,6 +514,7 @@ def run_groups(
         "events": args.events,
         "batch_size": args.batch_size,
         "global_batch": bool(args.global_batch),
+        "round_robin": bool(args.round_robin),
         "partitions": args.partitions,
         "source": args.source,
         "record_bytes_mean": record_bytes,
@@ -517,11 +525,12 @@ def run_groups(
     write_ddp_report(args.label or "latest", result)
 
 
-def write_ddp_report(label: str, result: dict, path: Path = DDP_REPORT) -> None:
-    """Merge `result` under `label` into <path>.json and re-render <path>.md."""
+def write_ddp_report(label: str | None, result: dict | None, path: Path = DDP_REPORT) -> None:
+    """Merge `result` under `label` into <path>.json and re-render <path>.md (None: re-render only)."""
     json_path, md_path = path.with_suffix(".json"), path.with_suffix(".md")
     data = json.loads(json_path.read_text()) if json_path.exists() else {}
-    data[label] = result
+    if label is not None:
+        data[label] = result
     json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     lines = [
         "# Trainer scale-out: 1 vs N ranks (`python -m bench.trainer_throughput --ranks ...`)",
@@ -544,12 +553,14 @@ def write_ddp_report(label: str, result: dict, path: Path = DDP_REPORT) -> None:
             )
             + f", {r['partitions']} partitions)",
             "",
-            "| run | events/s | x first 1-rank run | load before | rank | batch | events | train us | decode us "
+            "| run | events/s | x 1x1 (mean) | load before | rank | batch | events | train us | decode us "
             "| agree us | repair us | steps (real + zero-weight) | allreduce ms | NE |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        singles = [run["events_per_second"] for name, run in r["runs"].items() if name.split("#")[0] == "1x1"]
+        base = sum(singles) / len(singles) if singles else None
         for run_name, run in r["runs"].items():
-            ratio = "" if run.get("ratio_to_one_rank") is None else f"{run['ratio_to_one_rank']:.2f}"
+            ratio = "" if base is None else f"{run['events_per_second'] / base:.2f}"
             for i, rank in enumerate(run["per_rank"]):
                 extra = rank["extra_us_per_event"]
                 steps = rank["steps"]
