@@ -525,6 +525,13 @@ def run_groups(
     write_ddp_report(args.label or "latest", result)
 
 
+def _steps_cell(steps: dict[str, int]) -> str:
+    """`real + zero-weight` lockstep steps of a rank (blank for a single trainer, which does not count them)."""
+    if not steps:
+        return ""
+    return f"{steps.get('real_steps', 0)} + {steps.get('zero_weight_steps', 0)}"
+
+
 def write_ddp_report(label: str | None, result: dict | None, path: Path = DDP_REPORT) -> None:
     """Merge `result` under `label` into <path>.json and re-render <path>.md (None: re-render only)."""
     json_path, md_path = path.with_suffix(".json"), path.with_suffix(".md")
@@ -575,8 +582,8 @@ def write_ddp_report(label: str | None, result: dict | None, path: Path = DDP_RE
                     head + f"| {rank['rank']} | {run.get('batch_per_rank', r['batch_size'])} | {rank['events']:,} "
                     f"| {rank['us_per_event']['train']:,.0f} "
                     f"| {rank['us_per_event']['decode']:,.0f} | {extra.get('agree', 0):,.0f} "
-                    f"| {extra.get('repair', 0):,.0f} | {steps.get('real_steps', '')} + "
-                    f"{steps.get('zero_weight_steps', '')} | {allreduce} | {ne} |"
+                    f"| {extra.get('repair', 0):,.0f} "
+                    f"| {_steps_cell(steps)} | {allreduce} | {ne} |"
                 )
         first = next(iter(r["runs"].values()))["per_rank"][0]
         snap = first.get("snapshot_bytes") or {}
