@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hsnn.features import TrainingBatch
 from hsnn.model import HSNN
+from streaming.codec import decode_impression
 from streaming.consumer import triage
 from streaming.contracts import ImpressionEvent
 from streaming.health import Heartbeat
@@ -60,7 +61,7 @@ from trainer.state import dump_trainer_state
 log = logging.getLogger("hsnn.trainer")
 
 RANKS_METRIC = "ranks"  # eval_metrics key: ranks that trained the snapshot
-REPLICA_MISMATCH_METRIC = "replica_mismatches"  # eval_metrics key: ranks whose state digest differed at the barrier
+REPLICA_MISMATCH_METRIC = "replica_mismatches"  # eval_metrics key: tensors whose digest differed at the barrier
 PARTITION_IDS_METRIC = "trained_ids_lines.p"  # + partition: lines of that partition's trained-ids file
 
 
@@ -473,7 +474,7 @@ class GroupTrainer(OnlineTrainer):
         """Triage (dead letters, held out) and cut the training share into batches: (partition, event) chunks."""
         started = time.perf_counter()
         train: list[tuple[int, ImpressionEvent]] = []
-        for record, event in triage(records, _decode, self._reject, self.dead_letters):
+        for record, event in triage(records, decode_impression, self._reject, self.dead_letters):
             if is_held_out(event.event_id, self.settings.holdout_one_in):
                 self.eval_buffer.append((event, self.catalogue.live[event.ad_id]))
                 self.metrics.events.labels("eval").inc()
@@ -704,12 +705,6 @@ class GroupTrainer(OnlineTrainer):
             handle.close()
         self._ids_files.clear()
         self.group.close()
-
-
-def _decode(value: bytes) -> ImpressionEvent:
-    from streaming.codec import decode_impression
-
-    return decode_impression(value)
 
 
 def _cpu_view(model: HSNN) -> HSNN:

@@ -17,6 +17,7 @@ from hsnn.training import make_optimizer, train_step
 from trainer.distributed import (
     RankGroup,
     ReplicaSync,
+    RoundPlan,
     ddp_step,
     no_buffer_sync_before_forward,
     owns,
@@ -32,6 +33,23 @@ def test_partitions_are_split_disjointly_and_completely() -> None:
     for world_size in (1, 2, 3, 5):
         owners = [[r for r in range(world_size) if owns(p, r, world_size)] for p in range(12)]
         assert all(len(o) == 1 for o in owners)
+
+
+def test_a_round_takes_the_longest_rank_s_steps_and_weights_rows_globally() -> None:
+    plan = RoundPlan(
+        sizes=torch.tensor([[512.0, 512.0, 6.0], [512.0, 0.0, 0.0]]),
+        stop=False,
+        all_stop=False,
+        snapshot_due=False,
+        records=0,
+        template_src=None,
+    )
+    assert plan.steps == 3
+    assert plan.scale(0, 0) == plan.scale(1, 0) == 1.0  # equal shares: DDP's plain mean
+    assert (plan.scale(0, 1), plan.scale(1, 1)) == (2.0, 0.0)  # rank 1 takes a zero-weight step
+    assert plan.scale(0, 2) == 2.0  # a 6-row step alone is a whole step (the short-last-step effect)
+    empty = RoundPlan(torch.zeros(2, 3), False, False, False, 0, None)
+    assert empty.steps == 0
 
 
 def test_launcher_passes_everything_but_ranks_to_the_ranks() -> None:
