@@ -12,6 +12,17 @@ decode + routing, batch build, train step, snapshot) and the click NE of the tra
 held-out events (speed that costs quality does not count). Results merge by `--label` into
 reports/trainer_throughput.json and the table in reports/trainer_throughput.md.
 `--source synthetic` keeps the old 3-event synthetic impressions and `--levels` the per-level presets.
+
+    python -m bench.trainer_throughput --events 6144 --batch-size 512 --ranks 1,2 --label ddp
+
+`--ranks 1,2` (or `1x2,1x1,2x1`: ranks x threads; `2ix1`: the control, 2 single trainers side by side on
+a partition each, no torch.distributed) runs the same topics once per group size, side by side
+in one command (the first entry with one rank is the ratio's base): each rank is a
+process (torch.multiprocessing, gloo on loopback) owning partitions p % ranks == rank, with cores // ranks
+torch threads unless `--threads` says otherwise. It reports events/s of the group, the ratio to one rank,
+each stage per rank, the lockstep costs (agreeing on a round, waiting for the slower rank, repairing state
+changed outside the gradient), a measured allreduce of the dense parameter bytes, and the snapshot size,
+into reports/trainer_ddp.{json,md}.
 """
 
 from __future__ import annotations
@@ -92,6 +103,7 @@ def bench_config(levels: str) -> HSNNConfig:
 
 STAGES = ("poll", "items", "decode", "batch", "train", "snapshot")
 REPORT = Path(__file__).resolve().parents[1] / "reports" / "trainer_throughput"
+DDP_REPORT = Path(__file__).resolve().parents[1] / "reports" / "trainer_ddp"
 
 
 def simulator_feed(events: int, ads: int, users: int, history: int, seed: int) -> tuple[HSNNConfig, list, list]:
@@ -159,6 +171,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", help="record the result under this name in reports/trainer_throughput.*")
+    parser.add_argument(
+        "--ranks",
+        help="group sizes to run side by side, e.g. '1,2' or '1x2,1x1,2x1' (ranks x torch threads per rank); "
+        "report: reports/trainer_ddp.*",
+    )
+    parser.add_argument(
+        "--global-batch",
+        action="store_true",
+        help="with --ranks: each rank trains batches of batch-size / ranks (the same global batch and steps)",
+    )
+    parser.add_argument(
+        "--round-robin",
+        action="store_true",
+        help="impression i goes to partition i % partitions (not by key): equal partitions, so no rank ends with a "
+        "short last step alone",
+    )
     args = parser.parse_args(argv)
     commit = _git_commit()  # the code that runs is the code at start
     logging.basicConfig(level=logging.WARNING)
@@ -192,10 +220,11 @@ def main(argv: list[str] | None = None) -> None:
         for event in items:
             producer.send(topics["items"], key=contract.event_key(event), value=contract.encode(event))
         record_bytes = 0
-        for event in impressions:
+        for i, event in enumerate(impressions):
             value = contract.encode(event)
             record_bytes += len(value)
-            producer.send(topics["imp"], key=contract.event_key(event), value=value)
+            partition = i % args.partitions if args.round_robin else None
+            producer.send(topics["imp"], key=contract.event_key(event), value=value, partition=partition)
         producer.flush()
         producer.close()
         histories = [len(e.user.history) for e in impressions]
@@ -207,6 +236,23 @@ def main(argv: list[str] | None = None) -> None:
 
         config_path = work / "hsnn.json"
         config_path.write_text(model_config.model_dump_json())
+        if args.ranks:
+            group_settings = TrainerSettings(
+                kafka_bootstrap_servers=bootstrap,
+                impressions_topic=topics["imp"],
+                items_topic=topics["items"],
+                impressions_dlq_topic=topics["dlq"],
+                items_dlq_topic=topics["items-dlq"],
+                store_dir=str(work / "store"),
+                model_config_path=str(config_path),
+                batch_size=args.batch_size,
+                max_poll_records=args.batch_size,
+                metrics_port=0,
+                snapshot_every_seconds=1e9,
+                snapshot_every_events=10**12,
+            )
+            run_groups(args, group_settings, work, commit, argv, record_bytes / len(impressions), histories)
+            return
         settings = TrainerSettings(
             kafka_bootstrap_servers=bootstrap,
             impressions_topic=topics["imp"],
@@ -264,6 +310,292 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if server is not None:
             server.stop()
+
+
+# ------------------------------------------------------------------ 1 vs N ranks (--ranks)
+def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        return {tp.partition: offset for tp, offset in consumer.end_offsets(tps).items()}
+    finally:
+        consumer.close()
+
+
+def _allreduce_seconds(numel: int, repeats: int = 5) -> float:
+    """Seconds per allreduce of `numel` float32 (the dense gradient of one step) on the group's backend."""
+    import torch.distributed as dist
+
+    tensor = torch.zeros(numel)
+    dist.all_reduce(tensor)  # warm-up: connections, buffers
+    dist.barrier()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        dist.all_reduce(tensor)
+    return (time.perf_counter() - started) / repeats
+
+
+class _ShareTrainer(OnlineTrainer):
+    """The control run: a single trainer (no torch.distributed) on one rank's share of the partitions."""
+
+    share: tuple[int, int] = (0, 1)
+
+    def _assign_partitions(self) -> None:
+        from trainer.distributed import owns
+
+        rank, world = self.share
+        stored = self.kafka.assign(self.offsets, owns=lambda p: owns(p, rank, world))
+        self.kafka.enforce_stored_offsets(stored, self.offsets, self.metrics.offset_out_of_range.inc)
+
+
+def _rank_main(
+    rank: int, world: int, port: int, settings_json: str, threads: int, ends: dict, out: str, independent: bool
+) -> None:
+    """One rank of a bench group (world 1: today's single trainer, no torch.distributed; `independent`: N
+    single trainers side by side, each on its share of the partitions, nothing shared: the machine's capacity
+    for N processes without DDP)."""
+    from trainer.distributed import GroupTrainer, owns
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(threads)
+    settings = TrainerSettings.model_validate_json(settings_json).model_copy(
+        update={
+            "rank": 0 if independent else rank,
+            "world_size": 1 if independent else world,
+            "master_port": port,
+            "torch_threads": threads,
+        }
+    )
+    if independent:
+        _ShareTrainer.share = (rank, world)
+        settings = settings.model_copy(update={"store_dir": f"{settings.store_dir}-{rank}"})
+        trainer: OnlineTrainer = _ShareTrainer(settings)
+    elif world > 1:
+        trainer = GroupTrainer(settings, registry=CollectorRegistry())
+    else:
+        trainer = OnlineTrainer(settings)
+    topic = settings.impressions_topic
+    mine = {int(p): o for p, o in ends.items() if owns(int(p), rank, world)}
+    trainer.catch_up_items()
+    if independent:  # start together: a file per ready process
+        (Path(out) / f"ready{rank}").touch()
+        while len(list(Path(out).glob("ready*"))) < world:
+            time.sleep(0.01)
+
+    def drained() -> bool:
+        return all((trainer.offsets.get(topic, p) or 0) >= o for p, o in mine.items())
+
+    allreduce = None
+    params = sum(p.numel() for p in trainer.model.parameters())
+    if isinstance(trainer, GroupTrainer):
+        allreduce = _allreduce_seconds(params)
+        trainer.group.all(True)  # start together
+    started = time.perf_counter()
+    if isinstance(trainer, GroupTrainer):
+        trainer.run(drained, max_idle_polls=50, all_must_stop=True)
+    else:
+        trainer.run(drained, max_idle_polls=50)
+    seconds = time.perf_counter() - started
+    snapshot_started = time.perf_counter()
+    result = trainer.maybe_snapshot(force=True)
+    snapshot_seconds = time.perf_counter() - snapshot_started
+    consumed = sum(o for p, o in trainer.offsets.topic(topic).items() if p in mine)
+    snapshot_bytes = None
+    if result is not None and rank == 0:
+        directory = trainer.store.path(result.manifest.version)
+        snapshot_bytes = {f.name: f.stat().st_size for f in directory.iterdir() if f.is_file()}
+    t = trainer.timings
+    report = {
+        "rank": rank,
+        "seconds": seconds,
+        "events": consumed,
+        "partitions": sorted(mine),
+        "us_per_event": {name: 1e6 * getattr(t, name) / max(1, consumed) for name in STAGES},
+        "extra_us_per_event": {k: 1e6 * v / max(1, consumed) for k, v in t.extra.items() if not k.endswith("steps")},
+        "steps": {k: int(v) for k, v in t.extra.items() if k.endswith("steps")},
+        "snapshot_seconds": snapshot_seconds,
+        "ne": None if result is None else result.manifest.eval_metrics.get("ne"),
+        "eval_events": None if result is None else result.manifest.eval_metrics.get("events"),
+        "replica_mismatches": None if result is None else result.manifest.eval_metrics.get("replica_mismatches"),
+        "replica_repairs": getattr(trainer, "replica_repairs", 0),
+        "allreduce_seconds": allreduce,
+        "dense_param_bytes": 4 * params,
+        "snapshot_bytes": snapshot_bytes,
+        "threads": torch.get_num_threads(),
+    }
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
+    trainer.close()  # a group's last collective was the snapshot barrier
+
+
+def run_groups(
+    args: argparse.Namespace,
+    settings: TrainerSettings,
+    work: Path,
+    commit: str,
+    argv: list[str] | None,
+    record_bytes: float,
+    histories: list[int],
+) -> None:
+    """Each group size in `--ranks` on the same topics, one after the other, each from the first offset."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    from trainer.launcher import free_port
+
+    ends = _end_offsets(settings.kafka_bootstrap_servers, settings.impressions_topic)
+    cores = os.cpu_count() or 1
+    runs: dict[str, dict] = {}
+    for spec in args.ranks.split(","):
+        world_text, _, threads_text = spec.partition("x")
+        independent = world_text.endswith("i")
+        world = int(world_text.rstrip("i"))
+        threads = int(threads_text) if threads_text else args.threads or max(1, cores // world)
+        name = f"{world}{'i' if independent else ''}x{threads}"
+        name = name if name not in runs else f"{name}#{sum(k.split('#')[0] == name for k in runs) + 1}"
+        out = work / f"ranks-{name}"
+        out.mkdir()
+        batch = max(1, args.batch_size // world) if args.global_batch else args.batch_size
+        run_settings = settings.model_copy(
+            update={
+                "store_dir": str(out / "store"),
+                "group_id": f"bench-ddp-{world}-{uuid.uuid4().hex[:6]}",
+                "batch_size": batch,
+                "max_poll_records": batch,
+            }
+        )
+        load = os.getloadavg()[0]
+        mp.spawn(
+            _rank_main,
+            args=(
+                world,
+                free_port(),
+                run_settings.model_dump_json(),
+                threads,
+                {str(p): o for p, o in ends.items()},
+                str(out),
+                independent,
+            ),
+            nprocs=world,
+            join=True,
+        )
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+        events = sum(r["events"] for r in ranks)
+        seconds = max(r["seconds"] for r in ranks)
+        runs[name] = {
+            "ranks": world,
+            "independent": independent,
+            "threads_per_rank": threads,
+            "batch_per_rank": batch,
+            "events": events,
+            "seconds": seconds,
+            "events_per_second": events / seconds,
+            "load_average_1m_before": load,
+            "per_rank": ranks,
+        }
+        print(
+            f"{world} rank(s) x {threads} thread(s): {events} events in {seconds:.1f}s = "
+            f"{events / seconds:,.1f} events/s (1m load before: {load:.2f})"
+        )
+        for r in ranks:
+            print(
+                f"  rank {r['rank']}: partitions {r['partitions']}, {r['events']} events, "
+                f"train {r['us_per_event']['train']:.0f} us/event, extra {r['extra_us_per_event']}, "
+                f"steps {r['steps']}, allreduce {r['allreduce_seconds']}, NE {r['ne']}"
+            )
+    base = next((run["events_per_second"] for run in runs.values() if run["ranks"] == 1), None)
+    for run in runs.values():
+        run["ratio_to_one_rank"] = run["events_per_second"] / base if base else None
+    result = {
+        "runs": runs,
+        "cores": cores,
+        "events": args.events,
+        "batch_size": args.batch_size,
+        "global_batch": bool(args.global_batch),
+        "round_robin": bool(args.round_robin),
+        "partitions": args.partitions,
+        "source": args.source,
+        "record_bytes_mean": record_bytes,
+        "history_mean": sum(histories) / len(histories),
+        "commit": commit,
+        "command": "python -m bench.trainer_throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    write_ddp_report(args.label or "latest", result)
+
+
+def _steps_cell(steps: dict[str, int]) -> str:
+    """`real + zero-weight` lockstep steps of a rank (blank for a single trainer, which does not count them)."""
+    if not steps:
+        return ""
+    return f"{steps.get('real_steps', 0)} + {steps.get('zero_weight_steps', 0)}"
+
+
+def write_ddp_report(label: str | None, result: dict | None, path: Path = DDP_REPORT) -> None:
+    """Merge `result` under `label` into <path>.json and re-render <path>.md (None: re-render only)."""
+    json_path, md_path = path.with_suffix(".json"), path.with_suffix(".md")
+    data = json.loads(json_path.read_text()) if json_path.exists() else {}
+    if label is not None:
+        data[label] = result
+    json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    lines = [
+        "# Trainer scale-out: 1 vs N ranks (`python -m bench.trainer_throughput --ranks ...`)",
+        "",
+        "Run names are ranks x torch threads per rank (#2: the same again, later in the same command); `2ix1` is",
+        "the control: 2 single trainers side by side, a partition each, nothing shared (no DDP, no lockstep).",
+        "Each rank is a process owning partitions p % ranks == rank, gradients averaged by torch DDP (gloo,",
+        "loopback), one lockstep round per poll. Same topics for every group size, run one after the other in one",
+        "command. us/event figures are per event the rank consumed; `agree` includes waiting for the slower rank,",
+        "`repair` the per-step replica check. allreduce: measured, one allreduce of the dense parameter bytes.",
+        "",
+    ]
+    for label, r in data.items():
+        lines += [
+            f"## {label} (commit {r['commit']}, {r['cores']} cores, {r['events']:,} events, "
+            + (
+                f"global batch {r['batch_size']} split over the ranks"
+                if r.get("global_batch")
+                else f"batch {r['batch_size']} per rank"
+            )
+            + f", {r['partitions']} partitions)",
+            "",
+            "| run | events/s | x 1x1 (mean) | load before | rank | batch | events | train us | decode us "
+            "| agree us | repair us | steps (real + zero-weight) | allreduce ms | NE |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        singles = [run["events_per_second"] for name, run in r["runs"].items() if name.split("#")[0] == "1x1"]
+        base = sum(singles) / len(singles) if singles else None
+        for run_name, run in r["runs"].items():
+            ratio = "" if base is None else f"{run['events_per_second'] / base:.2f}"
+            for i, rank in enumerate(run["per_rank"]):
+                extra = rank["extra_us_per_event"]
+                steps = rank["steps"]
+                allreduce = "" if rank["allreduce_seconds"] is None else f"{1e3 * rank['allreduce_seconds']:.1f}"
+                ne = "" if rank["ne"] is None else f"{rank['ne']:.4f}"
+                head = (
+                    f"| {run_name} | {run['events_per_second']:,.1f} | {ratio} | {run['load_average_1m_before']:.2f} "
+                    if i == 0
+                    else "| | | | "
+                )
+                lines.append(
+                    head + f"| {rank['rank']} | {run.get('batch_per_rank', r['batch_size'])} | {rank['events']:,} "
+                    f"| {rank['us_per_event']['train']:,.0f} "
+                    f"| {rank['us_per_event']['decode']:,.0f} | {extra.get('agree', 0):,.0f} "
+                    f"| {extra.get('repair', 0):,.0f} "
+                    f"| {_steps_cell(steps)} | {allreduce} | {ne} |"
+                )
+        first = next(iter(r["runs"].values()))["per_rank"][0]
+        snap = first.get("snapshot_bytes") or {}
+        lines += [
+            "",
+            f"Dense parameter bytes: {first['dense_param_bytes']:,}; snapshot files: "
+            + ", ".join(f"{k} {v:,} B" for k, v in sorted(snap.items())),
+            "",
+            f"Command: `{r['command']}`",
+            "",
+        ]
+    md_path.write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

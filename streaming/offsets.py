@@ -8,7 +8,7 @@ broker's consumer-group offsets and `auto_offset_reset` never decide where a loo
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from kafka import KafkaConsumer, TopicPartition
@@ -33,13 +33,18 @@ class OutOfRange:
         return f"partition {self.partition}: stored {self.stored}, log holds [{self.beginning}, {self.end})"
 
 
-def assign_all_partitions(consumer: KafkaConsumer, topic: str, timeout: float = 30.0) -> list[TopicPartition]:
-    """Assign every partition of `topic` to `consumer` (no group rebalancing); waits for the metadata."""
+def assign_all_partitions(
+    consumer: KafkaConsumer, topic: str, timeout: float = 30.0, keep: Callable[[int], bool] | None = None
+) -> list[TopicPartition]:
+    """Assign every partition of `topic` to `consumer` (no group rebalancing); waits for the metadata.
+
+    `keep(partition)` narrows it to the partitions one rank of a trainer group owns.
+    """
     deadline = time.monotonic() + timeout
     while True:
         partitions = consumer.partitions_for_topic(topic)
         if partitions:
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            tps = [TopicPartition(topic, p) for p in sorted(partitions) if keep is None or keep(p)]
             consumer.assign(tps)
             return tps
         if time.monotonic() > deadline:

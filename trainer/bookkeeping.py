@@ -36,6 +36,10 @@ class OffsetBook:
         key = (topic, partition)
         self._next[key] = max(self._next.get(key, 0), offset + 1)
 
+    def forget(self, topic: str, partition: int) -> None:
+        """Drop a partition (a rank of a group keeps only the partitions it owns)."""
+        self._next.pop((topic, partition), None)
+
     def get(self, topic: str, partition: int) -> int | None:
         return self._next.get((topic, partition))
 

@@ -50,12 +50,13 @@ class TrainerKafka:
         self.impression_tps: list[TopicPartition] = []
         self.item_tps: list[TopicPartition] = []
 
-    def assign(self, offsets: OffsetBook) -> dict[TopicPartition, int]:
-        """Assign every partition; impressions seek to their stored offsets, items to the start.
+    def assign(self, offsets: OffsetBook, owns: Callable[[int], bool] | None = None) -> dict[TopicPartition, int]:
+        """Assign every impression partition (or those `owns(partition)` keeps: one rank's share of a group)
+        and every items partition; impressions seek to their stored offsets, items to the start.
 
         Returns the stored impression offsets (to be checked against the log).
         """
-        self.impression_tps = assign_all_partitions(self.consumer, self.settings.impressions_topic)
+        self.impression_tps = assign_all_partitions(self.consumer, self.settings.impressions_topic, keep=owns)
         self.item_tps = assign_all_partitions(self.items_consumer, self.settings.items_topic)
         stored_offsets = {}
         for tp in self.impression_tps:
@@ -124,6 +125,9 @@ class TrainerKafka:
         """
         wanted = self.settings.max_poll_records
         out: list[Any] = []
+        if not self.impression_tps:  # a rank of a group owning no partition: nothing to poll, wait as a poll would
+            time.sleep(timeout_ms / 1000)
+            return out
         wait = timeout_ms
         try:
             while len(out) < wanted:

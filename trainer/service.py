@@ -23,6 +23,7 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from hsnn.metrics import normalized_entropy
+from hsnn.model import HSNN
 from hsnn.training import make_optimizer, predict, train_step
 from streaming.codec import MalformedEvent, decode_impression, decode_item
 from streaming.consumer import triage
@@ -77,11 +78,11 @@ class OnlineTrainer:
         self.timings = Timings()
         torch.manual_seed(settings.seed)
         # Fencing first: only the lease holder may read the newest snapshot as its starting point.
-        self.lease = TrainerLease(self.store.root, ttl_s=settings.lease_ttl_s)
+        self.lease = self._make_lease()
         self.metrics.lease_epoch.set(self.lease.acquire(wait_s=settings.lease_wait_s))
-        remove_unfinished_snapshots(self.store)
+        self._tidy_store()
 
-        self.model, self.manifest, snapshot_files = load_or_create(self.store, settings.hsnn_config)
+        self.model, self.manifest, snapshot_files = self._load()
         self.schema = self.model.config.features
         self.optimizer = GuardedOptimizer(self.model, make_optimizer(self.model, settings.lr), settings.max_grad_norm)
         self.offsets = OffsetBook.from_manifest(self.manifest.offsets if self.manifest else {})
@@ -97,7 +98,7 @@ class OnlineTrainer:
 
         self._ids_file = None
         self._ids_lines = 0
-        if settings.trained_ids_path:
+        if settings.trained_ids_path and self._single_ids_file():
             self._ids_lines = truncate_lines(settings.trained_ids_path, int(metrics.get(TRAINED_IDS_METRIC, 0)))
             self._ids_file = open(settings.trained_ids_path, "a", encoding="utf-8")  # noqa: SIM115 (lives with us)
 
@@ -114,12 +115,30 @@ class OnlineTrainer:
         if settings.snapshots_topic:
             self.publisher.notify = self._send_snapshot_notice
         try:
-            self.kafka.enforce_stored_offsets(
-                self.kafka.assign(self.offsets), self.offsets, self.metrics.offset_out_of_range.inc
-            )
+            self._assign_partitions()
         except StoredOffsetOutOfRange:
             self.close()
             raise
+
+    # ------------------------------------------------------------------ start-up steps (a rank of a group overrides)
+    def _make_lease(self) -> TrainerLease:
+        return TrainerLease(self.store.root, ttl_s=self.settings.lease_ttl_s)
+
+    def _tidy_store(self) -> None:
+        remove_unfinished_snapshots(self.store)
+
+    def _load(self) -> tuple[HSNN, Manifest | None, dict[str, bytes]]:
+        return load_or_create(self.store, self.settings.hsnn_config)
+
+    def _single_ids_file(self) -> bool:
+        """One trained-ids file for the whole stream (a group writes one per partition instead)."""
+        return True
+
+    def _assign_partitions(self) -> None:
+        """Assign the impression partitions, seek them to the snapshot's offsets, halt on one outside the log."""
+        self.kafka.enforce_stored_offsets(
+            self.kafka.assign(self.offsets), self.offsets, self.metrics.offset_out_of_range.inc
+        )
 
     # ------------------------------------------------------------------ items
     def catch_up_items(self, timeout: float = 30.0) -> int:

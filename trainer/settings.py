@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from hsnn.config import HSNNConfig
 from streaming.events import IMPRESSIONS_DLQ, IMPRESSIONS_TOPIC, ITEMS_DLQ, ITEMS_TOPIC, SNAPSHOTS_TOPIC
@@ -87,6 +88,60 @@ class TrainerSettings(ServiceSettings):
     trained_ids_path: str | None = Field(
         None, description="Debug: append every trained event id to this file (exact across restarts)."
     )
+
+    # Scale-out (trainer/distributed.py, docs/trainer.md "Several ranks")
+    ranks: int = Field(
+        1,
+        ge=1,
+        description="Launch this many ranks as one supervised group (`python -m trainer --ranks 2`); the group "
+        "restarts from the last snapshot whenever a rank fails. 1: one process, no torch.distributed.",
+    )
+    world_size: int = Field(
+        1, ge=1, description="Ranks in the group this process belongs to (falls back to torch's WORLD_SIZE)."
+    )
+    rank: int = Field(0, ge=0, description="This process's rank: owns partitions p with p % world_size == rank (RANK).")
+    master_addr: str = Field("127.0.0.1", description="Rendezvous host of rank 0 (MASTER_ADDR).")
+    master_port: int = Field(29500, ge=0, le=65535, description="Rendezvous port (MASTER_PORT; 0: the launcher picks).")
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="auto: nccl when CUDA is present, else gloo (CPU)."
+    )
+    dist_timeout_s: float = Field(
+        300.0, gt=0, description="A collective waiting this long for a silent rank fails (the group then restarts)."
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads per process (0: torch's default; a "
+        "launched group gives each rank cores // ranks).",
+    )
+    max_group_restarts: int = Field(
+        100, ge=0, description="The launcher gives up after this many group restarts in a row without a snapshot."
+    )
+    replica_dump_dir: str | None = Field(
+        None, description="Debug: at a clean stop every rank writes its weights here (rank<r>.safetensors)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _torch_launcher_env(cls, data: Any) -> Any:
+        """torchrun-style RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT fill what HSNN_TRAINER_* did not set."""
+        if not isinstance(data, dict):
+            return data
+        for field, env in (
+            ("rank", "RANK"),
+            ("world_size", "WORLD_SIZE"),
+            ("master_addr", "MASTER_ADDR"),
+            ("master_port", "MASTER_PORT"),
+        ):
+            if field not in data and env in os.environ:
+                data = {**data, field: os.environ[env]}
+        return data
+
+    @model_validator(mode="after")
+    def _rank_in_group(self) -> TrainerSettings:
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is outside a group of world_size {self.world_size}")
+        return self
 
     def hsnn_config(self) -> HSNNConfig:
         if self.model_config_path:
