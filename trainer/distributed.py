@@ -49,6 +49,7 @@ from streaming.contracts import ImpressionEvent
 from streaming.health import Heartbeat
 from streaming.snapshots import Manifest
 from streaming.tensors import impressions_to_batch
+from trainer import group_codec
 from trainer.bookkeeping import OffsetBook, is_held_out, truncate_lines
 from trainer.guard import GuardedOptimizer, non_finite_tensors
 from trainer.metrics import TrainerMetrics
@@ -115,14 +116,25 @@ class RankGroup:
         return bool(self.exchange([1.0 if flag else 0.0]).min() > 0)
 
     def gather_objects(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        """Every rank's `obj`, through `group_codec` (JSON + safetensors), not torch's pickling collectives."""
+        mine = group_codec.to_tensor(group_codec.encode(obj), self.device)  # (bytes,) uint8
+        lengths = self.exchange([float(len(mine))])[:, 0].long().tolist()
+        padded = torch.zeros(max(lengths), dtype=torch.uint8, device=self.device)
+        padded[: len(mine)] = mine
+        out = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(out, padded)
+        return [group_codec.decode(group_codec.from_tensor(t[:n])) for t, n in zip(out, lengths, strict=True)]
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        box = [obj]
-        dist.broadcast_object_list(box, src=src, device=self.device if self.backend == "nccl" else None)
-        return box[0]
+        """`src`'s `obj` on every rank, through `group_codec` (JSON + safetensors), never pickle."""
+        blob = group_codec.encode(obj) if self.rank == src else b""
+        length = torch.tensor([len(blob)], dtype=torch.int64, device=self.device)
+        dist.broadcast(length, src=src)
+        data = group_codec.to_tensor(blob, self.device) if self.rank == src else None
+        if data is None:
+            data = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
+        dist.broadcast(data, src=src)
+        return group_codec.decode(group_codec.from_tensor(data))
 
     def close(self) -> None:
         if dist.is_initialized():

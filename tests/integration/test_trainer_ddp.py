@@ -150,6 +150,7 @@ def _env(settings: TrainerSettings) -> dict[str, str]:
         if value is not None:
             env[f"HSNN_TRAINER_{name.upper()}"] = str(value)
     env.pop("HSNN_TRAINER_RANKS", None)
+    env.pop("HSNN_TRAINER_MASTER_PORT", None)  # the launcher picks a free port: parallel runs never collide
     env["PYTHONPATH"] = str(REPO)
     env["PYTHONUNBUFFERED"] = "1"
     return env
