@@ -343,7 +343,7 @@ class _ShareTrainer(OnlineTrainer):
     share: tuple[int, int] = (0, 1)
 
     def _assign_partitions(self) -> None:
-        from trainer.distributed import owns
+        from trainer.rank_group import owns
 
         rank, world = self.share
         stored = self.kafka.assign(self.offsets, owns=lambda p: owns(p, rank, world))
@@ -356,7 +356,8 @@ def _rank_main(
     """One rank of a bench group (world 1: today's single trainer, no torch.distributed; `independent`: N
     single trainers side by side, each on its share of the partitions, nothing shared: the machine's capacity
     for N processes without DDP)."""
-    from trainer.distributed import GroupTrainer, owns
+    from trainer.distributed import GroupTrainer
+    from trainer.rank_group import owns
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(threads)

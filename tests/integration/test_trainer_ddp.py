@@ -35,7 +35,7 @@ from streaming.events import (
 )
 from streaming.snapshots import SnapshotStore
 from trainer.bookkeeping import consumed_ids, is_held_out
-from trainer.distributed import partition_ids_path
+from trainer.rank_group import partition_ids_path
 from trainer.settings import TrainerSettings
 from worlds.planted import tiny_hsnn_config
 
