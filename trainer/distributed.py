@@ -79,7 +79,6 @@ class GroupTrainer(GroupSnapshots):
         self.replicas.repair(self.group)  # identical from the first step, whatever DDP's start-up sync covers
         self.max_steps = -(-settings.max_poll_records // settings.batch_size)
 
-    @property
     # ------------------------------------------------------------------ start-up
     def _make_lease(self) -> Any:
         return super()._make_lease() if self.rank == 0 else FollowerLease()
