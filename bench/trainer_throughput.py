@@ -127,12 +127,19 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def merge_results(path: Path, label: str | None, result: dict | None) -> tuple[Path, dict]:
+    """Merge `result` under `label` into <path>.json (label None: leave it); returns <path>.md and every result."""
+    json_path = path.with_suffix(".json")
+    data = json.loads(json_path.read_text()) if json_path.exists() else {}
+    if label is not None:
+        data[label] = result
+    json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path.with_suffix(".md"), data
+
+
 def write_report(label: str, result: dict, path: Path = REPORT) -> None:
     """Merge `result` under `label` into <path>.json and re-render <path>.md."""
-    json_path, md_path = path.with_suffix(".json"), path.with_suffix(".md")
-    data = json.loads(json_path.read_text()) if json_path.exists() else {}
-    data[label] = result
-    json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    md_path, data = merge_results(path, label, result)
     lines = [
         "# Online trainer throughput (`python -m bench.trainer_throughput`)",
         "",
@@ -236,23 +243,6 @@ def main(argv: list[str] | None = None) -> None:
 
         config_path = work / "hsnn.json"
         config_path.write_text(model_config.model_dump_json())
-        if args.ranks:
-            group_settings = TrainerSettings(
-                kafka_bootstrap_servers=bootstrap,
-                impressions_topic=topics["imp"],
-                items_topic=topics["items"],
-                impressions_dlq_topic=topics["dlq"],
-                items_dlq_topic=topics["items-dlq"],
-                store_dir=str(work / "store"),
-                model_config_path=str(config_path),
-                batch_size=args.batch_size,
-                max_poll_records=args.batch_size,
-                metrics_port=0,
-                snapshot_every_seconds=1e9,
-                snapshot_every_events=10**12,
-            )
-            run_groups(args, group_settings, work, commit, argv, record_bytes / len(impressions), histories)
-            return
         settings = TrainerSettings(
             kafka_bootstrap_servers=bootstrap,
             impressions_topic=topics["imp"],
@@ -267,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
             snapshot_every_seconds=1e9,
             snapshot_every_events=10**12,
         )
+        if args.ranks:
+            run_groups(args, settings, work, commit, argv, record_bytes / len(impressions), histories)
+            return
         registry = CollectorRegistry()
         trainer = OnlineTrainer(settings, registry=registry)
         trainer.catch_up_items()
@@ -343,7 +336,7 @@ class _ShareTrainer(OnlineTrainer):
     share: tuple[int, int] = (0, 1)
 
     def _assign_partitions(self) -> None:
-        from trainer.distributed import owns
+        from trainer.rank_group import owns
 
         rank, world = self.share
         stored = self.kafka.assign(self.offsets, owns=lambda p: owns(p, rank, world))
@@ -356,7 +349,8 @@ def _rank_main(
     """One rank of a bench group (world 1: today's single trainer, no torch.distributed; `independent`: N
     single trainers side by side, each on its share of the partitions, nothing shared: the machine's capacity
     for N processes without DDP)."""
-    from trainer.distributed import GroupTrainer, owns
+    from trainer.distributed import GroupTrainer
+    from trainer.rank_group import owns
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(threads)
@@ -534,11 +528,7 @@ def _steps_cell(steps: dict[str, int]) -> str:
 
 def write_ddp_report(label: str | None, result: dict | None, path: Path = DDP_REPORT) -> None:
     """Merge `result` under `label` into <path>.json and re-render <path>.md (None: re-render only)."""
-    json_path, md_path = path.with_suffix(".json"), path.with_suffix(".md")
-    data = json.loads(json_path.read_text()) if json_path.exists() else {}
-    if label is not None:
-        data[label] = result
-    json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    md_path, data = merge_results(path, label, result)
     lines = [
         "# Trainer scale-out: 1 vs N ranks (`python -m bench.trainer_throughput --ranks ...`)",
         "",

@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import threading
+from typing import TypeVar
 
 from streaming.health import Heartbeat, serve_metrics_and_liveness
 from streaming.offsets import StoredOffsetOutOfRange
@@ -23,6 +24,7 @@ from trainer.service import OnlineTrainer
 from trainer.settings import TrainerSettings
 
 log = logging.getLogger("hsnn.trainer")
+T = TypeVar("T", bound=OnlineTrainer)
 
 EXIT_HALTED = 2  # a stored offset is out of range: needs an operator
 EXIT_LEASE_HELD = 3  # another trainer owns the store
@@ -56,20 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         serve_metrics_and_liveness(settings.metrics_port + settings.rank, heartbeat)  # a rank: port + rank
     if settings.world_size > 1:
         return _run_rank(settings, stop, heartbeat, metrics)
-    try:
-        trainer = OnlineTrainer(settings, heartbeat=heartbeat, metrics=metrics)
-    except LeaseHeld as err:
-        log.critical("not starting: %s", err)
-        return EXIT_LEASE_HELD
-    except StoredOffsetOutOfRange as err:
-        return _halt(stop, heartbeat, metrics, str(err))
+    trainer = _start(OnlineTrainer, settings, stop, heartbeat, metrics)
+    if isinstance(trainer, int):
+        return trainer
     log.info("trainer ready: %s -> %s, lease %s", settings.impressions_topic, settings.store_dir, trainer.lease.epoch)
     try:
         trainer.run(stop.is_set)
     except LeaseLost as err:
-        log.critical("stepping down without a snapshot: %s", err)
-        trainer.close()
-        return EXIT_LEASE_LOST
+        return _step_down(trainer, err)
     except StoredOffsetOutOfRange as err:
         trainer.close()
         return _halt(stop, heartbeat, metrics, str(err))
@@ -81,13 +77,9 @@ def _run_rank(settings: TrainerSettings, stop: threading.Event, heartbeat: Heart
     restarts the whole group from the last snapshot."""
     from trainer.distributed import GroupTrainer
 
-    try:
-        trainer = GroupTrainer(settings, heartbeat=heartbeat, metrics=metrics)
-    except LeaseHeld as err:
-        log.critical("not starting: %s", err)
-        return EXIT_LEASE_HELD
-    except StoredOffsetOutOfRange as err:
-        return _halt(stop, heartbeat, metrics, str(err))
+    trainer = _start(GroupTrainer, settings, stop, heartbeat, metrics)
+    if isinstance(trainer, int):
+        return trainer
     log.info(
         "rank %d of %d ready: %s -> %s",
         settings.rank,
@@ -98,9 +90,7 @@ def _run_rank(settings: TrainerSettings, stop: threading.Event, heartbeat: Heart
     try:
         trainer.run(stop.is_set)
     except LeaseLost as err:
-        log.critical("stepping down without a snapshot: %s", err)
-        trainer.close()
-        return EXIT_LEASE_LOST
+        return _step_down(trainer, err)
     except Exception:
         log.exception("rank %d failed; the group restarts from the last snapshot", settings.rank)
         trainer.close()
@@ -110,6 +100,26 @@ def _run_rank(settings: TrainerSettings, stop: threading.Event, heartbeat: Heart
     except Exception:
         log.exception("rank %d: final snapshot failed", settings.rank)
         return 1
+
+
+def _start(
+    kind: type[T], settings: TrainerSettings, stop: threading.Event, heartbeat: Heartbeat, metrics: TrainerMetrics
+) -> T | int:
+    """The trainer, or the exit code when it cannot start: the lease is held elsewhere, or offsets halt it."""
+    try:
+        return kind(settings, heartbeat=heartbeat, metrics=metrics)
+    except LeaseHeld as err:
+        log.critical("not starting: %s", err)
+        return EXIT_LEASE_HELD
+    except StoredOffsetOutOfRange as err:
+        return _halt(stop, heartbeat, metrics, str(err))
+
+
+def _step_down(trainer: OnlineTrainer, err: LeaseLost) -> int:
+    """Another trainer took the store's lease: stop without writing anything."""
+    log.critical("stepping down without a snapshot: %s", err)
+    trainer.close()
+    return EXIT_LEASE_LOST
 
 
 def _halt(stop: threading.Event, heartbeat: Heartbeat, metrics: TrainerMetrics, reason: str) -> int:

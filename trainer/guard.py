@@ -11,6 +11,7 @@ step counted as skipped.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -66,3 +67,11 @@ def non_finite_tensors(model: nn.Module) -> list[str]:
     """Names of parameters and buffers holding NaN or inf (checked before a snapshot is written)."""
     named = [*model.named_parameters(), *model.named_buffers()]
     return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def refuse_non_finite(model: nn.Module, on_refusal: Callable[[], object]) -> None:
+    """Raise FloatingPointError (after `on_refusal()`, a metric) if the model holds NaN or inf: never snapshot it."""
+    poisoned = non_finite_tensors(model)
+    if poisoned:
+        on_refusal()
+        raise FloatingPointError(f"refusing to snapshot non-finite weights: {poisoned[:5]}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import time
 from collections import Counter as Tally
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,14 @@ class TrainerMetrics:
             self.events.labels(outcome)
         for reason in ("malformed", "schema_mismatch", "unknown_ad"):
             self.dead_letters.labels(reason)
+
+    def set_lag(self, messages: dict[int, int], event_times: dict[int, float]) -> None:
+        """Consumer lag per partition: in messages (high watermark - next offset) and in seconds (now - event time)."""
+        now = time.time()
+        for partition, lag in messages.items():
+            self.lag_messages.labels(str(partition)).set(lag)
+        for partition, event_time in event_times.items():
+            self.lag_seconds.labels(str(partition)).set(max(0.0, now - event_time))
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:

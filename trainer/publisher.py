@@ -22,6 +22,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field
@@ -70,6 +71,18 @@ def snapshot_notice(pointer: Pointer, manifest: Manifest) -> bytes:
         },
         sort_keys=True,
     ).encode()
+
+
+def notice_sender(producer: Any, topic: str) -> Callable[[Pointer, Manifest], None]:
+    """A `Publisher.notify` that sends `snapshot_notice` to `topic`: best effort, as the pointer file is the truth."""
+
+    def send(pointer: Pointer, manifest: Manifest) -> None:
+        try:
+            producer.send(topic, key=str(pointer.version).encode(), value=snapshot_notice(pointer, manifest))
+        except Exception as exc:
+            log.warning("could not send the notice for snapshot %d: %s", pointer.version, exc)
+
+    return send
 
 
 def finite(value: float | None) -> bool:

@@ -22,6 +22,7 @@ import torch
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
+from hsnn.features import TrainingBatch
 from hsnn.metrics import normalized_entropy
 from hsnn.model import HSNN
 from hsnn.training import make_optimizer, predict, train_step
@@ -30,18 +31,18 @@ from streaming.consumer import triage
 from streaming.contracts import ImpressionEvent, ItemFeatures
 from streaming.health import Heartbeat
 from streaming.offsets import StoredOffsetOutOfRange
-from streaming.snapshots import Manifest, Pointer, SnapshotStore
+from streaming.snapshots import Manifest, SnapshotStore
 from streaming.tensors import impressions_to_batch
 from streaming.validation import impression_problems
 from trainer.bookkeeping import OffsetBook, is_held_out, truncate_lines
 from trainer.catalogue import Catalogue
 from trainer.dead_letters import TrainerDeadLetters
 from trainer.fencing import TrainerLease
-from trainer.guard import GuardedOptimizer, non_finite_tensors
+from trainer.guard import GuardedOptimizer, refuse_non_finite
 from trainer.kafka_io import TrainerKafka
 from trainer.loop import final_snapshot, run_loop
 from trainer.metrics import Timings, TrainerMetrics, observe_many
-from trainer.publisher import Publisher, PublisherMetrics, PublisherSettings, PublishResult, snapshot_notice
+from trainer.publisher import Publisher, PublisherMetrics, PublisherSettings, PublishResult, notice_sender
 from trainer.settings import TrainerSettings
 from trainer.startup import load_or_create, remove_unfinished_snapshots
 from trainer.state import dump_trainer_state, restore_into
@@ -113,7 +114,7 @@ class OnlineTrainer:
         self.kafka = TrainerKafka(settings)
         self.dead_letters = TrainerDeadLetters(self.kafka.producer, settings, self.metrics)
         if settings.snapshots_topic:
-            self.publisher.notify = self._send_snapshot_notice
+            self.publisher.notify = notice_sender(self.kafka.producer, settings.snapshots_topic)
         try:
             self._assign_partitions()
         except StoredOffsetOutOfRange:
@@ -171,13 +172,7 @@ class OnlineTrainer:
         A Kafka error (e.g. the broker is away) propagates *before* anything is trained, and the
         polled records are kept, so calling again later neither loses nor repeats them.
         """
-        if not self._pending:
-            started = time.perf_counter()
-            self._pending = self.kafka.poll_full(
-                self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms,
-                self.metrics.offset_out_of_range.inc,
-            )
-            self.timings.poll += time.perf_counter() - started
+        self._poll_pending(timeout_ms)
         if not self._pending and self._items_primed:
             self._update_lag()
             return 0
@@ -188,14 +183,20 @@ class OnlineTrainer:
         self._update_lag()
         return len(records)
 
+    def _poll_pending(self, timeout_ms: int | None) -> None:
+        """Poll, unless records of an earlier poll are still pending (kept across a Kafka error)."""
+        if self._pending:
+            return
+        started = time.perf_counter()
+        timeout_ms = self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms
+        self._pending = self.kafka.poll_full(timeout_ms, self.metrics.offset_out_of_range.inc)
+        self.timings.poll += time.perf_counter() - started
+
     def _handle(self, records: list[Any]) -> None:
         started = time.perf_counter()
         train: list[ImpressionEvent] = []
         for _, event in triage(records, decode_impression, self._reject, self.dead_letters):
-            if is_held_out(event.event_id, self.settings.holdout_one_in):
-                self.eval_buffer.append((event, self.catalogue.live[event.ad_id]))
-                self.metrics.events.labels("eval").inc()
-            else:
+            if not self._held_out(event):
                 train.append(event)
         self.timings.decode += time.perf_counter() - started
         self._train(train)
@@ -203,6 +204,14 @@ class OnlineTrainer:
             self.offsets.advance(record.topic, record.partition, record.offset)
         self._consumed += len(records)
         self._since_snapshot += len(records)
+
+    def _held_out(self, event: ImpressionEvent) -> bool:
+        """Keep one event in `holdout_one_in` (chosen by id) for evaluation instead of training on it."""
+        if not is_held_out(event.event_id, self.settings.holdout_one_in):
+            return False
+        self.eval_buffer.append((event, self.catalogue.live[event.ad_id]))
+        self.metrics.events.labels("eval").inc()
+        return True
 
     def _reject(self, record: Any, event: ImpressionEvent) -> str | None:
         """Why the trainer cannot take a decoded impression (unknown ad, schema misfit); notes the lag metric's time."""
@@ -217,12 +226,8 @@ class OnlineTrainer:
         for start in range(0, len(events), size):
             chunk = events[start : start + size]
             t0 = time.perf_counter()
-            try:
-                batch = impressions_to_batch(chunk, self.schema, self.catalogue.live, checked=True)
-            except ValueError as err:  # pre-checked per event, so this is a bug: dead-letter, do not crash
-                log.exception("batch conversion failed; dead-lettering %d events", len(chunk))
-                for event in chunk:
-                    self.dead_letters.event(event, f"batch conversion failed: {err}")
+            batch = self._to_batch(chunk)
+            if batch is None:
                 continue
             t1 = time.perf_counter()
             self.optimizer.arm()
@@ -230,31 +235,53 @@ class OnlineTrainer:
             t2 = time.perf_counter()
             self.timings.batch += t1 - t0
             self.timings.train += t2 - t1
-            self.metrics.grad_norm.set(self.optimizer.last_grad_norm)
-            if self.optimizer.skipped:
-                # The events are consumed (offsets advance) but not trained: counted, never written.
-                self.metrics.skipped_steps.inc()
-                self.metrics.events.labels("skipped").inc(len(chunk))
-                log.error(
-                    "train step skipped: non-finite loss %s / gradient norm %s over %d events (ids %s ...)",
-                    stats.get("total"),
-                    self.optimizer.last_grad_norm,
-                    len(chunk),
-                    [e.event_id for e in chunk[:3]],
-                )
+            if not self._account_step(chunk, stats):
                 continue
-            if self.optimizer.clipped:
-                self.metrics.clipped_steps.inc()
-            self.metrics.loss.set(stats["total"])
-            self.metrics.events.labels("trained").inc(len(chunk))
-            self.trained_total += len(chunk)
-            newest = max(e.event_time for e in chunk)
-            self.watermark = newest if self.watermark is None else max(self.watermark, newest)
-            self._observe_trained(chunk)
             if self._ids_file is not None:
                 self._ids_file.write("".join(json.dumps(e.event_id) + "\n" for e in chunk))
                 self._ids_file.flush()  # visible to readers now; durable (fsync) only at the next snapshot
                 self._ids_lines += len(chunk)
+
+    def _to_batch(self, events: list[ImpressionEvent]) -> TrainingBatch | None:
+        """The training batch of `events` (on the trainer's device); None when conversion failed (dead-lettered)."""
+        try:
+            return self._on_device(impressions_to_batch(events, self.schema, self.catalogue.live, checked=True))
+        except ValueError as err:  # pre-checked per event, so this is a bug: dead-letter, do not crash
+            log.exception("batch conversion failed; dead-lettering %d events", len(events))
+            for event in events:
+                self.dead_letters.event(event, f"batch conversion failed: {err}")
+            return None
+
+    def _on_device(self, batch: TrainingBatch) -> TrainingBatch:
+        """A batch where the model lives: the single trainer's model is on the CPU."""
+        return batch
+
+    def _account_step(self, events: list[ImpressionEvent], stats: dict[str, float]) -> bool:
+        """Metrics, counters and watermark after a step over `events`; False when the guard skipped the step.
+
+        Skipped events are consumed (offsets advance) but not trained: counted, never written.
+        """
+        self.metrics.grad_norm.set(self.optimizer.last_grad_norm)
+        if self.optimizer.skipped:
+            self.metrics.skipped_steps.inc()
+            self.metrics.events.labels("skipped").inc(len(events))
+            log.error(
+                "train step skipped: non-finite loss %s / gradient norm %s over %d events (ids %s ...)",
+                stats.get("total"),
+                self.optimizer.last_grad_norm,
+                len(events),
+                [e.event_id for e in events[:3]],
+            )
+            return False
+        if self.optimizer.clipped:
+            self.metrics.clipped_steps.inc()
+        self.metrics.loss.set(stats["total"])
+        self.metrics.events.labels("trained").inc(len(events))
+        self.trained_total += len(events)
+        newest = max(e.event_time for e in events)
+        self.watermark = newest if self.watermark is None else max(self.watermark, newest)
+        self._observe_trained(events)
+        return True
 
     def _observe_trained(self, events: list[ImpressionEvent]) -> None:
         """Freshness: each event's (trained_at - event_time), and the newest event time now in the weights."""
@@ -270,11 +297,7 @@ class OnlineTrainer:
 
     # ------------------------------------------------------------------ metrics
     def _update_lag(self) -> None:
-        now = time.time()
-        for partition, lag in self.kafka.lag(self.offsets).items():
-            self.metrics.lag_messages.labels(str(partition)).set(lag)
-        for partition, event_time in self._last_event_time.items():
-            self.metrics.lag_seconds.labels(str(partition)).set(max(0.0, now - event_time))
+        self.metrics.set_lag(self.kafka.lag(self.offsets), self._last_event_time)
         then, count = self._rate_window
         elapsed = time.monotonic() - then
         if elapsed >= 1.0:
@@ -288,9 +311,9 @@ class OnlineTrainer:
         if len(self.eval_buffer) >= self.settings.eval_min_events and 0 < clicks < len(self.eval_buffer):
             events = [e for e, _ in self.eval_buffer]
             items = {e.ad_id: f for e, f in self.eval_buffer}  # an ad's newest features in the buffer
-            batch = impressions_to_batch(events, self.schema, items, checked=True)
+            batch = self._on_device(impressions_to_batch(events, self.schema, items, checked=True))
             probs = predict(self.model, batch)
-            metrics["ne"] = normalized_entropy(probs[:, 0], batch.labels[:, 0])
+            metrics["ne"] = normalized_entropy(probs[:, 0].cpu(), batch.labels[:, 0].cpu())
             self.metrics.rolling_ne.set(metrics["ne"])
         metrics[TRAINED_TOTAL_METRIC] = float(self.trained_total)
         if self._ids_file is not None:
@@ -318,10 +341,7 @@ class OnlineTrainer:
         if self._ids_file is not None:
             self._ids_file.flush()
             os.fsync(self._ids_file.fileno())  # durable *before* the snapshot that counts these lines
-        poisoned = non_finite_tensors(self.model)
-        if poisoned:  # the step guard should make this impossible; a snapshot with NaN is never written
-            self.metrics.non_finite_snapshots.inc()
-            raise FloatingPointError(f"refusing to snapshot non-finite weights: {poisoned[:5]}")
+        refuse_non_finite(self.model, self.metrics.non_finite_snapshots.inc)  # the step guard should prevent it
         self.lease.renew(force=True)  # raises LeaseLost if another trainer took the store: write nothing
         result = self.publisher.publish(
             self.model,
@@ -344,17 +364,6 @@ class OnlineTrainer:
         )
         self.commit_offsets()
         return result
-
-    def _send_snapshot_notice(self, pointer: Pointer, manifest: Manifest) -> None:
-        """Best effort: the pointer file is the source of truth, so a failed notice is only logged."""
-        try:
-            self.kafka.producer.send(
-                self.settings.snapshots_topic,
-                key=str(pointer.version).encode(),
-                value=snapshot_notice(pointer, manifest),
-            )
-        except Exception as exc:
-            log.warning("could not send the notice for snapshot %d: %s", pointer.version, exc)
 
     def commit_offsets(self) -> bool:
         """Commit the impression offsets to the group: for lag dashboards only, the manifest is the truth."""

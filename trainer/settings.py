@@ -105,18 +105,9 @@ class TrainerSettings(ServiceSettings):
     dist_backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="auto: nccl when CUDA is present, else gloo (CPU)."
     )
-    dist_timeout_s: float = Field(
-        300.0, gt=0, description="A collective waiting this long for a silent rank fails (the group then restarts)."
-    )
-    torch_threads: int = Field(
-        0,
-        ge=0,
-        description="torch intra-op threads per process (0: torch's default; a "
-        "launched group gives each rank cores // ranks).",
-    )
-    max_group_restarts: int = Field(
-        100, ge=0, description="The launcher gives up after this many group restarts in a row without a snapshot."
-    )
+    dist_timeout_s: float = Field(300.0, gt=0, description="A collective waiting this long fails (the group restarts).")
+    torch_threads: int = Field(0, ge=0, description="torch threads (0: torch's default; launched: cores // ranks).")
+    max_group_restarts: int = Field(100, ge=0, description="Group restarts in a row without a snapshot, then give up.")
     replica_dump_dir: str | None = Field(
         None, description="Debug: at a clean stop every rank writes its weights here (rank<r>.safetensors)."
     )

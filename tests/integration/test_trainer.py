@@ -3,30 +3,37 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
+from trainer_support import (
+    HOLDOUT,
+    NUM_ADS,
+    REPO,
+    make_impression,
+    make_item,
+    make_topics,
+    produce,
+    produce_events,
+    stream,
+    trainer_env,
+    trainer_settings,
+    wait_until,
+)
 
 from devservers import KafkaServer
 from hsnn.model import HSNN
 from streaming.events import (
-    Engagement,
     ImpressionEvent,
-    ItemEvent,
-    ItemFeatures,
-    Labels,
     UserFeatures,
     encode,
     event_key,
@@ -42,65 +49,10 @@ from worlds.planted import tiny_hsnn_config
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-HOLDOUT = 20
-NUM_ADS = 30
-
 
 # ------------------------------------------------------------------------------------------ helpers
-def _topics(kafka: KafkaServer, partitions: int = 2) -> dict[str, str]:
-    tag = uuid.uuid4().hex[:8]
-    names = {
-        "impressions": f"trainer-imp-{tag}",
-        "items": f"trainer-items-{tag}",
-        "impressions_dlq": f"trainer-imp-dlq-{tag}",
-        "items_dlq": f"trainer-items-dlq-{tag}",
-    }
-    kafka.create_topics([names["impressions"], names["impressions_dlq"], names["items_dlq"]], partitions=partitions)
-    kafka.create_topics([names["items"]], partitions=partitions, compacted=[names["items"]])
-    return names
-
-
-def _item(ad_id: int, sequence: int = 1, op: str = "create") -> ItemEvent:
-    features = None
-    if op != "expire":
-        features = ItemFeatures(
-            dense=[ad_id % 3, 0.5, -0.25, 1.0], sparse={"advertiser": ad_id % 7 + 1, "category": ad_id % 5 + 1}
-        )
-    return ItemEvent(op=op, ad_id=ad_id, event_time=1_767_225_000.0 + sequence, sequence=sequence, features=features)
-
-
-def _impression(i: int, ad_id: int | None = None, prefix: str = "imp") -> ImpressionEvent:
-    ad = ad_id if ad_id is not None else i % NUM_ADS + 1
-    click = int(i % 3 == 0)
-    return ImpressionEvent(
-        event_id=f"{prefix}-{i}",
-        event_time=1_767_225_600.0 + i,
-        user=UserFeatures(
-            dense=[0.1 * (i % 10), -0.5],
-            sparse={"segment": [i % 6 + 1], "age_bucket": [i % 4 + 1]},
-            history=[
-                Engagement(attributes={"item_id": ad, "advertiser": ad % 7 + 1, "category": ad % 5 + 1}, age_hours=3.0)
-            ],
-        ),
-        ad_id=ad,
-        labels=Labels(click=click, conversion=click * int(i % 2 == 0)),
-    )
-
-
-def _produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_block_ms=20_000)
-    try:
-        futures = [producer.send(topic, key=k, value=v) for k, v in records]
-        producer.flush(timeout=30)
-        for future in futures:
-            future.get(timeout=10)
-    finally:
-        producer.close()
-
-
-def _produce_events(bootstrap: str, topic: str, events: list[ImpressionEvent] | list[ItemEvent]) -> None:
-    _produce(bootstrap, topic, [(event_key(e), encode(e)) for e in events])
+def _settings(kafka: KafkaServer, topics: dict[str, str], tmp: Path, **overrides: object) -> TrainerSettings:
+    return trainer_settings(kafka, topics, tmp, "trainer-test", **overrides)
 
 
 def _end_offsets(bootstrap: str, topic: str) -> dict[str, int]:
@@ -127,49 +79,6 @@ def _read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 20.0
         consumer.close()
 
 
-def _settings(kafka: KafkaServer, topics: dict[str, str], tmp: Path, **overrides: object) -> TrainerSettings:
-    config = tmp / "hsnn.json"
-    config.write_text(tiny_hsnn_config().model_dump_json())
-    values: dict[str, object] = {
-        "kafka_bootstrap_servers": kafka.bootstrap_servers,
-        "group_id": f"trainer-test-{uuid.uuid4().hex[:6]}",
-        "impressions_topic": topics["impressions"],
-        "items_topic": topics["items"],
-        "impressions_dlq_topic": topics["impressions_dlq"],
-        "items_dlq_topic": topics["items_dlq"],
-        "store_dir": str(tmp / "store"),
-        "model_config_path": str(config),
-        "batch_size": 128,
-        "max_poll_records": 128,
-        "eval_min_events": 5,
-        "holdout_one_in": HOLDOUT,
-        "metrics_port": 0,
-        "trained_ids_path": str(tmp / "trained-ids.txt"),
-        "snapshot_every_seconds": 600.0,
-        "snapshot_every_events": 10**9,
-    }
-    values.update(overrides)
-    return TrainerSettings(**values)
-
-
-def _env(settings: TrainerSettings, **overrides: object) -> dict[str, str]:
-    env = dict(os.environ)
-    for name, value in {**settings.model_dump(), **overrides}.items():
-        if value is not None:
-            env[f"HSNN_TRAINER_{name.upper()}"] = str(value)
-    env["PYTHONPATH"] = str(REPO)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
-
-
 def _lines(path: str | Path) -> int:
     path = Path(path)
     return path.read_bytes().count(b"\n") if path.exists() else 0
@@ -179,12 +88,8 @@ def _stream(
     kafka_server: KafkaServer, rows: range, prefix: str = "imp", partitions: int = 2
 ) -> tuple[dict[str, str], str, list[ImpressionEvent]]:
     """Fresh topics holding every ad's create and one impression per row: (topics, bootstrap, impressions)."""
-    topics = _topics(kafka_server, partitions=partitions)
-    bootstrap = kafka_server.bootstrap_servers
-    _produce_events(bootstrap, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
-    events = [_impression(i, prefix=prefix) for i in rows]
-    _produce_events(bootstrap, topics["impressions"], events)
-    return topics, bootstrap, events
+    topics, events = stream(kafka_server, "trainer", rows, prefix, partitions)
+    return topics, kafka_server.bootstrap_servers, events
 
 
 def _drain(trainer: OnlineTrainer, topic: str, end: dict[str, int], timeout: float = 240.0) -> None:
@@ -244,20 +149,20 @@ def test_end_to_end_snapshot_has_end_offsets_and_eval_metrics(kafka_server: Kafk
 
 
 def test_malformed_impressions_go_to_the_dlq_and_the_loop_survives(kafka_server: KafkaServer, tmp_path: Path) -> None:
-    topics = _topics(kafka_server, partitions=1)
+    topics = make_topics(kafka_server, "trainer", partitions=1)
     bootstrap = kafka_server.bootstrap_servers
-    _produce_events(bootstrap, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
-    _produce_events(bootstrap, topics["items"], [_item(5, sequence=2, op="expire")])
-    good = [_impression(i, ad_id=1) for i in range(40)]
-    wrong_dense = _impression(1000).model_copy(update={"user": UserFeatures(dense=[1.0, 2.0, 3.0])})
+    produce_events(bootstrap, topics["items"], [make_item(ad) for ad in range(1, NUM_ADS + 1)])
+    produce_events(bootstrap, topics["items"], [make_item(5, sequence=2, op="expire")])
+    good = [make_impression(i, ad_id=1) for i in range(40)]
+    wrong_dense = make_impression(1000).model_copy(update={"user": UserFeatures(dense=[1.0, 2.0, 3.0])})
     bad: list[tuple[bytes, bytes]] = [
         (b"bad-json", b'{"schema_version": 1, "event_id": '),
         (b"wrong-dense", encode(wrong_dense)),
-        (b"unknown-ad", encode(_impression(1001, ad_id=999))),
-        (b"expired-ad", encode(_impression(1002, ad_id=5))),
+        (b"unknown-ad", encode(make_impression(1001, ad_id=999))),
+        (b"expired-ad", encode(make_impression(1002, ad_id=5))),
     ]
     records = [(event_key(e), encode(e)) for e in good[:20]] + bad + [(event_key(e), encode(e)) for e in good[20:]]
-    _produce(bootstrap, topics["impressions"], records)
+    produce(bootstrap, topics["impressions"], records)
     end = _end_offsets(bootstrap, topics["impressions"])
 
     registry = CollectorRegistry()
@@ -300,10 +205,10 @@ def test_sigkill_between_snapshots_then_restart_trains_every_event_once(
     # Run 1: snapshots every >= 250 records; killed once all 600 are trained, so the last ones
     # (after the newest snapshot) are trained but not in any snapshot.
     log1 = (tmp_path / "run1.log").open("w")
-    run1 = subprocess.Popen(cmd, env=_env(settings), cwd=REPO, stderr=log1)
+    run1 = subprocess.Popen(cmd, env=trainer_env(settings), cwd=REPO, stderr=log1)
     try:
-        _wait(lambda: _lines(ids_path) >= len(_expected_trained(first)), 300, "run 1 to train everything")
-        _wait(lambda: store.latest_version() is not None, 60, "a snapshot")
+        wait_until(lambda: _lines(ids_path) >= len(_expected_trained(first)), 300, "run 1 to train everything")
+        wait_until(lambda: store.latest_version() is not None, 60, "a snapshot")
     finally:
         run1.send_signal(signal.SIGKILL)
         run1.wait(timeout=10)
@@ -315,15 +220,15 @@ def test_sigkill_between_snapshots_then_restart_trains_every_event_once(
     assert _lines(ids_path) > killed_at.eval_metrics["trained_ids_lines"]  # ids beyond the snapshot exist
 
     # Run 2: more events arrive; only SIGTERM snapshots (no timer, no event threshold).
-    second = [_impression(i) for i in range(600, 900)]
-    _produce_events(bootstrap, topics["impressions"], second)
+    second = [make_impression(i) for i in range(600, 900)]
+    produce_events(bootstrap, topics["impressions"], second)
     end = _end_offsets(bootstrap, topics["impressions"])
     versions_before = len(store.versions())
     log2 = (tmp_path / "run2.log").open("w")
-    run2 = subprocess.Popen(cmd, env=_env(settings, snapshot_every_events=10**9), cwd=REPO, stderr=log2)
+    run2 = subprocess.Popen(cmd, env=trainer_env(settings, snapshot_every_events=10**9), cwd=REPO, stderr=log2)
     try:
         expected = _expected_trained(first + second)
-        _wait(lambda: _lines(ids_path) >= len(expected), 300, "run 2 to drain")
+        wait_until(lambda: _lines(ids_path) >= len(expected), 300, "run 2 to drain")
         run2.send_signal(signal.SIGTERM)
         run2.wait(timeout=60)
     finally:
@@ -351,16 +256,16 @@ def test_broker_restart_mid_stream_loses_nothing(kafka_server: KafkaServer, tmp_
     ids_path = settings.trained_ids_path
     assert ids_path is not None
     try:
-        _wait(lambda: _lines(ids_path) >= len(_expected_trained(first)), 240, "the first batch to train")
+        wait_until(lambda: _lines(ids_path) >= len(_expected_trained(first)), 240, "the first batch to train")
         try:
             kafka_server.stop()
             time.sleep(2.0)  # the trainer polls (and snapshots nothing new) against a dead broker
         finally:
             kafka_server.start()
-        second = [_impression(i, prefix="br") for i in range(300, 600)]
-        _produce_events(bootstrap, topics["impressions"], second)
+        second = [make_impression(i, prefix="br") for i in range(300, 600)]
+        produce_events(bootstrap, topics["impressions"], second)
         expected = _expected_trained(first + second)
-        _wait(lambda: _lines(ids_path) >= len(expected), 300, "training after the restart")
+        wait_until(lambda: _lines(ids_path) >= len(expected), 300, "training after the restart")
     finally:
         stop.set()
         worker.join(timeout=30)
@@ -397,13 +302,13 @@ def test_stored_offset_past_the_log_end_halts_instead_of_retraining(kafka_server
 
 
 def test_a_second_trainer_on_the_same_store_refuses_to_start(kafka_server: KafkaServer, tmp_path: Path) -> None:
-    topics = _topics(kafka_server)
+    topics = make_topics(kafka_server, "trainer")
     settings = _settings(kafka_server, topics, tmp_path, lease_wait_s=0.0)
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen([sys.executable, "-m", "trainer"], env=_env(settings), cwd=REPO, stderr=log)
+    first = subprocess.Popen([sys.executable, "-m", "trainer"], env=trainer_env(settings), cwd=REPO, stderr=log)
     try:
         leases = Path(settings.store_dir) / "leases"
-        _wait(lambda: any(leases.glob("*.json")) if leases.exists() else False, 60, "the first trainer's lease")
+        wait_until(lambda: any(leases.glob("*.json")) if leases.exists() else False, 60, "the first trainer's lease")
         with pytest.raises(LeaseHeld, match=f"pid {first.pid}"):
             OnlineTrainer(settings, registry=CollectorRegistry())
         first.send_signal(signal.SIGTERM)
@@ -422,11 +327,11 @@ def test_a_second_trainer_on_the_same_store_refuses_to_start(kafka_server: Kafka
 def test_a_900_kb_malformed_impression_is_dead_lettered_and_snapshots_keep_flowing(
     kafka_server: KafkaServer, tmp_path: Path
 ) -> None:
-    topics = _topics(kafka_server, partitions=1)
+    topics = make_topics(kafka_server, "trainer", partitions=1)
     bootstrap = kafka_server.bootstrap_servers
-    _produce_events(bootstrap, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
+    produce_events(bootstrap, topics["items"], [make_item(ad) for ad in range(1, NUM_ADS + 1)])
     huge = b'{"schema_version": 1, "event_id": "' + b"z" * 900_000 + b'"}'
-    good = [_impression(i, prefix="big") for i in range(30)]
+    good = [make_impression(i, prefix="big") for i in range(30)]
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=2 << 20)
     try:
         for event in good[:10]:

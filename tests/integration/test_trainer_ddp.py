@@ -12,90 +12,28 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+import trainer_support as support
+from kafka import KafkaConsumer, TopicPartition
 from safetensors.torch import load_file
 
 from devservers import KafkaServer
-from streaming.events import (
-    Engagement,
-    ImpressionEvent,
-    ItemEvent,
-    ItemFeatures,
-    Labels,
-    UserFeatures,
-    decode_impression,
-    encode,
-    event_key,
-)
+from streaming.events import ImpressionEvent, decode_impression
 from streaming.snapshots import SnapshotStore
 from trainer.bookkeeping import consumed_ids, is_held_out
-from trainer.distributed import partition_ids_path
+from trainer.rank_group import partition_ids_path
 from trainer.settings import TrainerSettings
-from worlds.planted import tiny_hsnn_config
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-HOLDOUT = 20
-NUM_ADS = 30
-
-
-def _item(ad_id: int) -> ItemEvent:
-    features = ItemFeatures(
-        dense=[ad_id % 3, 0.5, -0.25, 1.0], sparse={"advertiser": ad_id % 7 + 1, "category": ad_id % 5 + 1}
-    )
-    return ItemEvent(op="create", ad_id=ad_id, event_time=1_767_225_000.0, sequence=1, features=features)
-
-
-def _impression(i: int) -> ImpressionEvent:
-    ad = i % NUM_ADS + 1
-    click = int(i % 3 == 0)
-    return ImpressionEvent(
-        event_id=f"ddp-{i}",
-        event_time=1_767_225_600.0 + i,
-        user=UserFeatures(
-            dense=[0.1 * (i % 10), -0.5],
-            sparse={"segment": [i % 6 + 1], "age_bucket": [i % 4 + 1]},
-            history=[
-                Engagement(attributes={"item_id": ad, "advertiser": ad % 7 + 1, "category": ad % 5 + 1}, age_hours=3.0)
-            ],
-        ),
-        ad_id=ad,
-        labels=Labels(click=click, conversion=click * int(i % 2 == 0)),
-    )
-
-
-def _produce(bootstrap: str, topic: str, events: list[ImpressionEvent] | list[ItemEvent]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_block_ms=20_000)
-    try:
-        futures = [producer.send(topic, key=event_key(e), value=encode(e)) for e in events]
-        producer.flush(timeout=30)
-        for future in futures:
-            future.get(timeout=10)
-    finally:
-        producer.close()
-
 
 def _stream(kafka: KafkaServer, rows: range) -> tuple[dict[str, str], list[ImpressionEvent]]:
-    tag = uuid.uuid4().hex[:8]
-    topics = {
-        "impressions": f"ddp-imp-{tag}",
-        "items": f"ddp-items-{tag}",
-        "impressions_dlq": f"ddp-imp-dlq-{tag}",
-        "items_dlq": f"ddp-items-dlq-{tag}",
-    }
-    kafka.create_topics([topics["impressions"], topics["impressions_dlq"], topics["items_dlq"]], partitions=2)
-    kafka.create_topics([topics["items"]], partitions=2, compacted=[topics["items"]])
-    _produce(kafka.bootstrap_servers, topics["items"], [_item(ad) for ad in range(1, NUM_ADS + 1)])
-    events = [_impression(i) for i in rows]
-    _produce(kafka.bootstrap_servers, topics["impressions"], events)
-    return topics, events
+    return support.stream(kafka, "ddp", rows, "ddp")
 
 
 def _by_partition(bootstrap: str, topic: str) -> dict[int, list[tuple[int, str]]]:
@@ -117,56 +55,22 @@ def _by_partition(bootstrap: str, topic: str) -> dict[int, list[tuple[int, str]]
 
 
 def _settings(kafka: KafkaServer, topics: dict[str, str], tmp: Path, **overrides: object) -> TrainerSettings:
-    config = tmp / "hsnn.json"
-    config.write_text(tiny_hsnn_config().model_dump_json())
-    values: dict[str, object] = {
-        "kafka_bootstrap_servers": kafka.bootstrap_servers,
-        "group_id": f"ddp-test-{uuid.uuid4().hex[:6]}",
-        "impressions_topic": topics["impressions"],
-        "items_topic": topics["items"],
-        "impressions_dlq_topic": topics["impressions_dlq"],
-        "items_dlq_topic": topics["items_dlq"],
-        "store_dir": str(tmp / "store"),
-        "model_config_path": str(config),
-        "batch_size": 64,
-        "max_poll_records": 64,
-        "eval_min_events": 5,
-        "holdout_one_in": HOLDOUT,
-        "metrics_port": 0,
-        "trained_ids_path": str(tmp / "trained-ids.txt"),
-        "snapshot_every_seconds": 600.0,
-        "snapshot_every_events": 10**9,
-        "torch_threads": 1,
-        "lease_ttl_s": 5.0,
-        "dist_timeout_s": 60.0,
-    }
-    values.update(overrides)
-    return TrainerSettings(**values)
+    values: dict[str, object] = {"batch_size": 64, "max_poll_records": 64, "torch_threads": 1}
+    values.update(lease_ttl_s=5.0, dist_timeout_s=60.0, **overrides)
+    return support.trainer_settings(kafka, topics, tmp, "ddp-test", **values)
 
 
 def _env(settings: TrainerSettings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"HSNN_TRAINER_{name.upper()}"] = str(value)
-    env.pop("HSNN_TRAINER_RANKS", None)
-    env.pop("HSNN_TRAINER_MASTER_PORT", None)  # the launcher picks a free port: parallel runs never collide
-    env["PYTHONPATH"] = str(REPO)
-    env["PYTHONUNBUFFERED"] = "1"
+    """The group's environment: no torch rendezvous variables of our own, and the launcher's --ranks wins."""
+    env = support.trainer_env(settings)
+    # HSNN_TRAINER_MASTER_PORT too: the launcher then picks a free port, so parallel runs never collide
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "HSNN_TRAINER_RANKS", "HSNN_TRAINER_MASTER_PORT"):
+        env.pop(name, None)
     return env
 
 
-def _wait(condition: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{tail}")
-        time.sleep(0.1)
-
-
 def _expected(rows: list[tuple[int, str]]) -> list[str]:
-    return [event_id for _, event_id in rows if not is_held_out(event_id, HOLDOUT)]
+    return [event_id for _, event_id in rows if not is_held_out(event_id, support.HOLDOUT)]
 
 
 def _trained(base: str, partition: int) -> list[str]:
@@ -191,10 +95,26 @@ def _launch(settings: TrainerSettings, log: Path) -> subprocess.Popen[bytes]:
     handle = log.open("w")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "trainer", "--ranks", "2"], env=_env(settings), cwd=REPO, stderr=handle
+            [sys.executable, "-m", "trainer", "--ranks", "2"], env=_env(settings), cwd=support.REPO, stderr=handle
         )
     finally:
         handle.close()  # the child keeps its own descriptor
+
+
+@contextmanager
+def _group(settings: TrainerSettings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The launched group; killed on the way out unless the test stopped it."""
+    launcher = _launch(settings, log)
+    try:
+        yield launcher
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def _wait_trained(base: str, rows: dict[int, list[tuple[int, str]]], what: str, log: Path) -> None:
+    """Until every partition's trained-ids file has each of its rows that is not held out."""
+    support.wait_until(lambda: all(len(_trained(base, p)) >= len(_expected(rows[p])) for p in rows), 50, what, log)
 
 
 def _stop(launcher: subprocess.Popen[bytes], log: Path) -> None:
@@ -217,15 +137,9 @@ def test_two_ranks_one_snapshot_holds_both_partitions_and_identical_replicas(
     base = settings.trained_ids_path
     assert base is not None
     log = tmp_path / "group.log"
-    launcher = _launch(settings, log)
-    try:
-        _wait(
-            lambda: all(len(_trained(base, p)) >= len(_expected(rows[p])) for p in rows), 50, "both ranks to train", log
-        )
+    with _group(settings, log) as launcher:
+        _wait_trained(base, rows, "both ranks to train", log)
         _stop(launcher, log)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
 
     store = SnapshotStore(settings.store_dir)
     assert store.versions() == [1]  # the final snapshot, written once, by rank 0
@@ -263,11 +177,10 @@ def test_a_killed_rank_restarts_the_group_and_each_partition_trains_every_event_
     assert base is not None
     first = _by_partition(bootstrap, topics["impressions"])
     log = tmp_path / "group.log"
-    launcher = _launch(settings, log)
-    try:
+    with _group(settings, log) as launcher:
         # Everything trained, snapshots every >= 200 events: the newest events are in no snapshot yet.
-        _wait(lambda: all(len(_trained(base, p)) >= len(_expected(first[p])) for p in first), 50, "run 1", log)
-        _wait(lambda: store.latest_version() is not None, 20, "a snapshot", log)
+        _wait_trained(base, first, "run 1", log)
+        support.wait_until(lambda: store.latest_version() is not None, 20, "a snapshot", log)
         killed_at = store.manifest(store.latest_version())
         pid = _rank_pid(launcher, 1)
         assert pid is not None
@@ -276,16 +189,15 @@ def test_a_killed_rank_restarts_the_group_and_each_partition_trains_every_event_
         trained_before = {p: len(_trained(base, p)) for p in first}
         assert sum(trained_before.values()) > killed_at.eval_metrics["trained_events_total"]
 
-        _produce(bootstrap, topics["impressions"], [_impression(i) for i in range(600, 900)])
-        rows = _by_partition(bootstrap, topics["impressions"])
-        _wait(lambda: "restarting the group" in log.read_text(), 30, "the launcher to restart the group", log)
-        _wait(
-            lambda: all(len(_trained(base, p)) >= len(_expected(rows[p])) for p in rows), 50, "the restarted group", log
+        support.produce_events(
+            bootstrap, topics["impressions"], [support.make_impression(i, prefix="ddp") for i in range(600, 900)]
         )
+        rows = _by_partition(bootstrap, topics["impressions"])
+        support.wait_until(
+            lambda: "restarting the group" in log.read_text(), 30, "the launcher to restart the group", log
+        )
+        _wait_trained(base, rows, "the restarted group", log)
         _stop(launcher, log)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
 
     final = store.manifest(store.latest_version())
     assert final.offsets[topics["impressions"]] == {str(p): len(r) for p, r in rows.items()}

@@ -14,17 +14,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hsnn.model import HSNN
 from hsnn.training import make_optimizer, train_step
-from trainer.distributed import (
-    RankGroup,
-    ReplicaSync,
-    RoundPlan,
-    ddp_step,
-    no_buffer_sync_before_forward,
-    owns,
-    plan_round,
-)
 from trainer.guard import GuardedOptimizer
 from trainer.launcher import free_port, strip_ranks
+from trainer.rank_group import RankGroup, owns
+from trainer.replicas import ReplicaSync
+from trainer.rounds import RoundPlan, ddp_step, no_buffer_sync_before_forward, plan_round
 from trainer.settings import TrainerSettings
 from worlds.planted import make_batches, make_world, tiny_hsnn_config
 
