@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from bench.data import protocol_data
-from bench.harness import rank_users
+from bench.harness import rank_users, train_for
 from bench.methods import monn_brute_force_point
 from bench.metrics import ndcg_at_k, recall_at_k
 from bench.run import _model_config
-from clitools.progress import progress_bar
+from hsnn.features import TrainingBatch
 from hsnn.monn import MoNN
-from hsnn.training import make_optimizer, train_step
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,13 +53,14 @@ def main(argv: list[str] | None = None) -> dict:
         args.dataset, args.protocol, None, args.eval_users, args.data_root, args.seed, args.batch_size, args.negatives
     )
     model = MoNN(_model_config(args.model, True, args.sparse_dim), data.schema)
-    optimizer = make_optimizer(model, lr=args.lr)
-    started = time.perf_counter()
     positives = 0
-    for batch in progress_bar(data.batches(args.steps, args.seed), f"train {args.model}", total=args.steps):
+
+    def count_positives(batch: TrainingBatch) -> TrainingBatch:
+        nonlocal positives
         positives += int(batch.labels[:, 0].sum())
-        train_step(model, batch, optimizer)
-    train_seconds = time.perf_counter() - started
+        return batch
+
+    train_seconds = train_for(model, data, args.steps, args.seed, args.model, lr=args.lr, transform=count_positives)
     retrieved, _ = rank_users(monn_brute_force_point(model, data), data, 20)
     assert data.train_pairs is not None
     result = {

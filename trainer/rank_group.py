@@ -91,8 +91,9 @@ class RankGroup:
         blob = group_codec.encode(obj) if self.rank == src else b""
         length = torch.tensor([len(blob)], dtype=torch.int64, device=self.device)
         dist.broadcast(length, src=src)
-        data = group_codec.to_tensor(blob, self.device) if self.rank == src else None
-        if data is None:
+        if self.rank == src:
+            data = group_codec.to_tensor(blob, self.device)
+        else:
             data = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
         dist.broadcast(data, src=src)
         return group_codec.decode(group_codec.from_tensor(data))
