@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--levels", default="default", help="synthetic source: 'default' or a preset for both levels")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the over-arches (compile_overarch)")
     parser.add_argument("--label", help="record the result under this name in reports/trainer_throughput.*")
     parser.add_argument(
         "--ranks",
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--round-robin",
         action="store_true",
-        help="impression i goes to partition i % partitions (not by key): equal partitions, so no rank ends with a "
+        help="impression i goes to partition i %% partitions (not by key): equal partitions, so no rank ends with a "
         "short last step alone",
     )
     args = parser.parse_args(argv)
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             metrics_port=0,
             snapshot_every_seconds=1e9,
             snapshot_every_events=10**12,
+            compile_overarch=args.compile,
         )
         if args.ranks:
             run_groups(args, settings, work, commit, argv, record_bytes / len(impressions), histories)

@@ -44,7 +44,7 @@ from trainer.loop import final_snapshot, run_loop
 from trainer.metrics import Timings, TrainerMetrics, observe_many
 from trainer.publisher import Publisher, PublisherMetrics, PublisherSettings, PublishResult, notice_sender
 from trainer.settings import TrainerSettings
-from trainer.startup import load_or_create, remove_unfinished_snapshots
+from trainer.startup import compile_overarches, load_or_create, remove_unfinished_snapshots
 from trainer.state import dump_trainer_state, restore_into
 
 log = logging.getLogger("hsnn.trainer")
@@ -84,6 +84,8 @@ class OnlineTrainer:
         self._tidy_store()
 
         self.model, self.manifest, snapshot_files = self._load()
+        if settings.compile_overarch:
+            compile_overarches(self.model)
         self.schema = self.model.config.features
         self.optimizer = GuardedOptimizer(self.model, make_optimizer(self.model, settings.lr), settings.max_grad_norm)
         self.offsets = OffsetBook.from_manifest(self.manifest.offsets if self.manifest else {})

@@ -48,3 +48,12 @@ def load_or_create(
         return model, manifest, files
     log.info("no snapshot in %s: starting a fresh model", store.root)
     return HSNN(hsnn_config()), None, {}
+
+
+def compile_overarches(model: HSNN) -> None:
+    """torch.compile every MoNN's over-arch in place (state_dict keys unchanged, so snapshots are as before):
+    the over-arch is where a training step spends its FLOPs, and fusing its adds, ReLUs and LayerNorms
+    saves their memory traffic. Shapes vary with the batch and the clicked rows, hence dynamic."""
+    for monn in [*model.level_models, model.item_model]:
+        if monn.overarch is not None:
+            monn.overarch.compile(dynamic=True)
