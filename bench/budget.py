@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=1000, help="rows per batch: positives x (1 + negatives)")
     parser.add_argument("--negatives", type=int, default=4, help="uniform negatives per positive (log loss)")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--retrieval-candidates", type=int, default=128, help="distinct batch items per clicked row's softmax"
+    )
     parser.add_argument("--sparse-dim", type=int, default=64)
     parser.add_argument("--eval-users", type=int, help="gowalla valid: users evaluated (default 3,000)")
     parser.add_argument("--data-root")
@@ -43,6 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="append the JSON line to this file")
     args = parser.parse_args(argv)
+    if args.retrieval_candidates < 2:
+        parser.error(f"--retrieval-candidates must be >= 2, got {args.retrieval_candidates}")
     if args.steps < 1 or args.negatives < 0 or args.batch_size < 1 + args.negatives:
         parser.error("need --steps >= 1, --negatives >= 0 and --batch-size >= 1 + --negatives")
     if not 0 < args.lr <= 1:
@@ -60,7 +65,16 @@ def main(argv: list[str] | None = None) -> dict:
         positives += int(batch.labels[:, 0].sum())
         return batch
 
-    train_seconds = train_for(model, data, args.steps, args.seed, args.model, lr=args.lr, transform=count_positives)
+    train_seconds = train_for(
+        model,
+        data,
+        args.steps,
+        args.seed,
+        args.model,
+        lr=args.lr,
+        transform=count_positives,
+        retrieval_candidates=args.retrieval_candidates,
+    )
     retrieved, _ = rank_users(monn_brute_force_point(model, data), data, 20)
     assert data.train_pairs is not None
     result = {
@@ -71,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "negatives": args.negatives,
         "lr": args.lr,
+        "retrieval_candidates": args.retrieval_candidates,
         "positives_trained": positives,
         "epochs": round(positives / len(data.train_pairs[0]), 2),
         "eval_users": len(data.relevant),

@@ -110,13 +110,14 @@ def train_for(
     label: str,
     lr: float = 3e-3,
     transform: Callable[[TrainingBatch], TrainingBatch] | None = None,
+    retrieval_candidates: int = 128,
 ) -> float:
     """Train on `steps` batches of the data set (the shared budget); returns wall seconds."""
     optimizer = make_optimizer(model, lr=lr)
     started = time.perf_counter()
     batches = data.batches(steps, seed)
     for batch in progress_bar(batches, f"train {label}", enabled=True):
-        train_step(model, transform(batch) if transform else batch, optimizer)
+        train_step(model, transform(batch) if transform else batch, optimizer, retrieval_candidates)
     return time.perf_counter() - started
 
 

@@ -36,7 +36,6 @@ from hsnn.features import TrainingBatch
 from hsnn.model import CLICK, HSNN
 from hsnn.training import make_optimizer, train_step
 from streaming.tensors import impressions_to_batch
-from trainer.startup import compile_overarches
 
 REPORT = Path(__file__).resolve().parents[1] / "reports" / "train_step"
 
@@ -113,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
 
     variants = {"eager": model}
     if args.compile:
+        from trainer.startup import compile_overarches  # here, so the tool also runs on commits without it
+
         compiled = HSNN(model.config)
         compiled.load_state_dict(model.state_dict())
         compile_overarches(compiled)

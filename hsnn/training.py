@@ -19,8 +19,11 @@ def make_optimizer(model: nn.Module, lr: float = 3e-3) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
-def monn_loss(model: MoNN, batch: TrainingBatch, retrieval_weight: float = 1.0) -> Tensor:
-    """Per-task log loss (calibration, NE) + the in-batch softmax over clicked rows (ranking), as HSNN's item level."""
+def monn_loss(
+    model: MoNN, batch: TrainingBatch, retrieval_weight: float = 1.0, retrieval_candidates: int = 128
+) -> Tensor:
+    """Per-task log loss (calibration, NE) + the in-batch softmax over clicked rows (ranking), as HSNN's item level;
+    `retrieval_candidates` distinct batch items per softmax (each costs a pair through the over-arch)."""
     rows = torch.arange(len(batch), device=batch.labels.device)
     user_emb, item_emb = model.encode_users(batch.users), model.encode_items(batch.items)
     interaction = model.encode_interactions(batch.users, batch.items, rows, rows)
@@ -28,19 +31,23 @@ def monn_loss(model: MoNN, batch: TrainingBatch, retrieval_weight: float = 1.0) 
     loss = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(dim=0).sum()
     if retrieval_weight > 0:
         clicked = torch.nonzero(batch.labels[:, CLICK] > 0.5).flatten()
-        loss = loss + retrieval_weight * in_batch_softmax_loss(model, batch, user_emb, item_emb, clicked)
+        retrieval = in_batch_softmax_loss(model, batch, user_emb, item_emb, clicked, retrieval_candidates)
+        loss = loss + retrieval_weight * retrieval
     return loss
 
 
-def train_step(model: nn.Module, batch: TrainingBatch, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Forward, backward, update; for HSNN also advance the schedules and re-seed dead codes."""
+def train_step(
+    model: nn.Module, batch: TrainingBatch, optimizer: torch.optim.Optimizer, retrieval_candidates: int = 128
+) -> dict[str, float]:
+    """Forward, backward, update; for HSNN also advance the schedules and re-seed dead codes. A standalone
+    MoNN's softmax takes `retrieval_candidates` (an HSNN reads its own `config.retrieval_candidates`)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     if isinstance(model, HSNN):
         losses = model(batch).losses
         total = losses["total"]
     else:
-        total = monn_loss(model, batch)
+        total = monn_loss(model, batch, retrieval_candidates=retrieval_candidates)
         losses = {"total": total}
     total.backward()
     optimizer.step()

@@ -109,8 +109,8 @@ class TrainerSettings(ServiceSettings):
     torch_threads: int = Field(0, ge=0, description="torch threads (0: torch's default; launched: cores // ranks).")
     compile_overarch: bool = Field(
         False,
-        description="torch.compile each MoNN over-arch (most of a step's FLOPs): about 1.15x faster training steps on "
-        "CPU (reports/train_step.md) for 10-60 s of compiling at start-up.",
+        description="torch.compile each MoNN over-arch (most of a step's FLOPs): 1.04-1.17x faster steps on CPU in "
+        "`python -m bench.train_step`, for 10-60 s of compiling at start-up; off: no measurable end-to-end gain here.",
     )
     max_group_restarts: int = Field(100, ge=0, description="Group restarts in a row without a snapshot, then give up.")
     replica_dump_dir: str | None = Field(
