@@ -26,6 +26,7 @@ from bench.data import (
 )
 from bench.report import aggregate_seeds, write_report
 from bench.run import ABLATIONS, BUILDERS, RunConfig, run_benchmark
+from clitools.allocator import reexec_under_jemalloc
 from hsnn.config import HSNNConfig
 
 
@@ -221,4 +222,5 @@ def _finish(report: dict, writer, out: str, argv: list[str] | None) -> None:
 
 
 if __name__ == "__main__":
+    reexec_under_jemalloc()
     main()

@@ -23,6 +23,7 @@ from bench.harness import rank_users, train_for
 from bench.methods import monn_brute_force_point
 from bench.metrics import ndcg_at_k, recall_at_k
 from bench.run import _model_config
+from clitools.allocator import reexec_under_jemalloc
 from hsnn.features import TrainingBatch
 from hsnn.monn import MoNN
 
@@ -104,4 +105,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    reexec_under_jemalloc()
     main()

@@ -1,0 +1,37 @@
+"""Run CPU-heavy tools under jemalloc that keeps its pages.
+
+glibc's malloc hands every block over 32 MiB back to the kernel when it is freed, so a training step whose
+pair tensors are that large (the benchmark's in-batch softmax: 32,000 pairs x 10 embeddings x 64 dims is
+82 MB per tensor) page-faults its memory in again on every step: 2 million minor faults and 5 s of kernel
+time per Gowalla MoNN step, half the step. jemalloc with decay off reuses the pages: the same step went
+from 9.5 to 4.5 s (docs/benchmarks.md). Debian's redis-server depends on libjemalloc2, so machines set up
+by scripts/setup.sh have it; elsewhere the tools run on the system malloc as before.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import sys
+
+RETAIN_PAGES = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # never return freed pages to the kernel
+
+
+def jemalloc_library() -> str | None:
+    """The loader's name of the installed jemalloc (e.g. libjemalloc.so.2), or None."""
+    return ctypes.util.find_library("jemalloc")
+
+
+def reexec_under_jemalloc() -> None:
+    """Replace this process by the same command under jemalloc (LD_PRELOAD), once; call it first thing from a
+    script's `__main__` block only, never from code a test imports. HSNN_ALLOCATOR=system opts out."""
+    if os.environ.get("HSNN_ALLOCATOR", "jemalloc") != "jemalloc" or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    library = jemalloc_library()
+    if library is None:
+        return
+    preload = " ".join(filter(None, [library, os.environ.get("LD_PRELOAD", "")]))
+    env = dict(os.environ, LD_PRELOAD=preload, MALLOC_CONF=os.environ.get("MALLOC_CONF", RETAIN_PAGES))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
