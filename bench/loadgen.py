@@ -90,7 +90,7 @@ def scaled_catalog(base: PlantedWorld, num_items: int, seed: int) -> Catalog:
     return Catalog(item_ids=item_ids, items=items)
 
 
-def train_model(base: PlantedWorld, steps: int, nodes: tuple[int, ...], seed: int) -> HSNN:
+def train_model(base: PlantedWorld, steps: int, nodes: tuple[int, ...], seed: int, model: str = "tiny") -> HSNN:
     torch.manual_seed(seed)
     model = HSNN(tiny_hsnn_config(num_nodes=tuple(nodes)))
     batches = make_batches(base, max(1, steps // 4), 256, seed=seed + 1, users_per_batch=64)

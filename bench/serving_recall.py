@@ -1,0 +1,76 @@
+"""In-process check of beam search against exhaustive scoring (no service): recall@k of `hsnn.serving.retrieve`
+at an items budget's beams vs the same model's `retrieve_exhaustive` top-k.
+
+    python -m bench.serving_recall --ads 10000 --train-steps 60 --items-budget 2000
+
+The load generator reports the same figure per row through the service; this is the quick loop for the model
+and trainer changes that move it (train length, presets, level objectives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from bench.exhaustive import retrieve_exhaustive
+from bench.sizing import beams_for_budget, index_shape
+from hsnn.features import UserBatch
+from hsnn.index import HierarchicalIndex, build_index
+from hsnn.model import HSNN
+from hsnn.serving import retrieve
+
+
+def recall_vs_exhaustive(
+    model: HSNN, index: HierarchicalIndex, users: UserBatch, beams: list[int], k: int
+) -> dict[str, float]:
+    """Mean recall@k of the beam-searched top-k vs the exhaustive top-k, and the mean items scored per user."""
+    truth = retrieve_exhaustive(model, index, users, k=k)
+    served = retrieve(model, index, users, k=k, beams=beams)
+    recalls = [
+        len(set(s.item_ids.tolist()) & set(t.item_ids.tolist())) / max(1, len(t.item_ids))
+        for s, t in zip(served, truth, strict=True)
+    ]
+    return {
+        "recall": sum(recalls) / len(recalls),
+        "items_scored": sum(s.cost.items_scored for s in served) / len(served),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.loadgen import CATEGORIES, ADVERTISERS_PER_CATEGORY, scaled_catalog, train_model
+    from worlds.planted import make_users, make_world
+
+    parser = argparse.ArgumentParser(prog="python -m bench.serving_recall", description=__doc__.splitlines()[0])
+    parser.add_argument("--ads", type=int, nargs="+", default=[10_000])
+    parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--items-budget", type=int, nargs="+", default=[2000])
+    parser.add_argument("--model", default="tiny", help="tiny or paper (MoNN-Small items, Large/Medium levels)")
+    parser.add_argument("--users", type=int, default=32)
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared box)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = make_world(num_items=20_000, num_categories=CATEGORIES, advertisers_per_category=ADVERTISERS_PER_CATEGORY)
+    users = make_users(base, args.users, seed=99)[0]
+    for num_items in args.ads:
+        nodes = index_shape(num_items)
+        started = time.perf_counter()
+        model = train_model(base, args.train_steps, tuple(nodes), seed=0, model=args.model)
+        train_s = time.perf_counter() - started
+        catalog = scaled_catalog(base, num_items, seed=num_items)
+        started = time.perf_counter()
+        index = build_index(model, catalog.item_ids, catalog.items)
+        build_s = time.perf_counter() - started
+        for budget in args.items_budget:
+            beams = beams_for_budget(nodes, num_items, budget)
+            row = {"ads": num_items, "model": args.model, "train_steps": args.train_steps, "nodes": nodes}
+            row |= {"budget": budget, "beams": beams, "train_s": round(train_s, 1), "build_s": round(build_s, 1)}
+            row |= recall_vs_exhaustive(model, index, users, beams, args.k)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
