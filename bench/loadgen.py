@@ -49,6 +49,7 @@ import torch
 
 from bench.exhaustive import retrieve_exhaustive
 from bench.sizing import beams_for_budget, index_shape
+from hsnn.config import HSNNConfig, preset
 from hsnn.features import ItemBatch, UserBatch
 from hsnn.index import DEFAULT_CAPACITY_FACTOR
 from hsnn.model import HSNN
@@ -90,9 +91,23 @@ def scaled_catalog(base: PlantedWorld, num_items: int, seed: int) -> Catalog:
     return Catalog(item_ids=item_ids, items=items)
 
 
-def train_model(base: PlantedWorld, steps: int, nodes: tuple[int, ...], seed: int, model: str = "tiny") -> HSNN:
+def model_config(name: str, nodes: tuple[int, ...], **overrides) -> HSNNConfig:
+    """The served HSNN: "tiny" (the tests' MoNNs) or "paper" (MoNN-Small item model, MoNN-Large/Medium level
+    models as in the paper), both on the planted world's features, with these codebooks and config overrides."""
+    config = tiny_hsnn_config(num_nodes=tuple(nodes))
+    if name == "paper":
+        levels = [preset("monn_large"), preset("monn_medium")] + [preset("monn_medium")] * max(0, len(nodes) - 2)
+        config = config.model_copy(update={"level_models": levels[: len(nodes)], "item_model": preset("monn_small")})
+    elif name != "tiny":
+        raise ValueError(f"unknown model {name!r}: tiny or paper")
+    return HSNNConfig.model_validate(config.model_dump() | overrides)
+
+
+def train_model(
+    base: PlantedWorld, steps: int, nodes: tuple[int, ...], seed: int, model: str = "tiny", **overrides
+) -> HSNN:
     torch.manual_seed(seed)
-    model = HSNN(tiny_hsnn_config(num_nodes=tuple(nodes)))
+    model = HSNN(model_config(model, nodes, **overrides))
     batches = make_batches(base, max(1, steps // 4), 256, seed=seed + 1, users_per_batch=64)
     train(model, (batches * 4)[:steps])
     return model.eval()
