@@ -204,19 +204,6 @@ class HSNNConfig(StrictModel):
     )
     retrieval_candidates: int = Field(128, ge=2, description="Most distinct batch items in a clicked row's softmax.")
     node_ranking_weight: float = Field(1.0, ge=0, description="Softmax of a clicked node against its siblings.")
-    node_distillation_weight: float = Field(
-        0.0,
-        ge=0,
-        description="Level scores distilled from the item level's: per sampled user, a softmax over the nodes "
-        "holding the batch's items, target = each node's share of the user's softmax over those items under the "
-        "(detached) item-level score. Beam search keeps the nodes holding the user's best items, so this is its "
-        "objective; the clicked-node losses only see the one item shown.",
-    )
-    node_distillation_users: int = Field(32, ge=1, description="Batch rows whose users the distillation scores.")
-    node_distillation_candidates: int = Field(256, ge=2, description="Batch items each of those users is scored on.")
-    node_distillation_temperature: float = Field(
-        0.5, gt=0, description="Of the teacher's softmax over items: lower puts the target on the top items."
-    )
 
     @model_validator(mode="after")
     def _one_model_per_level(self) -> HSNNConfig:

@@ -259,11 +259,6 @@ class HSNN(nn.Module):
         if self.config.node_ranking_weight > 0:
             ranking = self._node_ranking_loss(clicked, level_users, index_out, path)
             losses["node_ranking"] = self.index_warmup() * self.config.node_ranking_weight * ranking
-        if self.config.node_distillation_weight > 0:
-            distillation = self._node_distillation_loss(
-                batch, level_users, node_inputs, index_out, item_user_emb, item_emb
-            )
-            losses["node_distillation"] = self.index_warmup() * self.config.node_distillation_weight * distillation
         if self.config.retrieval_weight > 0:
             retrieval = in_batch_softmax_loss(
                 item_model, batch, item_user_emb, item_emb, clicked, self.config.retrieval_candidates
@@ -339,53 +334,6 @@ class HSNN(nn.Module):
             if unused is not None:
                 scores = scores.view(num_clicked, k).masked_fill(unused, float("-inf"))
             total = total + F.cross_entropy(scores.view(num_clicked, k), index_out.levels[level].hard[clicked])
-        return total
-
-    def _node_distillation_loss(
-        self,
-        batch: TrainingBatch,
-        level_users: list[Tensor],
-        node_inputs: list[Tensor],
-        index_out: IndexOutput,
-        item_user_emb: Tensor,
-        item_emb: Tensor,
-    ) -> Tensor:
-        """Per level, cross-entropy between the level's scores over the nodes holding the batch's items and the
-        share of the user's item-level softmax (detached teacher) each node holds: the node with the user's best
-        items should outrank the others, whichever item was shown. Scores are serving's (ensemble over the path),
-        and the softmax spans every node of the level in the pool, as beam search compares across parents."""
-        config = self.config
-        num_users = min(config.node_distillation_users, len(batch))
-        num_items = min(config.node_distillation_candidates, len(batch))
-        device = batch.labels.device
-        pair_user = torch.arange(num_users, device=device).repeat_interleave(num_items)  # (R * C,) batch rows
-        pair_item = torch.arange(num_items, device=device).repeat(num_users)  # (R * C,) batch rows
-        level_z = []
-        for level, model in enumerate(self.level_models):
-            node_emb = model.project_nodes(node_inputs[level][:num_items])  # (C, n_item, d)
-            level_z.append(model.pair_logits(level_users[level][pair_user], node_emb[pair_item], None))
-        with torch.no_grad():
-            item_model = self.item_model
-            interaction = item_model.encode_interactions(batch.users, batch.items, pair_user, pair_item)
-            z_item = item_model.pair_logits(item_user_emb[pair_user], item_emb[pair_item], interaction)
-            path = torch.stack([*[z.detach() for z in level_z], z_item], dim=1)  # (R * C, outputs, tasks)
-            teacher = self.ensemble(self.num_outputs - 1, path)[:, CLICK].view(num_users, num_items)
-            share = torch.softmax(teacher / config.node_distillation_temperature, dim=1)  # (R, C)
-        path = torch.stack(level_z, dim=1)  # (R * C, levels, tasks)
-        paths = torch.stack([lvl.hard[:num_items] for lvl in index_out.levels], dim=1)  # (C, levels)
-        keys = torch.zeros(num_items, dtype=torch.long, device=device)
-        total = batch.labels.new_zeros(())
-        for level in range(self.num_levels):
-            keys = keys * self.index.levels[level].num_nodes + paths[:, level]
-            nodes, inverse = torch.unique(keys, return_inverse=True)  # (M,), (C,) node of each pool item
-            if len(nodes) < 2:
-                continue
-            first = torch.full((len(nodes),), num_items, device=device).scatter_reduce(
-                0, inverse, torch.arange(num_items, device=device), "amin"
-            )  # (M,) a pool item under each node: its path scores the node
-            scores = self.ensemble(level, path[:, : level + 1])[:, CLICK].view(num_users, num_items)[:, first]
-            target = share.new_zeros(num_users, len(nodes)).index_add_(1, inverse, share)  # (R, M)
-            total = total + F.cross_entropy(scores, target)
         return total
 
     def _losses(self, batch: TrainingBatch, logits: list[Tensor], index_out: IndexOutput, item_emb: Tensor) -> dict:
