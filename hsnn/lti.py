@@ -345,7 +345,7 @@ class ResidualIndex(nn.Module):
         return moved
 
     @torch.no_grad()
-    def assign_with_capacity(self, v: Tensor, capacity_factor: float, max_rounds: int = 5000) -> Tensor:
+    def assign_with_capacity(self, v: Tensor, capacity_factor: float, max_rounds: int = 500) -> Tensor:
         """Hard paths (N, levels) where no node holds over capacity_factor x its level's mean: an auction raises
         over-full nodes' prices, level by level. The prices stay, so `assign` then reproduces these paths: a
         build's layout, training's path and the indexer's path for a new item stay one function."""
@@ -402,19 +402,31 @@ def _auction(level: LearnedIndexLevel, x: Tensor, parent: Tensor, cap: int, max_
 
 
 def _place_overflow(cost: Tensor, parent: Tensor, k: int, num_parents: int, cap: int) -> Tensor:
-    """argmin codes (N,), then every over-full (parent, code) keeps its `cap` cheapest rows and the rest
-    move, one at a time, to their cheapest code under the same parent that still has room."""
+    """argmin codes (N,), then every over-full (parent, code) keeps its `cap` cheapest rows and the rest move
+    to their cheapest code under the same parent that still has room: rounds over each evicted row's next
+    choice, a node taking the cheapest candidates up to its room (vectorised; at most K rounds)."""
     code = cost.argmin(dim=1)
     group = parent * k + code
     counts = torch.bincount(group, minlength=num_parents * k)
     if not bool((counts > cap).any()):
         return code
     order, rank = rank_in_groups(group, cost.gather(1, code.unsqueeze(1)).squeeze(1))
-    evicted = order[rank >= cap]
+    evicted = order[rank >= cap]  # (E,) rows to move
     counts = torch.bincount(group[order[rank < cap]], minlength=num_parents * k)
-    for row in evicted.tolist():
-        room = counts.view(num_parents, k)[parent[row]] < cap
-        choice = int(torch.where(room, cost[row], torch.full_like(cost[row], float("inf"))).argmin())
-        code[row] = choice
-        counts[parent[row] * k + choice] += 1
+    preference = torch.argsort(cost[evicted], dim=1)  # (E, K) each evicted row's codes, cheapest first
+    waiting = torch.arange(len(evicted))  # positions in evicted still without a node
+    for choice in range(k):
+        if len(waiting) == 0:
+            break
+        rows = evicted[waiting]
+        want = preference[waiting, choice]
+        wanted = parent[rows] * k + want  # (W,) group each waiting row asks for
+        room = (cap - counts).clamp(min=0)
+        queue_order, queue_rank = rank_in_groups(wanted, cost[rows, want])
+        accepted = queue_order[queue_rank < room[wanted[queue_order]]]  # cheapest first, up to the room
+        code[rows[accepted]] = want[accepted]
+        counts += torch.bincount(wanted[accepted], minlength=num_parents * k)
+        keep = torch.ones(len(waiting), dtype=torch.bool)
+        keep[accepted] = False
+        waiting = waiting[keep]
     return code
