@@ -68,7 +68,9 @@ def rank_in_groups(group: Tensor, key: Tensor, descending: bool = False) -> tupl
     order = torch.argsort(key, descending=descending, stable=True)
     order = order[torch.argsort(group[order], stable=True)]
     _, sizes = torch.unique_consecutive(group[order], return_counts=True)
-    return order, torch.arange(len(order)) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+    return order, torch.arange(len(order), device=order.device) - torch.repeat_interleave(
+        torch.cumsum(sizes, 0) - sizes, sizes
+    )
 
 
 def kmeans(x: Tensor, k: int, iterations: int = 20, seed: int = 0) -> Tensor:

@@ -155,3 +155,22 @@ def test_wide_beams_equal_exhaustive_scores_with_the_tables(trained_hsnn, index,
     for a, b in zip(served, truth, strict=True):
         assert a.item_ids.tolist() == b.item_ids.tolist()
         torch.testing.assert_close(a.scores, b.scores)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the loadgen's --device cuda path)")
+def test_retrieval_on_cuda_matches_cpu(trained_hsnn, index, users):
+    """The GPU path: model and index moved to CUDA retrieve what the CPU does (skipped where there is no GPU)."""
+    import copy
+
+    model = copy.deepcopy(trained_hsnn).cuda()
+    on_gpu = retrieve(model, index.to("cuda"), users.to("cuda"), k=20, beams=[3, 3])
+    on_cpu = retrieve(trained_hsnn, index, users, k=20, beams=[3, 3])
+    for a, b in zip(on_gpu, on_cpu, strict=True):
+        assert a.item_ids.cpu().tolist() == b.item_ids.tolist()
+        torch.testing.assert_close(a.scores.cpu(), b.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_index_to_a_device_keeps_every_table(index):
+    moved = index.to("cpu")
+    assert moved.item_first is not None and all(level.first is not None for level in moved.levels)
+    assert torch.equal(moved.leaf_items, index.leaf_items) and moved.device.type == "cpu"
