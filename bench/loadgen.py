@@ -323,8 +323,8 @@ def profile_batch(pair, users: UserBatch, beams: list[int], k: int, batch: int =
     Each size is timed with the precomputed item halves (what the service runs) and with plain
     `pair_logits` (before), interleaved so both see the same machine load; FLOP/s counts what each ran.
     """
-    chosen = users.select(torch.arange(batch) % len(users))
-    single = users.select(torch.tensor([0]))
+    chosen = users.select(torch.arange(batch, device=users.dense.device) % len(users))
+    single = users.select(torch.tensor([0], device=users.dense.device))
     for precomputed in (True, False):
         for _ in range(2):
             retrieve(pair.model, pair.index, chosen, k=k, beams=beams, precomputed=precomputed)
@@ -416,13 +416,13 @@ def run(args: argparse.Namespace) -> dict:
         catalog_path = work / f"catalog-{num_items}.safetensors"
         save_catalog(catalog, catalog_path)
         started = time.perf_counter()
-        pair = load_pair_from_store(store, 1, catalog)
+        pair = load_pair_from_store(store, 1, catalog, device=args.device)
         build_s = time.perf_counter() - started
         corpus = {"index_build_s": build_s, "codebook_sizes": nodes, "beams": beams, **leaf_stats(pair.index)}
         started = time.perf_counter()
-        truth = exhaustive_truth(pair, recall_users, args.k)
+        truth = exhaustive_truth(pair, recall_users.to(args.device), args.k)
         corpus["exhaustive_s_per_user"] = (time.perf_counter() - started) / len(recall_users)
-        corpus |= profile_batch(pair, users, beams, args.k)
+        corpus |= profile_batch(pair, users.to(args.device), beams, args.k)
         report["corpora"][str(num_items)] = corpus
         t1, t32 = corpus["timings"]["batch_1"], corpus["timings"]["batch_32"]
         print(
