@@ -37,6 +37,7 @@ import contextlib
 import cProfile
 import io
 import json
+import math
 import os
 import platform
 import pstats
@@ -472,6 +473,38 @@ def _row(report: dict, ads: int, concurrency: int, max_batch: int) -> dict | Non
     )
 
 
+def extrapolate(report: dict, target: int = 10_000_000) -> dict:
+    """Items scored, FLOPs and memory per replica at `target` ads, from the measured corpora: per-query costs
+    fitted as a + b log10(N) (the budget keeps them near flat), RSS as a + b N over the two largest corpora."""
+    closed = [r for r in report["results"] if r.get("mode", "closed") == "closed" and r["concurrency"] == 1]
+    by_ads = {r["ads"]: r for r in sorted(closed, key=lambda r: r["ads"])}
+    if len(by_ads) < 2:
+        return {}
+    ads = list(by_ads)
+
+    def log_fit(key: str) -> float:
+        x = torch.tensor([math.log10(a) for a in ads], dtype=torch.float64)
+        y = torch.tensor([by_ads[a][key] for a in ads], dtype=torch.float64)
+        slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+        return float(y.mean() + slope * (math.log10(target) - x.mean()))
+
+    small, large = ads[-2], ads[-1]
+    per_ad = (by_ads[large]["rss_mb"] - by_ads[small]["rss_mb"]) / (large - small)  # MiB per ad
+    rss = by_ads[large]["rss_mb"] + per_ad * (target - large)
+    items = log_fit("items_scored")
+    mflops = log_fit("mflops_per_query")
+    gflops = report["corpora"][str(large)]["timings"]["batch_32"]["gflops"]
+    return {
+        "ads": target,
+        "items_scored": items,
+        "mflops_per_query": mflops,
+        "rss_bytes_per_ad": per_ad * 2**20,
+        "rss_mb": rss,
+        "scoring_ms_at_measured_gflops": mflops / 1e3 / gflops * 1e3 if gflops > 0 else float("nan"),
+        "scoring_ms_at_half_matmul": mflops / 1e3 / (0.5 * report["machine"]["matmul_gflops_fp32_1024"]) * 1e3,
+    }
+
+
 def markdown(report: dict) -> str:
     machine = report["machine"]
     lines = [
@@ -557,6 +590,18 @@ def markdown(report: dict) -> str:
         gflops = report["corpora"][str(a)]["timings"]["batch_32"]["gflops"]
         share = gflops / report["machine"]["matmul_gflops_fp32_1024"]
         lines.append(f"- scoring at {a:,} ads: {gflops:.2f} GFLOP/s, {share:.1%} of matmul (target >= 50%).")
+    paper = extrapolate(report)
+    if paper:
+        lines += [
+            "",
+            f"## {paper['ads']:,} ads on paper (`extrapolate`: per-query costs a + b log10 N, RSS a + b N)",
+            "",
+            f"- items scored per query: {paper['items_scored']:.0f}; {paper['mflops_per_query']:.1f} MFLOPs per query",
+            f"- scoring time per query: {paper['scoring_ms_at_measured_gflops']:.1f} ms at the measured scoring "
+            f"GFLOP/s, {paper['scoring_ms_at_half_matmul']:.2f} ms at half the matmul roofline",
+            f"- RSS per replica: {paper['rss_mb'] / 1024:.1f} GiB ({paper['rss_bytes_per_ad']:.0f} B per ad "
+            "between the two largest corpora)",
+        ]
     first = report["corpora"][str(max(ads))]
     lines += [
         "",
@@ -617,6 +662,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write_reports(report: dict, out_dir: Path) -> None:
+    report["extrapolated"] = extrapolate(report)
     (out_dir / "api_latency.json").write_text(json.dumps(report, indent=2))
     (out_dir / "api_latency.md").write_text(markdown(report))
     try:
@@ -653,7 +699,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, in process and in the service")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="HSNN_API_DEVICE of the service")
     parser.add_argument("--out", default="reports", help="output directory")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the .md/.png (and extrapolation) from a report")
     args = parser.parse_args(argv)
+    if args.render:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_reports(json.loads(Path(args.render).read_text()), Path(args.out))
+        return
     torch.set_num_threads(args.threads)
     run(args)
 
