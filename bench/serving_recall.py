@@ -68,11 +68,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=int, default=32)
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--set", nargs="*", default=[], help="HSNNConfig overrides, key=JSON value")
+    parser.add_argument(
+        "--stale-history",
+        action="store_true",
+        help="query users whose engagements are all old: what recall is without the recency signal that only the "
+        "item model's I2IF sees (level models read no interaction features)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared box)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = make_world(num_items=20_000, num_categories=CATEGORIES, advertisers_per_category=ADVERTISERS_PER_CATEGORY)
     users = make_users(base, args.users, seed=99)[0]
+    if args.stale_history:  # every engagement old: the recency signal only I2IF carries is gone for these users
+        users.history_age = torch.where(users.history["item_id"] > 0, 1000.0, 0.0)
     overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
     for num_items in args.ads:
         nodes = index_shape(num_items)
