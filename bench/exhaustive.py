@@ -48,12 +48,13 @@ def retrieve_exhaustive(
     ensure_score_tables(model, index)
     num_users = len(users)
     exclude = exclude or [None] * num_users
-    all_rows = torch.arange(index.num_items)
+    device = index.device
+    all_rows = torch.arange(index.num_items, device=device)
     node_outputs = []  # per level: (users, nodes, tasks)
     for level_idx, level_model in enumerate(model.level_models):
         num_nodes = len(index.levels[level_idx].keys)
-        pair_user = torch.arange(num_users).repeat_interleave(num_nodes)
-        pair_node = torch.arange(num_nodes).repeat(num_users)
+        pair_user = torch.arange(num_users, device=device).repeat_interleave(num_nodes)
+        pair_node = torch.arange(num_nodes, device=device).repeat(num_users)
         z = score_nodes(level_model, level_idx, index, level_model.encode_users(users), pair_user, pair_node)
         node_outputs.append(z.view(num_users, num_nodes, -1))
     item_model = model.item_model
@@ -61,7 +62,7 @@ def retrieve_exhaustive(
     results = []
     for u in range(num_users):
         rows = all_rows[_allowed(index, all_rows, exclude[u])]
-        z_item = score_items(item_model, index, users, user_emb, torch.full((len(rows),), u), rows)
+        z_item = score_items(item_model, index, users, user_emb, torch.full((len(rows),), u, device=device), rows)
         ancestors = [node_outputs[lvl][u, index.item_nodes[rows, lvl]] for lvl in range(model.num_levels)]
         path = torch.stack([*ancestors, z_item], dim=1)
         nodes = sum(len(level.keys) for level in index.levels)

@@ -1,11 +1,14 @@
 """Load generator and latency benchmark of the retrieval API (a report, not a test).
 
     python -m bench.loadgen --ads 10000 100000 1000000 --concurrency 1 32 --duration 10
+    python -m bench.loadgen --device cuda ...   # on a GPU machine (scripts/loadgen_gpu.sh)
 
 For each corpus size N it:
 
-1. sizes the index from the corpus (`hsnn.lti.index_shape`: about 100 items per leaf), trains a
-   tiny HSNN with those codebooks on the planted problem (a 20k-ad world with 64 categories),
+1. sizes the index from the corpus (`bench.sizing.index_shape`: about 100 items per leaf), trains an
+   HSNN with those codebooks on the planted problem (a 20k-ad world with 64 categories): `--model paper`
+   (MoNN-Small item model, MoNN-Large/Medium level models) or `tiny`; the index clusters each item's
+   click-logit profile over probe users (`--index-input score_profile`),
    writes it to a snapshot store, and generates N ads from the same categories vectorised (same
    category centres, advertisers nested in categories), saved as a catalogue file; the service
    builds the index with the build-time capacity cap (`build_index`'s default factor);
@@ -34,6 +37,7 @@ import contextlib
 import cProfile
 import io
 import json
+import math
 import os
 import platform
 import pstats
@@ -49,6 +53,7 @@ import torch
 
 from bench.exhaustive import retrieve_exhaustive
 from bench.sizing import beams_for_budget, index_shape
+from hsnn.config import HSNNConfig, preset
 from hsnn.features import ItemBatch, UserBatch
 from hsnn.index import DEFAULT_CAPACITY_FACTOR
 from hsnn.model import HSNN
@@ -90,9 +95,28 @@ def scaled_catalog(base: PlantedWorld, num_items: int, seed: int) -> Catalog:
     return Catalog(item_ids=item_ids, items=items)
 
 
-def train_model(base: PlantedWorld, steps: int, nodes: tuple[int, ...], seed: int) -> HSNN:
+def model_config(name: str, nodes: tuple[int, ...], **overrides) -> HSNNConfig:
+    """The served HSNN: "tiny" (the tests' MoNNs) or "paper" (MoNN-Small item model, MoNN-Large/Medium level
+    models as in the paper), both on the planted world's features, with these codebooks and config overrides."""
+    config = tiny_hsnn_config(num_nodes=tuple(nodes))
+    if name == "paper":
+        levels = [preset("monn_large"), preset("monn_medium")] + [preset("monn_medium")] * max(0, len(nodes) - 2)
+        config = config.model_copy(update={"level_models": levels[: len(nodes)], "item_model": preset("monn_small")})
+    elif name != "tiny":
+        raise ValueError(f"unknown model {name!r}: tiny or paper")
+    return HSNNConfig.model_validate(config.model_dump() | overrides)
+
+
+def model_overrides(args: argparse.Namespace) -> dict:
+    """HSNNConfig fields the command line sets."""
+    return {"index_input": args.index_input, "probe_users": args.probe_users}
+
+
+def train_model(
+    base: PlantedWorld, steps: int, nodes: tuple[int, ...], seed: int, model: str = "tiny", **overrides
+) -> HSNN:
     torch.manual_seed(seed)
-    model = HSNN(tiny_hsnn_config(num_nodes=tuple(nodes)))
+    model = HSNN(model_config(model, nodes, **overrides))
     batches = make_batches(base, max(1, steps // 4), 256, seed=seed + 1, users_per_batch=64)
     train(model, (batches * 4)[:steps])
     return model.eval()
@@ -120,11 +144,24 @@ def rss_mb(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def serve(store_dir: Path, catalog_path: Path, beams: list[int], max_batch: int, max_wait_ms: float, log: Path):
-    """The real service in a child process; yields (base URL, process) once /readyz answers 200."""
+def serve(
+    store_dir: Path,
+    catalog_path: Path,
+    beams: list[int],
+    max_batch: int,
+    max_wait_ms: float,
+    log: Path,
+    threads: int = 1,
+    device: str = "cpu",
+):
+    """The real service in a child process; yields (base URL, process) once /readyz answers 200. `threads` caps
+    its torch intra-op threads (on a small shared box, spinning OpenMP threads of two processes fight)."""
     port = free_port()
     env = {
         **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "HSNN_API_DEVICE": device,
         "HSNN_API_BEAMS": json.dumps(beams),
         "HSNN_API_MAX_BATCH": str(max_batch),
         "HSNN_API_MAX_WAIT_MS": str(max_wait_ms),
@@ -287,9 +324,8 @@ def profile_batch(pair, users: UserBatch, beams: list[int], k: int, batch: int =
     Each size is timed with the precomputed item halves (what the service runs) and with plain
     `pair_logits` (before), interleaved so both see the same machine load; FLOP/s counts what each ran.
     """
-    torch.set_num_threads(os.cpu_count() or 1)
-    chosen = users.select(torch.arange(batch) % len(users))
-    single = users.select(torch.tensor([0]))
+    chosen = users.select(torch.arange(batch, device=users.dense.device) % len(users))
+    single = users.select(torch.tensor([0], device=users.dense.device))
     for precomputed in (True, False):
         for _ in range(2):
             retrieve(pair.model, pair.index, chosen, k=k, beams=beams, precomputed=precomputed)
@@ -356,6 +392,10 @@ def run(args: argparse.Namespace) -> dict:
             "max_wait_ms": args.max_wait_ms,
             "duration_s": args.duration,
             "train_steps": args.train_steps,
+            "model": args.model,
+            "model_overrides": model_overrides(args),
+            "threads": args.threads,
+            "device": args.device,
         },
         "results": [],
         "corpora": {},
@@ -364,9 +404,9 @@ def run(args: argparse.Namespace) -> dict:
         nodes = args.nodes or index_shape(num_items)
         beams = args.beams or beams_for_budget(nodes, num_items, args.items_budget)
         started = time.perf_counter()
-        model = train_model(base, args.train_steps, tuple(nodes), seed=0)
+        model = train_model(base, args.train_steps, tuple(nodes), seed=0, model=args.model, **model_overrides(args))
         print(
-            f"\n{num_items} ads: trained a tiny HSNN {nodes} for {args.train_steps} steps in "
+            f"\n{num_items} ads: trained the {args.model} HSNN {nodes} for {args.train_steps} steps in "
             f"{time.perf_counter() - started:.1f}s; beams {beams}",
             flush=True,
         )
@@ -377,13 +417,13 @@ def run(args: argparse.Namespace) -> dict:
         catalog_path = work / f"catalog-{num_items}.safetensors"
         save_catalog(catalog, catalog_path)
         started = time.perf_counter()
-        pair = load_pair_from_store(store, 1, catalog)
+        pair = load_pair_from_store(store, 1, catalog, device=args.device)
         build_s = time.perf_counter() - started
         corpus = {"index_build_s": build_s, "codebook_sizes": nodes, "beams": beams, **leaf_stats(pair.index)}
         started = time.perf_counter()
-        truth = exhaustive_truth(pair, recall_users, args.k)
+        truth = exhaustive_truth(pair, recall_users.to(args.device), args.k)
         corpus["exhaustive_s_per_user"] = (time.perf_counter() - started) / len(recall_users)
-        corpus |= profile_batch(pair, users, beams, args.k)
+        corpus |= profile_batch(pair, users.to(args.device), beams, args.k)
         report["corpora"][str(num_items)] = corpus
         t1, t32 = corpus["timings"]["batch_1"], corpus["timings"]["batch_32"]
         print(
@@ -397,7 +437,8 @@ def run(args: argparse.Namespace) -> dict:
         if max(args.concurrency) > 1:
             modes.append((max(args.concurrency), 1))
         for max_batch in sorted({m for _, m in modes}, reverse=True):
-            with serve(store_dir, catalog_path, beams, max_batch, args.max_wait_ms, log) as (url, process):
+            server = serve(store_dir, catalog_path, beams, max_batch, args.max_wait_ms, log, args.threads, args.device)
+            with server as (url, process):
                 rows = []
                 for concurrency in [c for c, m in modes if m == max_batch]:
                     rows.append(asyncio.run(drive(url, bodies, concurrency, args.duration, args.warmup, truth)))
@@ -432,6 +473,38 @@ def _row(report: dict, ads: int, concurrency: int, max_batch: int) -> dict | Non
     )
 
 
+def extrapolate(report: dict, target: int = 10_000_000) -> dict:
+    """Items scored, FLOPs and memory per replica at `target` ads, from the measured corpora: per-query costs
+    fitted as a + b log10(N) (the budget keeps them near flat), RSS as a + b N over the two largest corpora."""
+    closed = [r for r in report["results"] if r.get("mode", "closed") == "closed" and r["concurrency"] == 1]
+    by_ads = {r["ads"]: r for r in sorted(closed, key=lambda r: r["ads"])}
+    if len(by_ads) < 2:
+        return {}
+    ads = list(by_ads)
+
+    def log_fit(key: str) -> float:
+        x = torch.tensor([math.log10(a) for a in ads], dtype=torch.float64)
+        y = torch.tensor([by_ads[a][key] for a in ads], dtype=torch.float64)
+        slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+        return float(y.mean() + slope * (math.log10(target) - x.mean()))
+
+    small, large = ads[-2], ads[-1]
+    per_ad = (by_ads[large]["rss_mb"] - by_ads[small]["rss_mb"]) / (large - small)  # MiB per ad
+    rss = by_ads[large]["rss_mb"] + per_ad * (target - large)
+    items = log_fit("items_scored")
+    mflops = log_fit("mflops_per_query")
+    gflops = report["corpora"][str(large)]["timings"]["batch_32"]["gflops"]
+    return {
+        "ads": target,
+        "items_scored": items,
+        "mflops_per_query": mflops,
+        "rss_bytes_per_ad": per_ad * 2**20,
+        "rss_mb": rss,
+        "scoring_ms_at_measured_gflops": mflops / 1e3 / gflops * 1e3 if gflops > 0 else float("nan"),
+        "scoring_ms_at_half_matmul": mflops / 1e3 / (0.5 * report["machine"]["matmul_gflops_fp32_1024"]) * 1e3,
+    }
+
+
 def markdown(report: dict) -> str:
     machine = report["machine"]
     lines = [
@@ -444,7 +517,9 @@ def markdown(report: dict) -> str:
         f"Index shape from the corpus (`index_shape`), build-time cap {report['config'].get('capacity_factor')} x "
         f"level mean, beams from a budget of {report['config'].get('items_budget')} items scored "
         f"(`beams_for_budget`; fixed beams/nodes if given: {report['config']['beams']} / {report['config']['nodes']}); "
-        f"k={report['config']['k']}, max_wait_ms={report['config']['max_wait_ms']}, "
+        f"model {report['config'].get('model')} {report['config'].get('model_overrides')}, "
+        f"{report['config'].get('train_steps')} training steps, {report['config'].get('threads')} torch thread(s); "
+        f"k={report['config']['k']}, max_wait_ms={report['config']['max_wait_ms']} (adaptive), "
         f"{report['config']['duration_s']} s per row. Recall is recall@{report['config']['k']} of the served top-k "
         f"vs the same model's exhaustive top-k ({report['config'].get('recall_users')} users). Open loop: "
         f"{report['config'].get('open_load')} x the best closed-loop QPS, latency from the intended send time. "
@@ -515,6 +590,18 @@ def markdown(report: dict) -> str:
         gflops = report["corpora"][str(a)]["timings"]["batch_32"]["gflops"]
         share = gflops / report["machine"]["matmul_gflops_fp32_1024"]
         lines.append(f"- scoring at {a:,} ads: {gflops:.2f} GFLOP/s, {share:.1%} of matmul (target >= 50%).")
+    paper = extrapolate(report)
+    if paper:
+        lines += [
+            "",
+            f"## {paper['ads']:,} ads on paper (`extrapolate`: per-query costs a + b log10 N, RSS a + b N)",
+            "",
+            f"- items scored per query: {paper['items_scored']:.0f}; {paper['mflops_per_query']:.1f} MFLOPs per query",
+            f"- scoring time per query: {paper['scoring_ms_at_measured_gflops']:.1f} ms at the measured scoring "
+            f"GFLOP/s, {paper['scoring_ms_at_half_matmul']:.2f} ms at half the matmul roofline",
+            f"- RSS per replica: {paper['rss_mb'] / 1024:.1f} GiB ({paper['rss_bytes_per_ad']:.0f} B per ad "
+            "between the two largest corpora)",
+        ]
     first = report["corpora"][str(max(ads))]
     lines += [
         "",
@@ -575,6 +662,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write_reports(report: dict, out_dir: Path) -> None:
+    report["extrapolated"] = extrapolate(report)
     (out_dir / "api_latency.json").write_text(json.dumps(report, indent=2))
     (out_dir / "api_latency.md").write_text(markdown(report))
     try:
@@ -591,16 +679,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per row")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each row")
     parser.add_argument("--beams", type=int, nargs="+", help="nodes kept per level (default: from --items-budget)")
-    parser.add_argument("--items-budget", type=int, default=2000, help="items scored per query the beams aim at")
+    parser.add_argument("--items-budget", type=int, default=3000, help="items scored per query the beams aim at")
     parser.add_argument("--nodes", type=int, nargs="+", help="codebook size per level (default: index_shape(ads))")
     parser.add_argument("--open-load", type=float, default=0.8, help="open-loop rate as a share of the best QPS")
     parser.add_argument("--recall-users", type=int, default=32, help="users sent (their exhaustive top-k is known)")
-    parser.add_argument("--train-steps", type=int, default=150, help="training steps of 256 impressions")
+    parser.add_argument("--train-steps", type=int, default=400, help="training steps of 256 impressions")
     parser.add_argument("--k", type=int, default=100, help="ads per request")
     parser.add_argument("--max-batch", type=int, default=32, help="max_batch of the batching runs")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="max_wait_ms of the batching runs")
+    parser.add_argument("--model", default="paper", choices=["paper", "tiny"], help="served HSNN (`model_config`)")
+    parser.add_argument(
+        "--index-input",
+        default="score_profile",
+        choices=["score_profile", "item_embedding"],
+        help="what the index clusters (HSNNConfig.index_input): score_profile puts items the same users like "
+        "in one leaf (the beam's ceiling at 2,000 items: 0.94 vs 0.79 with item_embedding at 10^4)",
+    )
+    parser.add_argument("--probe-users", type=int, default=32, help="probe users of the score_profile input")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, in process and in the service")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="HSNN_API_DEVICE of the service")
     parser.add_argument("--out", default="reports", help="output directory")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the .md/.png (and extrapolation) from a report")
     args = parser.parse_args(argv)
+    if args.render:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_reports(json.loads(Path(args.render).read_text()), Path(args.out))
+        return
+    torch.set_num_threads(args.threads)
     run(args)
 
 

@@ -55,6 +55,9 @@ class ItemBatch:
     def select(self, rows: Tensor) -> ItemBatch:
         return ItemBatch(dense=self.dense[rows], sparse={k: v[rows] for k, v in self.sparse.items()})
 
+    def to(self, device: torch.device | str) -> ItemBatch:
+        return ItemBatch(dense=self.dense.to(device), sparse={k: v.to(device) for k, v in self.sparse.items()})
+
     @staticmethod
     def concat(parts: Sequence[ItemBatch]) -> ItemBatch:
         return ItemBatch(

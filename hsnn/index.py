@@ -48,6 +48,29 @@ class HierarchicalIndex:
     def num_items(self) -> int:
         return len(self.item_ids)
 
+    @property
+    def device(self) -> torch.device:
+        return self.item_embeddings.device
+
+    def to(self, device: torch.device | str) -> HierarchicalIndex:
+        """This index with every tensor on `device`: built on the CPU (the capacity auction is sequential),
+        served where the model is."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        levels = [
+            IndexLevel(**{name: move(getattr(level, name)) for name in IndexLevel.__dataclass_fields__})
+            for level in self.levels
+        ]
+        tensors = {
+            name: move(getattr(self, name))
+            for name in ("item_ids", "item_embeddings", "paths", "item_nodes", "leaf_items", "live", "item_first")
+        }
+        return HierarchicalIndex(
+            **tensors, items=self.items.to(device), levels=levels, codebook_sizes=list(self.codebook_sizes)
+        )
+
     def expire(self, item_ids: Tensor) -> int:
         """Mark items as expired (serving skips them); returns how many were live."""
         hit = torch.isin(self.item_ids, item_ids) & self.live
@@ -89,7 +112,7 @@ def expand_ranges(offsets: Tensor, parents: Tensor) -> tuple[Tensor, Tensor]:
     starts, counts = offsets[parents], offsets[parents + 1] - offsets[parents]
     total = int(counts.sum())
     first_of_range = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    return torch.repeat_interleave(starts, counts) + torch.arange(total) - first_of_range, counts
+    return torch.repeat_interleave(starts, counts) + torch.arange(total, device=offsets.device) - first_of_range, counts
 
 
 def _closest_per_group(group: Tensor, distance: Tensor, num_groups: int) -> Tensor:

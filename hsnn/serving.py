@@ -111,12 +111,13 @@ def retrieve(
     model.eval()
     ensure_score_tables(model, index)
     num_users = len(users)
-    nodes_scored = torch.zeros(num_users, dtype=torch.long)
-    flops = torch.zeros(num_users, dtype=torch.long)
+    device = index.item_embeddings.device  # every per-query tensor lives beside the index (cpu or cuda)
+    nodes_scored = torch.zeros(num_users, dtype=torch.long, device=device)
+    flops = torch.zeros(num_users, dtype=torch.long, device=device)
     num_top = len(index.levels[0].keys)
-    pair_user = torch.arange(num_users).repeat_interleave(num_top)
-    candidates = torch.arange(num_top).repeat(num_users)
-    ancestors = torch.empty(len(candidates), 0, model.ensemble.bias.shape[1])
+    pair_user = torch.arange(num_users, device=device).repeat_interleave(num_top)
+    candidates = torch.arange(num_top, device=device).repeat(num_users)
+    ancestors = torch.empty(len(candidates), 0, model.ensemble.bias.shape[1], device=device)
     for level_idx, level_model in enumerate(model.level_models):
         user_emb = level_model.encode_users(users)
         z = score_nodes(level_model, level_idx, index, user_emb, pair_user, candidates, precomputed)
@@ -147,12 +148,13 @@ def retrieve(
     flops += items_scored * item_model.pair_flops(precomputed)
     best = _top_per_user(pair_user, scores, k)
     per_user = best.split(torch.bincount(pair_user[best], minlength=num_users).tolist())
+    nodes_scored, items_scored, flops = nodes_scored.tolist(), items_scored.tolist(), flops.tolist()
     return [
         Retrieved(
             item_ids=index.item_ids[rows[positions]],
             scores=scores[positions],
             rows=rows[positions],
-            cost=QueryCost(int(nodes_scored[u]), int(items_scored[u]), int(flops[u])),
+            cost=QueryCost(nodes_scored[u], items_scored[u], flops[u]),
         )
         for u, positions in enumerate(per_user)
     ]

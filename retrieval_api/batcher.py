@@ -1,8 +1,11 @@
 """Dynamic micro-batching: concurrent requests share one call of a scoring function.
 
 A generic bounded queue: it knows nothing of models or users. Requests wait in the queue (a full
-queue is refused at once: `Overloaded`, HTTP 429). One worker takes the first waiting request, then
-gathers more until it has `max_batch` or `max_wait_ms` have passed, drops the ones whose deadline
+queue is refused at once: `Overloaded`, HTTP 429). One worker takes the first waiting request and
+everything already queued behind it (requests that arrived while the previous batch was scored). The
+wait for more adapts to load: when the previous batch was a lone request (an idle service) the batch
+goes at once, so a single client pays no `max_wait_ms`; after a batch of several (clients are
+arriving) it waits up to `max_wait_ms` for company until it has `max_batch`. It drops the ones whose deadline
 passed (`DeadlineExceeded`, 504) and calls `score` once for the rest in a worker thread, so the
 event loop keeps accepting requests. `score` returns one outcome per query, a result or the
 exception that concerns that query alone. If the batched call itself raises, every query is
@@ -72,6 +75,7 @@ class Batcher(Generic[Q, R]):
         self._queue: asyncio.Queue[_Waiting[Q]] | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_batch = 1  # size of the previous batch: > 1 means load, so waiting for company pays
 
     @property
     def depth(self) -> int:
@@ -123,7 +127,7 @@ class Batcher(Generic[Q, R]):
 
     async def _gather(self, queue: asyncio.Queue[_Waiting[Q]]) -> list[_Waiting[Q]]:
         batch = [await queue.get()]
-        until = time.monotonic() + self.max_wait
+        until = time.monotonic() + (self.max_wait if self._last_batch > 1 else 0.0)
         while len(batch) < self.max_batch:
             try:
                 batch.append(queue.get_nowait())
@@ -137,6 +141,7 @@ class Batcher(Generic[Q, R]):
                 batch.append(await asyncio.wait_for(queue.get(), remaining))
             except asyncio.TimeoutError:
                 break
+        self._last_batch = len(batch)
         return batch
 
     async def _score(self, batch: list[_Waiting[Q]]) -> None:

@@ -85,15 +85,18 @@ class PairScorer:
         return InvalidRequest(problems) if problems else None
 
     def _retrieve(self, pair: ServingPair, queries: list[Query]) -> list[Retrieved]:
-        users = users_to_batch([query.user for query in queries], pair.schema, checked=True)
-        exclude = [torch.tensor(query.exclude, dtype=torch.long) if query.exclude else None for query in queries]
+        device = pair.index.device  # cpu, or cuda with HSNN_API_DEVICE=cuda: requests go there, answers come back
+        users = users_to_batch([query.user for query in queries], pair.schema, checked=True).to(device)
+        exclude = [
+            torch.tensor(query.exclude, dtype=torch.long, device=device) if query.exclude else None for query in queries
+        ]
         k = max(query.k for query in queries)
         results = retrieve(pair.model, pair.index, users, k=k, beams=self.beams, exclude=exclude)
         return [
             Retrieved(
-                item_ids=result.item_ids[: query.k],
-                scores=result.scores[: query.k],
-                rows=result.rows[: query.k],
+                item_ids=result.item_ids[: query.k].cpu(),
+                scores=result.scores[: query.k].cpu(),
+                rows=result.rows[: query.k].cpu(),
                 cost=result.cost,
             )
             for query, result in zip(queries, results, strict=True)

@@ -14,6 +14,7 @@ reads the one the indexer wrote. `retrieval_api.watcher.SnapshotWatcher` drives 
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -140,7 +141,11 @@ class CatalogIndexSource:
     def load(self, model: HSNN, model_version: int) -> tuple[HierarchicalIndex, int]:
         catalog = self.catalog_source()
         started = time.perf_counter()
-        index = build_index(model, catalog.item_ids, catalog.items)
+        device = next(model.parameters()).device
+        if device.type == "cpu":
+            index = build_index(model, catalog.item_ids, catalog.items)
+        else:  # build on a CPU copy (the capacity auction is sequential), serve beside the model
+            index = build_index(copy.deepcopy(model).cpu(), catalog.item_ids, catalog.items).to(device)
         elapsed = time.perf_counter() - started
         log.info("built index for snapshot %d over %d ads in %.2fs", model_version, index.num_items, elapsed)
         return index, model_version

@@ -129,3 +129,48 @@ def test_item_delta_rebuilds_the_tables(trained_hsnn, index, world):
     assert grown.item_first is not None and grown.item_first.shape[0] == grown.num_items == index.num_items + 2
     expected = trained_hsnn.item_model.item_first(grown.item_embeddings[-2:])
     torch.testing.assert_close(grown.item_first[-2:], expected)
+
+
+def test_an_updated_ad_scores_with_its_new_features_and_its_old_row_never_appears(trained_hsnn, index, users):
+    """Issue 13: an item delta relays the tables out. Ad X given ad Y's features (an update: append + expire)
+    scores exactly as Y does under wide beams, with the precomputed tables; its old row is never served."""
+    x_id, y_row = index.item_ids[0], 1
+    updated = index.with_items(trained_hsnn, x_id.view(1), index.items.select(torch.tensor([y_row])))
+    wide = [len(level.keys) for level in updated.levels]
+    for result in retrieve(trained_hsnn, updated, users, k=updated.num_items, beams=wide):
+        ids, rows = result.item_ids.tolist(), result.rows.tolist()
+        assert ids.count(int(x_id)) == 1 and 0 not in rows  # the new row only
+        x_score = result.scores[ids.index(int(x_id))]
+        y_score = result.scores[ids.index(int(index.item_ids[y_row]))]
+        torch.testing.assert_close(x_score, y_score)
+    torch.testing.assert_close(updated.item_first[-1], updated.item_first[y_row])
+
+
+def test_wide_beams_equal_exhaustive_scores_with_the_tables(trained_hsnn, index, users):
+    """Wide beams through the precomputed tables give the exhaustive top-k and its scores, not just its ids."""
+    wide = [len(level.keys) for level in index.levels]
+    assert index.item_first is not None and all(level.first is not None for level in index.levels)
+    served = retrieve(trained_hsnn, index, users, k=30, beams=wide)
+    truth = retrieve_exhaustive(trained_hsnn, index, users, k=30)
+    for a, b in zip(served, truth, strict=True):
+        assert a.item_ids.tolist() == b.item_ids.tolist()
+        torch.testing.assert_close(a.scores, b.scores)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the loadgen's --device cuda path)")
+def test_retrieval_on_cuda_matches_cpu(trained_hsnn, index, users):
+    """The GPU path: model and index moved to CUDA retrieve what the CPU does (skipped where there is no GPU)."""
+    import copy
+
+    model = copy.deepcopy(trained_hsnn).cuda()
+    on_gpu = retrieve(model, index.to("cuda"), users.to("cuda"), k=20, beams=[3, 3])
+    on_cpu = retrieve(trained_hsnn, index, users, k=20, beams=[3, 3])
+    for a, b in zip(on_gpu, on_cpu, strict=True):
+        assert a.item_ids.cpu().tolist() == b.item_ids.tolist()
+        torch.testing.assert_close(a.scores.cpu(), b.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_index_to_a_device_keeps_every_table(index):
+    moved = index.to("cpu")
+    assert moved.item_first is not None and all(level.first is not None for level in moved.levels)
+    assert torch.equal(moved.leaf_items, index.leaf_items) and moved.device.type == "cpu"

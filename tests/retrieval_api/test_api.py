@@ -6,6 +6,7 @@ import asyncio
 import copy
 import dataclasses
 import logging
+import time
 
 import httpx
 import pytest
@@ -198,11 +199,30 @@ def test_overloaded_batcher_says_why(pairs, users):
 
 
 def test_deadline_passed_in_the_queue_answers_504(pairs, users):
-    client = TestClient(make_client(pairs[1], max_wait_ms=100)[2])
-    response = client.post("/retrieve", json={"user": user_json(users, 0), "deadline_ms": 1})
-    assert response.status_code == 504
-    assert "deadline passed" in response.json()["detail"]
-    assert client.post("/retrieve", json={"user": user_json(users, 0), "deadline_ms": 5000}).status_code == 200
+    """A request queued behind a batch in flight whose deadline passes before scoring starts gets 504 (an idle
+    service scores a lone request at once, so the worker is kept busy by a slowed-down first batch)."""
+    client, _, app = make_client(pairs[1], max_wait_ms=100)
+    batcher = app.state.batcher
+    fast = batcher.score
+
+    def slow(queries):
+        time.sleep(0.3)
+        return fast(queries)
+
+    batcher.score = slow
+    body = {"user": user_json(users, 0)}
+
+    async def scenario():
+        async with client:
+            first = asyncio.create_task(client.post("/retrieve", json=body))
+            await asyncio.sleep(0.1)  # the first request is being scored
+            late = await client.post("/retrieve", json={**body, "deadline_ms": 1})
+            return await first, late, await client.post("/retrieve", json={**body, "deadline_ms": 5000})
+
+    first, late, relaxed = run(scenario())
+    assert first.status_code == 200 and relaxed.status_code == 200
+    assert late.status_code == 504
+    assert "deadline passed" in late.json()["detail"]
 
 
 def test_metrics_are_exposed(pairs, users):

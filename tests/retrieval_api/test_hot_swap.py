@@ -10,10 +10,13 @@ import httpx
 import pytest
 import torch
 
+from hsnn.index import build_index
 from hsnn.model import HSNN
+from hsnn.serving import retrieve
 from retrieval_api.app import create_app
 from retrieval_api.settings import ApiSettings
 from retrieval_api.state import Catalog, CatalogIndexSource, ServingState
+from streaming.events import UserFeatures, users_to_batch
 from streaming.snapshots import SnapshotStore
 from worlds.planted import make_users, make_world, tiny_hsnn_config, user_json
 
@@ -207,3 +210,30 @@ def test_without_a_store_no_watcher_runs(world):
     assert create_app(ApiSettings(beams=BEAMS)).state.watcher is None
     app = create_app(ApiSettings(beams=BEAMS, catalog="planted:50"))
     assert app.state.watcher is None  # a catalogue alone is not enough
+
+
+def test_a_hot_swap_serves_the_new_models_tables(tmp_path, world, models, bodies):
+    """After a promotion the answers are the new model's, scored through tables built for it: the served ids and
+    scores equal the new model's own wide-beam retrieval over an index built from scratch (stale tables from
+    the old model would score differently)."""
+    store = SnapshotStore(tmp_path)
+    store.promote(store.write(models[0]).version)
+    app, client = make_app(store, world, beams=[8, 4])
+    body = bodies[0]
+
+    async def scenario() -> tuple[dict, dict]:
+        async with app.router.lifespan_context(app), client:
+            await wait_for(lambda: served_version(app) == 1)
+            before = (await client.post("/retrieve", json=body)).json()
+            store.promote(store.write(models[1], parent=1).version)
+            await wait_for(lambda: served_version(app) == 2)
+            return before, (await client.post("/retrieve", json=body)).json()
+
+    before, after = asyncio.run(scenario())
+    users = users_to_batch([UserFeatures(**body["user"])], models[1].config.features)
+    expected = retrieve(models[1], build_index(models[1], world.item_ids, world.items), users, k=10, beams=[8, 4])[0]
+    assert [ad["ad_id"] for ad in after["ads"]] == expected.item_ids.tolist()
+    assert [ad["ad_id"] for ad in before["ads"]] != expected.item_ids.tolist()
+    torch.testing.assert_close(
+        torch.tensor([ad["score"] for ad in after["ads"]]), expected.scores, rtol=1e-4, atol=1e-6
+    )
