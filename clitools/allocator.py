@@ -5,7 +5,9 @@ pair tensors are that large (the benchmark's in-batch softmax: 32,000 pairs x 10
 82 MB per tensor) page-faults its memory in again on every step: 2 million minor faults and 5 s of kernel
 time per Gowalla MoNN step, half the step. jemalloc with decay off reuses the pages: the same step went
 from 9.5 to 4.5 s (docs/benchmarks.md). Debian's redis-server depends on libjemalloc2, so machines set up
-by scripts/setup.sh have it; elsewhere the tools run on the system malloc as before.
+by scripts/setup.sh have it; elsewhere the tools run on the system malloc as before. `python -m retrieval_api`
+does the same (a batch of 32 queries builds pair tensors of that size); the `hsnn-api` console script and
+the image do not, unless LD_PRELOAD is set there.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import sys
 
 import uvicorn
 
+from clitools.allocator import reexec_under_jemalloc
 from retrieval_api.app import create_app
 from retrieval_api.connections import header_timeout_protocol
 from retrieval_api.settings import ApiSettings
@@ -39,4 +40,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    reexec_under_jemalloc()  # scoring a batch frees >32 MiB pair tensors: glibc would fault them in again each time
     main()
