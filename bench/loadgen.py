@@ -53,6 +53,7 @@ import torch
 
 from bench.exhaustive import retrieve_exhaustive
 from bench.sizing import beams_for_budget, index_shape
+from clitools.arguments import float_above, int_at_least
 from hsnn.config import HSNNConfig, preset
 from hsnn.features import ItemBatch, UserBatch
 from hsnn.index import DEFAULT_CAPACITY_FACTOR
@@ -65,6 +66,7 @@ from streaming.snapshots import SnapshotStore
 from worlds.planted import PlantedWorld, make_batches, make_users, make_world, tiny_hsnn_config, user_json
 
 CATEGORIES = 64
+MAX_K = 1000  # RetrieveRequest.k's limit: a larger k would only collect 422s
 ADVERTISERS_PER_CATEGORY = 8
 
 
@@ -674,19 +676,33 @@ def write_reports(report: dict, out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0])
-    parser.add_argument("--ads", type=int, nargs="+", default=[10_000, 100_000], help="corpus sizes")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32], help="concurrent clients")
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per row")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each row")
-    parser.add_argument("--beams", type=int, nargs="+", help="nodes kept per level (default: from --items-budget)")
-    parser.add_argument("--items-budget", type=int, default=3000, help="items scored per query the beams aim at")
-    parser.add_argument("--nodes", type=int, nargs="+", help="codebook size per level (default: index_shape(ads))")
-    parser.add_argument("--open-load", type=float, default=0.8, help="open-loop rate as a share of the best QPS")
-    parser.add_argument("--recall-users", type=int, default=32, help="users sent (their exhaustive top-k is known)")
-    parser.add_argument("--train-steps", type=int, default=400, help="training steps of 256 impressions")
-    parser.add_argument("--k", type=int, default=100, help="ads per request")
-    parser.add_argument("--max-batch", type=int, default=32, help="max_batch of the batching runs")
-    parser.add_argument("--max-wait-ms", type=float, default=2.0, help="max_wait_ms of the batching runs")
+    parser.add_argument("--ads", type=int_at_least(1), nargs="+", default=[10_000, 100_000], help="corpus sizes")
+    parser.add_argument("--concurrency", type=int_at_least(1), nargs="+", default=[1, 32], help="concurrent clients")
+    parser.add_argument("--duration", type=float_above(0), default=10.0, help="measured seconds per row")
+    parser.add_argument(
+        "--warmup", type=float_above(0, inclusive=True), default=1.0, help="unmeasured seconds before each row"
+    )
+    parser.add_argument(
+        "--beams", type=int_at_least(1), nargs="+", help="nodes kept per level (default: from --items-budget)"
+    )
+    parser.add_argument(
+        "--items-budget", type=int_at_least(1), default=3000, help="items scored per query the beams aim at"
+    )
+    parser.add_argument(
+        "--nodes", type=int_at_least(2), nargs="+", help="codebook size per level (default: index_shape(ads))"
+    )
+    parser.add_argument(
+        "--open-load", type=float_above(0), default=0.8, help="open-loop rate as a share of the best QPS"
+    )
+    parser.add_argument(
+        "--recall-users", type=int_at_least(1), default=32, help="users sent (their exhaustive top-k is known)"
+    )
+    parser.add_argument("--train-steps", type=int_at_least(1), default=400, help="training steps of 256 impressions")
+    parser.add_argument("--k", type=int_at_least(1, MAX_K), default=100, help="ads per request")
+    parser.add_argument("--max-batch", type=int_at_least(1), default=32, help="max_batch of the batching runs")
+    parser.add_argument(
+        "--max-wait-ms", type=float_above(0, inclusive=True), default=2.0, help="max_wait_ms of the batching runs"
+    )
     parser.add_argument("--model", default="paper", choices=["paper", "tiny"], help="served HSNN (`model_config`)")
     parser.add_argument(
         "--index-input",
@@ -695,8 +711,12 @@ def main(argv: list[str] | None = None) -> None:
         help="what the index clusters (HSNNConfig.index_input): score_profile puts items the same users like "
         "in one leaf (the beam's ceiling at 2,000 items: 0.94 vs 0.79 with item_embedding at 10^4)",
     )
-    parser.add_argument("--probe-users", type=int, default=32, help="probe users of the score_profile input")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, in process and in the service")
+    parser.add_argument(
+        "--probe-users", type=int_at_least(1), default=32, help="probe users of the score_profile input"
+    )
+    parser.add_argument(
+        "--threads", type=int_at_least(1), default=1, help="torch threads, in process and in the service"
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="HSNN_API_DEVICE of the service")
     parser.add_argument("--out", default="reports", help="output directory")
     parser.add_argument("--render", metavar="JSON", help="only rewrite the .md/.png (and extrapolation) from a report")

@@ -17,6 +17,7 @@ import torch
 
 from bench.exhaustive import retrieve_exhaustive
 from bench.sizing import beams_for_budget, index_shape
+from clitools.arguments import int_at_least
 from hsnn.features import UserBatch
 from hsnn.index import HierarchicalIndex, build_index
 from hsnn.model import HSNN
@@ -61,12 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     from worlds.planted import make_users, make_world
 
     parser = argparse.ArgumentParser(prog="python -m bench.serving_recall", description=__doc__.splitlines()[0])
-    parser.add_argument("--ads", type=int, nargs="+", default=[10_000])
-    parser.add_argument("--train-steps", type=int, default=60)
-    parser.add_argument("--items-budget", type=int, nargs="+", default=[2000])
+    parser.add_argument("--ads", type=int_at_least(1), nargs="+", default=[10_000])
+    parser.add_argument("--train-steps", type=int_at_least(1), default=60)
+    parser.add_argument("--items-budget", type=int_at_least(1), nargs="+", default=[2000])
     parser.add_argument("--model", default="tiny", help="tiny or paper (MoNN-Small items, Large/Medium levels)")
-    parser.add_argument("--users", type=int, default=32)
-    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--users", type=int_at_least(1), default=32)
+    parser.add_argument("--k", type=int_at_least(1), default=100)
     parser.add_argument("--set", nargs="*", default=[], help="HSNNConfig overrides, key=JSON value")
     parser.add_argument(
         "--stale-history",
@@ -74,14 +75,20 @@ def main(argv: list[str] | None = None) -> None:
         help="query users whose engagements are all old: what recall is without the recency signal that only the "
         "item model's I2IF sees (level models read no interaction features)",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared box)")
+    parser.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads (1: robust on a shared box)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = make_world(num_items=20_000, num_categories=CATEGORIES, advertisers_per_category=ADVERTISERS_PER_CATEGORY)
     users = make_users(base, args.users, seed=99)[0]
     if args.stale_history:  # every engagement old: the recency signal only I2IF carries is gone for these users
         users.history_age = torch.where(users.history["item_id"] > 0, 1000.0, 0.0)
-    overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value) if sep else parser.error(f"--set wants key=JSON, got {item!r}")
+        except json.JSONDecodeError as err:
+            parser.error(f"--set {key}: not JSON ({err})")
     for num_items in args.ads:
         nodes = index_shape(num_items)
         started = time.perf_counter()

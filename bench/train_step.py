@@ -31,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.loadgen import matmul_gflops
 from bench.trainer_throughput import simulator_feed
+from clitools.arguments import int_at_least
 from clitools.progress import progress_bar
 from hsnn.features import TrainingBatch
 from hsnn.model import CLICK, HSNN
@@ -87,19 +88,20 @@ def time_steps(model: HSNN, batches: list[TrainingBatch], optimizer: torch.optim
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant (after 2 warm-up steps)")
-    parser.add_argument("--rounds", type=int, default=2, help="eager/compiled alternations (interleaved timing)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=1024)
+    parser.add_argument(
+        "--steps", type=int_at_least(1), default=8, help="timed steps per variant (after 2 warm-up steps)"
+    )
+    parser.add_argument(
+        "--rounds", type=int_at_least(1), default=2, help="eager/compiled alternations (interleaved timing)"
+    )
+    parser.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd over-arches")
-    parser.add_argument("--ads", type=int, default=2_000)
-    parser.add_argument("--users", type=int, default=5_000)
+    parser.add_argument("--ads", type=int_at_least(1), default=2_000)
+    parser.add_argument("--users", type=int_at_least(1), default=5_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPORT)
     args = parser.parse_args(argv)
-    for name in ("batch_size", "steps", "rounds", "threads", "ads", "users"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
