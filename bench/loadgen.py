@@ -52,7 +52,7 @@ import httpx
 import torch
 
 from bench.exhaustive import retrieve_exhaustive
-from bench.sizing import beams_for_budget, index_shape
+from bench.sizing import SERVING_WIDENING, beams_for_budget, index_shape
 from clitools.arguments import float_above, int_at_least
 from hsnn.config import HSNNConfig, preset
 from hsnn.features import ItemBatch, UserBatch
@@ -386,6 +386,7 @@ def run(args: argparse.Namespace) -> dict:
             "beams": args.beams,
             "nodes": args.nodes,
             "items_budget": args.items_budget,
+            "widening": args.widening,
             "capacity_factor": DEFAULT_CAPACITY_FACTOR,
             "recall_users": len(recall_users),
             "open_load": args.open_load,
@@ -404,7 +405,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     for num_items in args.ads:
         nodes = args.nodes or index_shape(num_items)
-        beams = args.beams or beams_for_budget(nodes, num_items, args.items_budget)
+        beams = args.beams or beams_for_budget(nodes, num_items, args.items_budget, args.widening)
         started = time.perf_counter()
         model = train_model(base, args.train_steps, tuple(nodes), seed=0, model=args.model, **model_overrides(args))
         print(
@@ -517,7 +518,8 @@ def markdown(report: dict) -> str:
         f"Machine: {machine['cpus']} CPUs, {machine['platform']}, torch {machine['torch']}; "
         f"float32 matmul 1024x1024: **{machine['matmul_gflops_fp32_1024']:.1f} GFLOP/s**. "
         f"Index shape from the corpus (`index_shape`), build-time cap {report['config'].get('capacity_factor')} x "
-        f"level mean, beams from a budget of {report['config'].get('items_budget')} items scored "
+        f"level mean, beams from a budget of {report['config'].get('items_budget')} items scored, widening "
+        f"{report['config'].get('widening', 4.0)} "
         f"(`beams_for_budget`; fixed beams/nodes if given: {report['config']['beams']} / {report['config']['nodes']}); "
         f"model {report['config'].get('model')} {report['config'].get('model_overrides')}, "
         f"{report['config'].get('train_steps')} training steps, {report['config'].get('threads')} torch thread(s); "
@@ -687,6 +689,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--items-budget", type=int_at_least(1), default=3000, help="items scored per query the beams aim at"
+    )
+    parser.add_argument(
+        "--widening",
+        type=float_above(1.0, inclusive=True),
+        default=SERVING_WIDENING,
+        help="parents kept per level: this many x the parents the next beam needs (beams_for_budget)",
     )
     parser.add_argument(
         "--nodes", type=int_at_least(2), nargs="+", help="codebook size per level (default: index_shape(ads))"

@@ -10,14 +10,15 @@ and trainer changes that move it (train length, presets, level objectives).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
 import torch
 
 from bench.exhaustive import retrieve_exhaustive
-from bench.sizing import beams_for_budget, index_shape
-from clitools.arguments import int_at_least
+from bench.sizing import SERVING_WIDENING, beams_for_budget, index_shape
+from clitools.arguments import float_above, int_at_least
 from hsnn.features import UserBatch
 from hsnn.index import HierarchicalIndex, build_index
 from hsnn.model import HSNN
@@ -65,6 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ads", type=int_at_least(1), nargs="+", default=[10_000])
     parser.add_argument("--train-steps", type=int_at_least(1), default=60)
     parser.add_argument("--items-budget", type=int_at_least(1), nargs="+", default=[2000])
+    parser.add_argument(
+        "--widening",
+        type=float_above(1.0, inclusive=True),
+        nargs="+",
+        default=[SERVING_WIDENING],
+        help="parents kept per level: this many x the parents the next level's beam needs (beams_for_budget)",
+    )
     parser.add_argument("--model", default="tiny", help="tiny or paper (MoNN-Small items, Large/Medium levels)")
     parser.add_argument("--users", type=int_at_least(1), default=32)
     parser.add_argument("--k", type=int_at_least(1), default=100)
@@ -98,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         index = build_index(model, catalog.item_ids, catalog.items)
         build_s = time.perf_counter() - started
-        for budget in args.items_budget:
-            beams = beams_for_budget(nodes, num_items, budget)
+        for budget, widening in itertools.product(args.items_budget, args.widening):
+            beams = beams_for_budget(nodes, num_items, budget, widening)
             row = {
                 "ads": num_items,
                 "model": args.model,
@@ -107,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
                 "train_steps": args.train_steps,
                 "nodes": nodes,
             }
-            row |= {"budget": budget, "beams": beams, "train_s": round(train_s, 1), "build_s": round(build_s, 1)}
+            row |= {"budget": budget, "widening": widening, "beams": beams}
+            row |= {"train_s": round(train_s, 1), "build_s": round(build_s, 1)}
             row |= recall_vs_exhaustive(model, index, users, beams, args.k)
             print(json.dumps(row), flush=True)
 
