@@ -28,6 +28,7 @@ from hsnn.monn import MoNN
 from hsnn.serving import retrieve
 
 SCORING_CHUNK = 65_536
+MAX_PAIRS = 200_000  # (user, item) pairs per retrieve() call in the HSNN sweeps
 
 
 @torch.no_grad()
@@ -136,11 +137,21 @@ def hsnn_points(name: str, model: HSNN, data: BenchData, beams: Sequence[Sequenc
     index = build_index(model, data.item_ids, data.items, paths=paths, progress=True)
 
     def at(beam: Sequence[int]):
+        # users per retrieve() call so that at most MAX_PAIRS (user, item) pairs are scored at once: a wide
+        # beam over an unbalanced index (the given hierarchy's leaves) scores tens of thousands of items
+        # per user, and 32 such users' pair activations took 22 GB (the OOM of a full simulator run)
+        worst_leaves = torch.sort(index.levels[-1].sizes, descending=True).values[: beam[-1]]
+        users_per_call = max(1, MAX_PAIRS // max(1, int(worst_leaves.sum())))
+
         def run(users, k: int) -> list[Answer]:
-            return [
-                Answer(r.item_ids.tolist(), r.cost.items_scored, r.cost.nodes_scored, r.cost.flops)
-                for r in retrieve(model, index, users, k, list(beam))
-            ]
+            answers = []
+            for start in range(0, len(users), users_per_call):
+                rows = torch.arange(start, min(start + users_per_call, len(users)))
+                answers += [
+                    Answer(r.item_ids.tolist(), r.cost.items_scored, r.cost.nodes_scored, r.cost.flops)
+                    for r in retrieve(model, index, users.select(rows), k, list(beam))
+                ]
+            return answers
 
         return run
 
