@@ -3,7 +3,7 @@
 glibc's malloc hands every block over 32 MiB back to the kernel when it is freed, so a training step whose
 pair tensors are that large (the benchmark's in-batch softmax: 32,000 pairs x 10 embeddings x 64 dims is
 82 MB per tensor) page-faults its memory in again on every step: 2 million minor faults and 5 s of kernel
-time per Gowalla MoNN step, half the step. jemalloc that keeps freed pages for a while reuses them: the same step went
+time per Gowalla MoNN step, half the step. jemalloc with decay off reuses the pages: the same step went
 from 9.5 to 4.5 s (docs/benchmarks.md). Debian's redis-server depends on libjemalloc2, so machines set up
 by scripts/setup.sh have it; elsewhere the tools run on the system malloc as before. `python -m retrieval_api`
 does the same (a batch of 32 queries builds pair tensors of that size); the `hsnn-api` console script and
@@ -16,10 +16,7 @@ import ctypes.util
 import os
 import sys
 
-# Freed pages stay mapped for 30 s, so the next step or batch reuses them, then go back to the kernel. With
-# decay off (-1, the first version) a long multi-phase run kept every page it ever touched: the full simulator
-# benchmark reached 23 GB of RSS on a 24 GB box and was OOM-killed twice.
-RETAIN_PAGES = "dirty_decay_ms:30000,muzzy_decay_ms:30000"
+RETAIN_PAGES = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # never return freed pages to the kernel
 
 
 def jemalloc_library() -> str | None:
