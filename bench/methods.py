@@ -138,8 +138,8 @@ def hsnn_points(name: str, model: HSNN, data: BenchData, beams: Sequence[Sequenc
 
     def at(beam: Sequence[int]):
         # users per retrieve() call so that at most MAX_PAIRS (user, item) pairs are scored at once: a wide
-        # beam over an unbalanced index (the given hierarchy's leaves) scores tens of thousands of items
-        # per user, and 32 such users' pair activations took 22 GB (the OOM of a full simulator run)
+        # beam over an unbalanced index (the given hierarchy's leaves) scores tens of thousands of items per
+        # user, millions of pair activations for 32 users (a full simulator run was OOM-killed in that sweep)
         worst_leaves = torch.sort(index.levels[-1].sizes, descending=True).values[: beam[-1]]
         users_per_call = max(1, MAX_PAIRS // max(1, int(worst_leaves.sum())))
 
