@@ -24,6 +24,7 @@ from bench.methods import monn_brute_force_point
 from bench.metrics import ndcg_at_k, recall_at_k
 from bench.run import _model_config
 from clitools.allocator import reexec_under_jemalloc
+from clitools.arguments import int_at_least
 from hsnn.features import TrainingBatch
 from hsnn.monn import MoNN
 
@@ -38,7 +39,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--negatives", type=int, default=4, help="uniform negatives per positive (log loss)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument(
-        "--retrieval-candidates", type=int, default=128, help="distinct batch items per clicked row's softmax"
+        "--retrieval-candidates",
+        type=int_at_least(2),
+        default=128,
+        help="distinct batch items per clicked row's softmax",
     )
     parser.add_argument("--sparse-dim", type=int, default=64)
     parser.add_argument("--eval-users", type=int, help="gowalla valid: users evaluated (default 3,000)")
@@ -47,8 +51,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="append the JSON line to this file")
     args = parser.parse_args(argv)
-    if args.retrieval_candidates < 2:
-        parser.error(f"--retrieval-candidates must be >= 2, got {args.retrieval_candidates}")
     if args.steps < 1 or args.negatives < 0 or args.batch_size < 1 + args.negatives:
         parser.error("need --steps >= 1, --negatives >= 0 and --batch-size >= 1 + --negatives")
     if not 0 < args.lr <= 1:
