@@ -1,7 +1,8 @@
 """E5 (event and API side): numeric poison is rejected where it enters, so consumers dead-letter it.
 
-Every poisoned record is a finite JSON number that breaks float32 (1e300 becomes inf), or a
-non-finite token, or a value past the contract's magnitude bound, placed in each numeric field
+Every poisoned record is a finite JSON number that breaks float32 (1e300 becomes inf), a literal past
+the double range (1e309, which Python reads as inf), a non-finite token, or a value past the contract's
+magnitude bound, placed in each numeric field
 of impressions, item events and retrieval requests. Pass: every poisoned record raises
 `MalformedEvent` (the trainer and indexer route exactly those to their dead-letter topics, and
 the letter builds), every poisoned request is 422 with nothing forwarded to Kafka, and the
@@ -38,7 +39,7 @@ from streaming.events import (
 T0 = 1_767_225_000.0
 TOKEN = "chaos-e5-token"
 POISON_NUMBERS = [1e300, -1e300, 3.5e38, -3.5e38, 1e39, MAX_FEATURE_MAGNITUDE * 2]
-POISON_TOKENS = ["NaN", "Infinity", "-Infinity"]
+POISON_TOKENS = ["NaN", "Infinity", "-Infinity", "1e309", "-1e309"]  # written into the raw JSON
 MARK = 123456.789  # placeholder value replaced by a poison token in the raw JSON
 
 IMPRESSION = {
@@ -135,7 +136,7 @@ async def _api_side(checks: dict[str, Any]) -> tuple[int, int, int, int]:
     app = create_app(ApiSettings(beams=BEAMS, items_token=TOKEN), ServingState(pair), item_producer=producer)
     counter = StatusCounter(app)
     body = request_bodies(world, 1)[0]
-    requests: list[tuple[str, str, Any]] = [("control", "/retrieve", body)]
+    requests: list[tuple[str, str, Any]] = [("control", "/retrieve", body)]  # payload: a dict, or raw JSON text
     for value in POISON_NUMBERS:
         poisoned = copy.deepcopy(body)
         poisoned["user"]["dense"][0] = value
@@ -147,11 +148,20 @@ async def _api_side(checks: dict[str, Any]) -> tuple[int, int, int, int]:
         ITEM_FIELDS["features.dense"](item, value)
         requests.append((f"items dense={value:g}", "/items/events", {"events": [item]}))
     requests.append(("retrieve exclude_ad_ids=1e30", "/retrieve", {**body, "exclude_ad_ids": [10**30]}))
+    for literal in ("1e309", "-1e309"):  # raw bodies: json.dumps cannot write them
+        marked = copy.deepcopy(body)
+        marked["user"]["dense"][0] = MARK
+        requests.append((f"retrieve dense={literal}", "/retrieve", json.dumps(marked).replace(repr(MARK), literal)))
+        item = copy.deepcopy(ITEM)
+        ITEM_FIELDS["features.dense"](item, MARK)
+        raw_events = json.dumps({"events": [item]}).replace(repr(MARK), literal)
+        requests.append((f"items dense={literal}", "/items/events", raw_events))
     injected = accepted = controls_rejected = 0
-    headers = {"Authorization": f"Bearer {TOKEN}"}
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=counter), base_url="http://api") as client:
         for label, path, payload in requests:
-            response = await client.post(path, json=payload, headers=headers)
+            content = payload if isinstance(payload, str) else json.dumps(payload)
+            response = await client.post(path, content=content, headers=headers)
             if label == "control":
                 controls_rejected += response.status_code != 200
                 continue

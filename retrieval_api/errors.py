@@ -6,7 +6,12 @@ Routes raise the batcher's and the scorer's errors; the handlers installed here 
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from retrieval_api.batcher import DeadlineExceeded, Overloaded, QueryFailed
@@ -47,6 +52,25 @@ async def domain_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(code, str(exc), request.app.state.settings.retry_after_s if retry else None)
 
 
+def _json_safe(value: Any) -> Any:
+    """`value` with every non-finite float as its name ("inf", "nan"): strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own 422, except that it can answer a body holding 1e309: the echoed `input` would be inf,
+    which strict JSON cannot write, and FastAPI's default handler answered 500."""
+    detail = _json_safe(jsonable_encoder(exc.errors()))
+    return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": detail})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     for error in ERRORS:
         app.add_exception_handler(error, domain_error)
+    app.add_exception_handler(RequestValidationError, validation_error)

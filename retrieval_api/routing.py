@@ -21,12 +21,12 @@ from fastapi.routing import APIRoute
 
 def _number(literal: str) -> float | int:
     value = float(literal)
-    return int(value) if value.is_integer() else value  # inf and nan are not integers: kept (and refused later)
+    # 1e309 reads as inf, which is not an integer: kept, refused by the request models, echoed as "inf" in the 422
+    return int(value) if value.is_integer() else value
 
 
 def _not_json(constant: str) -> float:
-    """NaN and Infinity are not JSON (Python's reader accepts them); refusing them here keeps them out of the
-    422 body too, which could not be encoded with one in it."""
+    """NaN and Infinity are not JSON (Python's reader accepts them): a body that spells them is not JSON, so 400."""
     raise ValueError(f"{constant} is not a JSON number")
 
 

@@ -84,6 +84,32 @@ def test_dense_values_that_overflow_float32_or_pass_the_bound_are_422(pair, bodi
     assert response.json()["detail"][0]["loc"][-2:] == ["dense", 0]
 
 
+@pytest.mark.parametrize(
+    ("path", "replace", "where"),
+    [
+        ("/retrieve", ('"k": 5', '"k": 1e309'), "k"),
+        ("/retrieve", ('"dense": [', '"dense": [-1e309, '), "dense"),
+        ("/retrieve", ('"age_hours": ', '"age_hours": 1e999, "x": '), "age_hours"),
+        ("/items/events", ('"event_time": 1767225010.0', '"event_time": 1e309'), "event_time"),
+    ],
+)
+def test_numbers_beyond_float_range_are_422_not_500(pair, bodies, path, replace, where):
+    """Python reads 1e309 as inf; echoing it back in the 422 must not break the JSON answer."""
+    app = create_app(ApiSettings(beams=BEAMS, items_token=TOKEN), ServingState(pair))
+    body = json.dumps(bodies[0] if path == "/retrieve" else {"events": [EXPIRE]})
+    assert replace[0] in body
+    raw = body.replace(replace[0], replace[1], 1)
+
+    async def scenario():
+        async with client_for(app) as client:
+            headers = {"Content-Type": "application/json", **(AUTH if path == "/items/events" else {})}
+            return await client.post(path, content=raw, headers=headers)
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 422, response.text
+    assert where in json.dumps(response.json()["detail"])
+
+
 def test_integral_numbers_are_integers_as_in_json_schema(pair, bodies):
     app = create_app(ApiSettings(beams=BEAMS), ServingState(pair))
     (response,) = post_all(app, [("/retrieve", {**bodies[0], "k": 5.0, "exclude_ad_ids": [7e0]})])
