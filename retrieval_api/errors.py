@@ -65,7 +65,10 @@ def _json_safe(value: Any) -> Any:
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's own 422, except that it can answer a body holding 1e309: the echoed `input` would be inf,
-    which strict JSON cannot write, and FastAPI's default handler answered 500."""
+    which strict JSON cannot write, and FastAPI's default handler answered 500. A /retrieve body refused here
+    counts as outcome "invalid", like one refused against the served model's schema."""
+    if getattr(request.scope.get("route"), "path", None) == "/retrieve":
+        request.app.state.metrics.errors.labels(outcome="invalid").inc()
     detail = _json_safe(jsonable_encoder(exc.errors()))
     return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": detail})
 

@@ -110,6 +110,19 @@ def test_numbers_beyond_float_range_are_422_not_500(pair, bodies, path, replace,
     assert where in json.dumps(response.json()["detail"])
 
 
+def test_schema_refusals_of_retrieve_count_as_invalid(pair, bodies):
+    app = create_app(ApiSettings(beams=BEAMS, items_token=TOKEN), ServingState(pair))
+
+    async def scenario():
+        async with client_for(app) as client:
+            await client.post("/retrieve", json={**bodies[0], "k": 0})
+            await client.post("/retrieve", json={**bodies[0], "deadline_ms": True})
+            await client.post("/items/events", json={"events": [{**EXPIRE, "ad_id": -1}]}, headers=AUTH)
+            return (await client.get("/metrics")).text
+
+    assert 'hsnn_api_errors_total{outcome="invalid"} 2.0' in asyncio.run(scenario())
+
+
 def test_integral_numbers_are_integers_as_in_json_schema(pair, bodies):
     app = create_app(ApiSettings(beams=BEAMS), ServingState(pair))
     (response,) = post_all(app, [("/retrieve", {**bodies[0], "k": 5.0, "exclude_ad_ids": [7e0]})])
