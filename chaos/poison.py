@@ -2,11 +2,10 @@
 
 Every poisoned record is a finite JSON number that breaks float32 (1e300 becomes inf), a literal past
 the double range (1e309, which Python reads as inf), a non-finite token, or a value past the contract's
-magnitude bound, placed in each numeric field
-of impressions, item events and retrieval requests. Pass: every poisoned record raises
-`MalformedEvent` (the trainer and indexer route exactly those to their dead-letter topics, and
-the letter builds), every poisoned request is 422 with nothing forwarded to Kafka, and the
-clean controls beside them all pass (no over-rejection).
+magnitude bound, placed in each numeric field of impressions, item events and retrieval requests.
+Pass: every poisoned record raises `MalformedEvent` (the trainer and indexer route exactly those to
+their dead-letter topics, and the letter builds), every poisoned request is 422 with nothing
+forwarded to Kafka, and the clean controls beside them all pass (no over-rejection).
 """
 
 from __future__ import annotations
